@@ -1,0 +1,125 @@
+"""The settings every FCOS config shares; each file in `configs/` changes only what its row changes.
+
+Field groups:
+  model       architecture (backbone, FPN, head) and compute dtype.
+  preprocess  decoding, resizing, normalisation and padding of input images.
+  test        post-processing mode and its thresholds.
+  train       target assignment, losses, optimizer and schedule (used by train.py).
+  data        dataset source and class list.
+"""
+
+import ml_collections
+
+# mmdet v1 caffe backbones: BGR 0-255 minus the Detectron mean, std 1.
+CAFFE_MEAN_BGR = (102.9801, 115.9465, 122.7717)
+# ImageNet statistics in RGB order on a 0-255 scale (X-101, pytorch-style backbones).
+IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
+IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """mmdet v1 FCOS R-50 caffe FPN GN 1x (the seed's `fcos_r50_caffe_fpn_gn_1x_4gpu`)."""
+    c = ml_collections.ConfigDict()
+    c.name = "fcos_r50_caffe_fpn_gn_1x"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.dtype = "float32"  # compute dtype: float32 or bfloat16; parameters stay float32.
+    c.model.backbone = ml_collections.ConfigDict(
+        dict(
+            depth=50,  # 18, 34 (basic blocks), 50, 101 (bottlenecks)
+            style="caffe",  # caffe: stride on the 1x1 conv1; pytorch: stride on the 3x3 conv2
+            groups=1,  # ResNeXt cardinality (64 for X-101-64x4d)
+            base_width=64,  # ResNeXt width per group (4 for X-101-64x4d); 64 = plain ResNet
+            stem_width=64,
+            norm="frozen_bn",  # frozen_bn: running stats from batch_stats; batch_stats_bn: BN on batch stats
+            norm_trainable=False,  # BN affine trainable (False for caffe backbones, spec 1)
+            frozen_stages=1,  # stem and the first N stages do not train
+        )
+    )
+    c.model.fpn = ml_collections.ConfigDict(dict(out_channels=256))
+    c.model.head = ml_collections.ConfigDict(
+        dict(
+            num_classes=80,
+            feat_channels=256,
+            stacked_convs=4,
+            norm="gn",  # gn or none
+            gn_groups=32,
+            conv_bias=False,  # tower conv bias: mmdet v1 has none with GN; torchvision has one
+            centerness_on_reg=False,  # mmdet v1: centerness on the cls tower
+            regression="exp_scale",  # exp_scale: exp(scale_l * x); relu_stride: relu(x) * stride
+            strides=(8, 16, 32, 64, 128),
+            prior_prob=0.01,
+        )
+    )
+
+    c.preprocess = ml_collections.ConfigDict(
+        dict(
+            resize="mmdet",  # mmdet: cv2 uint8 resize, int(x+0.5); torchvision: float bilinear, floor
+            scale=(1333, 800),  # (long side max, short side)
+            mean=CAFFE_MEAN_BGR,
+            std=(1.0, 1.0, 1.0),
+            to_rgb=False,  # False: the network sees BGR (caffe)
+            size_divisor=32,
+        )
+    )
+    c.legacy_plus_one = True  # mmdet v1 pixel convention: widths are x2 - x1 + 1
+
+    c.test = ml_collections.ConfigDict(
+        dict(
+            postprocess="mmdet_v1",  # mmdet_v1, mmdet_v3 or torchvision (DESIGN.md)
+            nms_pre=1000,
+            score_thr=0.05,
+            nms_iou=0.5,
+            max_per_img=100,
+            batch_size=1,
+        )
+    )
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            classes="coco",  # coco: the 80 COCO classes; coco91: torchvision's id-indexed list
+            source="coco_tfds",
+            data_dir="",
+        )
+    )
+
+    c.train = ml_collections.ConfigDict(
+        dict(
+            assigner="mmdet",  # mmdet (spec 4) or torchvision
+            regress_ranges=((-1, 64), (64, 128), (128, 256), (256, 512), (512, 1e8)),
+            center_sampling=False,
+            center_sample_radius=1.5,
+            norm_on_bbox=False,
+            bbox_loss="iou",  # iou (-log IoU) or giou (1 - GIoU)
+            normalizer="global",  # global, v1 or torchvision
+            focal_alpha=0.25,
+            focal_gamma=2.0,
+            batch_size=16,
+            max_boxes=100,
+            epochs=12,
+            lr_steps=(8, 11),  # epochs at which lr drops x0.1
+            base_lr=0.01,  # per reference_batch images, scaled linearly
+            reference_batch=16,
+            momentum=0.9,
+            weight_decay=1e-4,
+            bias_lr_mult=2.0,
+            bias_decay_mult=0.0,
+            norm_decay_mult=1.0,
+            downsample_bn_bias_as_bias=False,  # mmdet v1 regex quirk (X-101): downsample.1.bias is a "bias"
+            warmup="constant",
+            warmup_iters=500,
+            warmup_ratio=1.0 / 3,
+            grad_clip_norm=0.0,  # 0 disables; v2+ recipes use 35
+            multiscale=((1333, 800),),
+            multiscale_mode="value",
+            flip_ratio=0.5,
+            accumulate_steps=1,
+            log_every=20,
+            checkpoint_every=1000,
+            keep_checkpoints=3,
+            eval_every=0,
+        )
+    )
+    c.init_from = ""
+    return c
