@@ -60,6 +60,7 @@ def get_base_config() -> ml_collections.ConfigDict:
             mean=CAFFE_MEAN_BGR,
             std=(1.0, 1.0, 1.0),
             to_rgb=False,  # False: the network sees BGR (caffe)
+            unit_range=False,  # True: pixels / 255 before (x - mean) / std (torchvision)
             size_divisor=32,
         )
     )

@@ -1,0 +1,18 @@
+"""mmdet v1 FCOS R-50 caffe FPN GN, multi-scale 640/800, 2x: 38.7 box AP (seed model zoo).
+
+  python -m fcos_jax.convert --format mmdet --config configs/fcos_mstrain_640_800_r50_caffe_fpn_gn_2x.py --input fcos_mstrain_640_800_r50_caffe_fpn_gn_2x_4gpu_20190516-f7329d80.pth --output ckpt/fcos_mstrain_640_800_r50_caffe_fpn_gn_2x
+  python -m fcos_jax.predict --config configs/fcos_mstrain_640_800_r50_caffe_fpn_gn_2x.py --checkpoint ckpt/fcos_mstrain_640_800_r50_caffe_fpn_gn_2x image.jpg
+  python eval.py --config configs/fcos_mstrain_640_800_r50_caffe_fpn_gn_2x.py --checkpoint ckpt/fcos_mstrain_640_800_r50_caffe_fpn_gn_2x
+  python train.py --config configs/fcos_mstrain_640_800_r50_caffe_fpn_gn_2x.py --workdir workdirs/fcos_mstrain_640_800_r50_caffe_fpn_gn_2x
+"""
+
+from fcos_jax import config_base
+
+
+def get_config():
+    c = config_base.get_base_config()
+    c.name = "fcos_mstrain_640_800_r50_caffe_fpn_gn_2x"
+    c.train.epochs, c.train.lr_steps = 24, (16, 22)
+    # One of the two scales per image (mmdet "value" mode), not a 640-800 range (spec 7).
+    c.train.multiscale, c.train.multiscale_mode = ((1333, 640), (1333, 800)), "value"
+    return c

@@ -1,0 +1,43 @@
+"""Class lists: channel -> (dataset category id, name). They travel with every checkpoint.
+
+`coco`: the 80 COCO classes in category-id order (mmdet: channel c <-> cat_ids[c], spec 9).
+`coco91`: torchvision's id-indexed head with 91 channels: channel = COCO category id, channel 0
+is the background and the 10 unused ids are 'N/A'.
+"""
+
+# Index = COCO category id (0 and the unused ids are placeholders).
+_COCO_BY_ID = (
+    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train",
+    "truck", "boat", "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter", "bench",
+    "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "N/A",
+    "backpack", "umbrella", "N/A", "N/A", "handbag", "tie", "suitcase", "frisbee", "skis",
+    "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard",
+    "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon",
+    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza",
+    "donut", "cake", "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A",
+    "toilet", "N/A", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave",
+    "oven", "toaster", "sink", "refrigerator", "N/A", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip
+
+ClassList = list[tuple[int, str]]
+
+
+def coco_classes() -> ClassList:
+    """The 80 COCO classes: [(category_id, name)] in channel order."""
+    return [(i, n) for i, n in enumerate(_COCO_BY_ID) if i > 0 and n != "N/A"]
+
+
+def coco91_classes() -> ClassList:
+    """torchvision's 91-channel COCO head: channel i is category id i."""
+    return list(enumerate(_COCO_BY_ID))
+
+
+NAMED_CLASS_LISTS = {"coco": coco_classes, "coco91": coco91_classes}
+
+
+def class_list(name: str) -> ClassList:
+    """A named class list (`config.data.classes`)."""
+    if name not in NAMED_CLASS_LISTS:
+        raise ValueError(f"data.classes: unknown class list {name!r} ({sorted(NAMED_CLASS_LISTS)})")
+    return NAMED_CLASS_LISTS[name]()
