@@ -1,4 +1,4 @@
-"""torchvision `fcos_resnet50_fpn` (COCO_V1 weights: 39.2 box AP), run and trained as torchvision does.
+"""torchvision `fcos_resnet50_fpn` (COCO_V1 weights: 39.2 box AP), run as torchvision runs it.
 
   python -m fcos_jax.convert --format torchvision --config configs/torchvision_fcos_r50_fpn.py \
       --input fcos_resnet50_fpn_coco-99b0c9b7.pth --output ckpt/torchvision_fcos_r50_fpn

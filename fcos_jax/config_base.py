@@ -32,9 +32,9 @@ def get_base_config() -> ml_collections.ConfigDict:
             groups=1,  # ResNeXt cardinality (64 for X-101-64x4d)
             base_width=64,  # ResNeXt width per group (4 for X-101-64x4d); 64 = plain ResNet
             stem_width=64,
-            norm="frozen_bn",  # frozen_bn: running stats from batch_stats; batch_stats_bn: BN on batch stats
+            norm="frozen_bn",  # frozen_bn: pretrained running stats; batch_stats_bn: batch statistics
             norm_trainable=False,  # BN affine trainable (False for caffe backbones, spec 1)
-            frozen_stages=1,  # stem and the first N stages do not train
+            frozen_stages=1,  # mmdet: -1 none, 0 the stem, N the stem and stages 1..N do not train
         )
     )
     c.model.fpn = ml_collections.ConfigDict(dict(out_channels=256))
@@ -55,7 +55,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     c.preprocess = ml_collections.ConfigDict(
         dict(
-            resize="mmdet",  # mmdet: cv2 uint8 resize, int(x+0.5); torchvision: float bilinear, floor
+            resize="mmdet",  # mmdet: cv2 on uint8, int(x+0.5); torchvision: float bilinear, floor
             scale=(1333, 800),  # (long side max, short side)
             mean=CAFFE_MEAN_BGR,
             std=(1.0, 1.0, 1.0),
@@ -107,7 +107,7 @@ def get_base_config() -> ml_collections.ConfigDict:
             bias_lr_mult=2.0,
             bias_decay_mult=0.0,
             norm_decay_mult=1.0,
-            downsample_bn_bias_as_bias=False,  # mmdet v1 regex quirk: downsample.1.bias is a "bias"
+            downsample_bn_bias_as_bias=False,  # mmdet v1 quirk: downsample.1.bias is a bias
             warmup="constant",
             warmup_iters=500,
             warmup_ratio=1.0 / 3,

@@ -118,7 +118,7 @@ def group_norm(groups: int, dtype: Dtype, name: str) -> nn.Module:
 
 
 def upsample_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """Nearest-neighbour resize of `[B, h, w, C]` to `[B, H, W, C]` (PyTorch 'nearest': floor(i*h/H))."""
+    """Nearest resize `[B, h, w, C]` -> `[B, H, W, C]` (PyTorch 'nearest': source floor(i*h/H))."""
     h, w = x.shape[1:3]
     out_h, out_w = size
     if out_h == 2 * h and out_w == 2 * w:

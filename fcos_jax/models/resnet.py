@@ -26,7 +26,7 @@ STYLES = ("caffe", "pytorch")
 
 
 def stage_out_channels(depth: int, stem_width: int = 64) -> tuple[int, ...]:
-    """Channels of C2..C5 for a depth: 64..512 (basic) or 256..2048 (bottleneck) at stem width 64."""
+    """Channels of C2..C5: 64..512 (basic blocks) or 256..2048 (bottlenecks) at stem width 64."""
     block, _ = ARCHS[depth]
     expansion = 1 if block == "basic" else 4
     return tuple(stem_width * 2**i * expansion for i in range(4))
@@ -84,7 +84,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet/ResNeXt trunk. Input `[B, H, W, 3]` normalised; output (C2, C3, C4, C5) at strides 4..32.
+    """ResNet/ResNeXt trunk: `[B, H, W, 3]` normalised -> (C2, C3, C4, C5) at strides 4, 8, 16, 32.
 
     `frozen_stages` follows mmdet: -1 nothing frozen, 0 the stem, N the stem and stages 1..N.
     Gradients stop at the output of the last frozen part: those parameters never train (the
