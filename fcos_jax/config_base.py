@@ -32,7 +32,7 @@ def get_base_config() -> ml_collections.ConfigDict:
             groups=1,  # ResNeXt cardinality (64 for X-101-64x4d)
             base_width=64,  # ResNeXt width per group (4 for X-101-64x4d); 64 = plain ResNet
             stem_width=64,
-            norm="frozen_bn",  # frozen_bn: pretrained running stats; batch_stats_bn: batch statistics
+            norm="frozen_bn",  # frozen_bn: pretrained running stats; batch_stats_bn: batch stats
             norm_trainable=False,  # BN affine trainable (False for caffe backbones, spec 1)
             frozen_stages=1,  # mmdet: -1 none, 0 the stem, N the stem and stages 1..N do not train
         )
