@@ -1,0 +1,239 @@
+"""SGD with mmdetection's parameter groups, the mmcv step schedule with warmup, and grad clipping.
+
+The update equals `torch.optim.SGD(momentum, weight_decay, dampening=0, nesterov=False)` with
+mmdet v1's parameter groups (spec 8), driven by mmcv 0.2.x's `StepLrUpdaterHook`:
+
+    g = clip(g_raw)              # optional; torch `clip_grad_norm_` over trainable leaves only
+    d = g + wd_group * p
+    buf = momentum * buf + d     # buf starts at 0, so the first step gives buf = d as in torch
+    p = p - lr(step) * lr_mult_group * buf
+
+The learning rate multiplies the whole momentum buffer after accumulation, as torch does (and as
+`optax.sgd` does): a change of lr rescales the step of the entire buffer at once.
+
+Groups (labels from `param_labels`):
+  frozen   no update, no optimizer state (stem and the first `frozen_stages` stages; every backbone
+           BN affine when `norm_trainable` is False).
+  norm     BN/GN scale and bias: base lr, weight decay x norm_decay_mult.
+  bias     other biases: lr x bias_lr_mult, weight decay x bias_decay_mult.
+  default  everything else, including the head's `scales_l/scale`: base lr and weight decay.
+"""
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+FROZEN = "frozen"
+NORM = "norm"
+BIAS = "bias"
+DEFAULT = "default"
+LABELS = (FROZEN, NORM, BIAS, DEFAULT)
+
+# Modules whose `scale`/`bias` are normalisation affines (preamble names: bn1..bn3, the stem bn1,
+# downsample_bn in the backbone; gn in the head towers).
+_NORM_MODULE = re.compile(r"^(bn\d*|gn|downsample_bn)$")
+# Flax's automatic names: a norm layer named this way would silently fall into the wrong group.
+_AUTO_NORM_NAME = re.compile(r"^(BatchNorm|GroupNorm|LayerNorm|FrozenBatchNorm)_\d+$")
+_STAGE_MODULE = re.compile(r"^layer(\d+)_\d+$")
+_STEM_MODULES = ("conv1", "bn1")
+_WARMUPS = ("constant", "linear", "none")
+# torch.nn.utils.clip_grad_norm_: clip_coef = max_norm / (total_norm + 1e-6).
+_TORCH_CLIP_EPS = 1e-6
+
+
+def _path_names(path: tuple[Any, ...]) -> list[str]:
+    names = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            names.append(str(key.key))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            names.append(key.name)
+        else:
+            names.append(str(getattr(key, "idx", key)))
+    if names and names[0] == "params":  # accept the whole variables['params'] collection too
+        names = names[1:]
+    return names
+
+
+def _label_for(names: list[str], config: ml_collections.ConfigDict) -> str:
+    path = "/".join(names)
+    leaf = names[-1]
+    module = names[-2] if len(names) >= 2 else ""
+    if any(_AUTO_NORM_NAME.match(n) for n in names):
+        raise ValueError(f"param '{path}': auto-named norm layer; name it bn*/gn/downsample_bn")
+    is_norm = leaf in ("scale", "bias") and _NORM_MODULE.match(module) is not None
+
+    backbone = config.model.backbone
+    if names[0] == "backbone" and len(names) >= 3:
+        frozen_stages = int(backbone.frozen_stages)
+        # mmdet ResNet._freeze_stages: frozen_stages >= 0 freezes conv1 and bn1, and stages
+        # 1..frozen_stages freeze layer1..layer{frozen_stages}; -1 freezes nothing.
+        if names[1] in _STEM_MODULES and frozen_stages >= 0:
+            return FROZEN
+        stage = _STAGE_MODULE.match(names[1])
+        if stage is not None and int(stage.group(1)) <= frozen_stages:
+            return FROZEN
+        if is_norm and not backbone.norm_trainable:
+            return FROZEN
+
+    if is_norm:
+        if module == "downsample_bn" and config.train.downsample_bn_bias_as_bias:
+            # mmdet v1 regex `(bn|gn)(\d+)?.(weight|bias)` misses `downsample.1.*`: its bias
+            # falls in the bias group and its weight in the default group (spec 8).
+            return BIAS if leaf == "bias" else DEFAULT
+        return NORM
+    if leaf == "bias":
+        return BIAS
+    return DEFAULT
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+    train = config.train
+    frozen_stages = config.model.backbone.frozen_stages
+    if not -1 <= int(frozen_stages) <= 4:
+        raise ValueError(
+            f"config.model.backbone.frozen_stages must be in -1..4, got {frozen_stages}"
+        )
+    if _warmup_kind(train) != "none":
+        if int(train.warmup_iters) <= 0:
+            raise ValueError(f"config.train.warmup_iters must be > 0, got {train.warmup_iters}")
+        if not 0.0 < float(train.warmup_ratio) <= 1.0:
+            raise ValueError(
+                f"config.train.warmup_ratio must be in (0, 1], got {train.warmup_ratio}"
+            )
+    steps = list(train.lr_steps)
+    if any(int(s) <= 0 for s in steps) or steps != sorted(steps):
+        raise ValueError(f"config.train.lr_steps must be increasing positive epochs, got {steps}")
+    if int(train.reference_batch) <= 0 or int(train.batch_size) <= 0:
+        raise ValueError("config.train.batch_size and config.train.reference_batch must be > 0")
+    if float(train.grad_clip_norm) < 0:
+        raise ValueError(f"config.train.grad_clip_norm must be >= 0, got {train.grad_clip_norm}")
+
+
+def _warmup_kind(train: ml_collections.ConfigDict) -> str:
+    kind = "none" if train.warmup in (None, "") else str(train.warmup)
+    if kind not in _WARMUPS:
+        raise ValueError(f"config.train.warmup must be one of {_WARMUPS}, got {train.warmup!r}")
+    return kind
+
+
+def param_labels(params: Mapping[str, Any], config: ml_collections.ConfigDict) -> Any:
+    """Optimizer group of every parameter: a pytree shaped like `params` with str leaves.
+
+    params: the Flax `params` collection (or `{'params': ...}`), names as in the preamble
+    (`backbone/layer2_0/downsample_bn/bias`, `bbox_head/cls_convs_0/gn/scale`, ...).
+    Returns labels from LABELS: 'frozen', 'norm', 'bias' or 'default'.
+    """
+    _check_config(config)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: _label_for(_path_names(path), config), params
+    )
+
+
+def learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.Schedule:
+    """Learning rate of optimizer step `count` (0-based global iteration), for the base group.
+
+    lr = base_lr * batch_size / reference_batch, x0.1 from iteration e * steps_per_epoch for each
+    epoch e in lr_steps (mmcv `step` policy, epochs 0-based), and during iterations
+    0..warmup_iters-1 the mmcv warmup of that regular lr. Group multipliers are applied elsewhere.
+    """
+    _check_config(config)
+    if steps_per_epoch <= 0:
+        raise ValueError(f"steps_per_epoch must be > 0, got {steps_per_epoch}")
+    train = config.train
+    warmup = _warmup_kind(train)
+    scaled_lr = float(train.base_lr) * int(train.batch_size) / int(train.reference_batch)
+    boundaries = jnp.asarray([int(e) * steps_per_epoch for e in train.lr_steps], jnp.int32)
+    # regular lr after k decays, computed in float64 on the host as mmcv does: base * gamma**k.
+    regular_table = jnp.asarray(
+        [scaled_lr * 0.1**k for k in range(len(train.lr_steps) + 1)], jnp.float32
+    )
+    warmup_iters = int(train.warmup_iters)
+    ratio = float(train.warmup_ratio)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        count = jnp.asarray(count, jnp.int32)
+        num_decays = jnp.sum(count >= boundaries)
+        regular = regular_table[num_decays]
+        if warmup == "none":
+            return regular
+        # mmcv LrUpdaterHook.get_warmup_lr (open-mmlab/mmcv@a0cba4f, the v0.2.x
+        # mmcv/runner/hooks/lr_updater.py, `from __future__ import division`):
+        #   constant: warmup_lr = regular_lr * warmup_ratio
+        #   linear:   k = (1 - cur_iters / warmup_iters) * (1 - warmup_ratio)
+        #             warmup_lr = regular_lr * (1 - k)
+        # used while cur_iter < warmup_iters; regular_lr is that epoch's step-policy lr.
+        if warmup == "constant":
+            factor = jnp.float32(ratio)
+        else:
+            progress = count.astype(jnp.float32) / jnp.float32(warmup_iters)
+            # 1 - (1 - p)(1 - r) == r + p(1 - r); this form avoids float32 cancellation for small r.
+            factor = jnp.float32(ratio) + progress * jnp.float32(1.0 - ratio)
+        return jnp.where(count < warmup_iters, regular * factor, regular)
+
+    return schedule
+
+
+def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
+    """Scale all updates by min(1, max_norm / (global_l2_norm + 1e-6)), as torch's clip_grad_norm_.
+
+    Differs from `optax.clip_by_global_norm` by the 1e-6 and by always multiplying.
+    """
+
+    def update_fn(updates, state, params=None):
+        del params
+        leaves = jax.tree.leaves(updates)
+        total = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+        coef = jnp.minimum(jnp.float32(max_norm) / (total + _TORCH_CLIP_EPS), 1.0)
+        return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _torch_sgd_group(
+    schedule: optax.Schedule, lr_mult: float, weight_decay: float, momentum: float
+) -> optax.GradientTransformation:
+    steps = []
+    if weight_decay:
+        steps.append(optax.add_decayed_weights(weight_decay))
+    steps.append(optax.trace(decay=momentum, nesterov=False))
+    steps.append(optax.scale_by_learning_rate(lambda count: schedule(count) * lr_mult))
+    return optax.chain(*steps)
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, params: Mapping[str, Any], steps_per_epoch: int
+) -> optax.GradientTransformation:
+    """The training optimizer: [clip] -> per-group (weight decay -> momentum -> -lr).
+
+    params: the `params` collection (only its tree structure and names are used).
+    steps_per_epoch: optimizer steps per epoch (after any gradient accumulation).
+    Frozen leaves get exactly zero updates and hold no optimizer state.
+    """
+    train = config.train
+    labels = param_labels(params, config)
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    wd = float(train.weight_decay)
+    momentum = float(train.momentum)
+    groups = {
+        DEFAULT: _torch_sgd_group(schedule, 1.0, wd, momentum),
+        NORM: _torch_sgd_group(schedule, 1.0, wd * float(train.norm_decay_mult), momentum),
+        BIAS: _torch_sgd_group(
+            schedule, float(train.bias_lr_mult), wd * float(train.bias_decay_mult), momentum
+        ),
+        FROZEN: optax.set_to_zero(),
+    }
+    tx = optax.partition(groups, labels)
+    if float(train.grad_clip_norm) > 0:
+        # mmcv OptimizerHook clips the raw grads of the trainable parameters, then steps.
+        trainable = jax.tree.map(lambda label: label != FROZEN, labels)
+        clip = optax.masked(clip_by_global_norm_torch(float(train.grad_clip_norm)), trainable)
+        tx = optax.chain(clip, tx)
+    return tx

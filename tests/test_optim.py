@@ -1,0 +1,271 @@
+"""optim.py against torch.optim.SGD param groups driven by a plain-Python mmcv step schedule."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+import torch
+
+from fcos_jax import config_base, optim
+
+# Leaf path -> (shape, label for the caffe R-50 setting, label for X-101 with the v1 quirk).
+# The labels are written by hand from spec 1 and 8, independently of optim.param_labels.
+PARAMS = {
+    "backbone/conv1/kernel": ((3, 3, 3, 4), "frozen", "frozen"),
+    "backbone/bn1/scale": ((4,), "frozen", "frozen"),
+    "backbone/bn1/bias": ((4,), "frozen", "frozen"),
+    "backbone/layer1_0/conv1/kernel": ((1, 1, 4, 4), "frozen", "frozen"),
+    "backbone/layer1_0/bn1/scale": ((4,), "frozen", "frozen"),
+    "backbone/layer1_0/bn1/bias": ((4,), "frozen", "frozen"),
+    "backbone/layer2_0/conv1/kernel": ((1, 1, 4, 6), "default", "default"),
+    "backbone/layer2_0/bn1/scale": ((6,), "frozen", "norm"),
+    "backbone/layer2_0/bn1/bias": ((6,), "frozen", "norm"),
+    "backbone/layer2_0/downsample_conv/kernel": ((1, 1, 4, 6), "default", "default"),
+    "backbone/layer2_0/downsample_bn/scale": ((6,), "frozen", "default"),
+    "backbone/layer2_0/downsample_bn/bias": ((6,), "frozen", "bias"),
+    "neck/lateral_convs_0/kernel": ((1, 1, 6, 5), "default", "default"),
+    "neck/lateral_convs_0/bias": ((5,), "bias", "bias"),
+    "bbox_head/cls_convs_0/conv/kernel": ((3, 3, 5, 4), "default", "default"),
+    "bbox_head/cls_convs_0/gn/scale": ((4,), "norm", "norm"),
+    "bbox_head/cls_convs_0/gn/bias": ((4,), "norm", "norm"),
+    "bbox_head/conv_cls/kernel": ((3, 3, 4, 3), "default", "default"),
+    "bbox_head/conv_cls/bias": ((3,), "bias", "bias"),
+    "bbox_head/scales_0/scale": ((), "default", "default"),
+}
+CAFFE, X101_QUIRK = 1, 2
+
+
+def nest(flat):
+    tree = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else key
+        out.update(flatten(value, path) if isinstance(value, dict) else {path: value})
+    return out
+
+
+def make_config(setting, warmup="constant", clip=0.0):
+    config = config_base.get_base_config()
+    train = config.train
+    train.base_lr, train.batch_size, train.reference_batch = 0.01, 8, 16
+    train.weight_decay, train.norm_decay_mult = 1e-3, 0.5  # large enough to be seen in 30 steps
+    train.warmup, train.warmup_iters, train.warmup_ratio = warmup, 10, 1.0 / 3
+    train.lr_steps, train.epochs = (3, 5), 6
+    train.grad_clip_norm = clip
+    config.model.backbone.frozen_stages = 1
+    config.model.backbone.norm_trainable = setting == X101_QUIRK
+    train.downsample_bn_bias_as_bias = setting == X101_QUIRK
+    return config
+
+
+def mmcv_lrs(base_lrs, num_iters, steps_per_epoch, lr_steps, warmup, warmup_iters, ratio):
+    """Per-iteration group lrs, simulating mmcv 0.2.x StepLrUpdaterHook(by_epoch=True) hooks."""
+    lrs, regular, group_lrs = [], None, list(base_lrs)
+    for it in range(num_iters):
+        epoch = it // steps_per_epoch
+        if it % steps_per_epoch == 0:  # before_train_epoch
+            decays = sum(1 for s in lr_steps if epoch >= s)
+            regular = [lr * 0.1**decays for lr in base_lrs]
+            group_lrs = list(regular)
+        if warmup is not None and it < warmup_iters:  # before_train_iter
+            if warmup == "constant":
+                group_lrs = [lr * ratio for lr in regular]
+            else:
+                k = (1 - it / warmup_iters) * (1 - ratio)
+                group_lrs = [lr * (1 - k) for lr in regular]
+        elif warmup is not None and it == warmup_iters:
+            group_lrs = list(regular)
+        lrs.append(list(group_lrs))
+    return lrs
+
+
+def test_schedule_hand_values_constant_warmup_and_steps():
+    config = config_base.get_base_config()  # lr 0.01 @ 16, constant 500 x 1/3, steps (8, 11)
+    lr = optim.learning_rate_schedule(config, steps_per_epoch=100)
+    expected = {0: 0.01 / 3, 499: 0.01 / 3, 500: 0.01, 799: 0.01, 800: 1e-3, 1099: 1e-3, 1100: 1e-4}
+    for step, value in expected.items():
+        np.testing.assert_allclose(float(lr(step)), value, rtol=1e-6, err_msg=f"step {step}")
+
+
+def test_schedule_hand_values_linear_warmup():
+    config = config_base.get_base_config()
+    config.train.warmup, config.train.warmup_ratio = "linear", 0.001
+    lr = optim.learning_rate_schedule(config, steps_per_epoch=1000)
+    # 0.01 * (1 - (1 - i/500) * 0.999)
+    expected = {0: 1e-5, 250: 0.005005, 499: 0.01 * (1 - 0.002 * 0.999), 500: 0.01}
+    for step, value in expected.items():
+        np.testing.assert_allclose(float(lr(step)), value, rtol=1e-6, err_msg=f"step {step}")
+
+
+def test_warmup_spanning_a_decay_uses_that_epochs_regular_lr():
+    config = make_config(CAFFE)
+    config.train.warmup_iters, config.train.lr_steps = 20, (1,)
+    lr = optim.learning_rate_schedule(config, steps_per_epoch=5)
+    np.testing.assert_allclose(float(lr(4)), 0.005 / 3, rtol=1e-6)
+    np.testing.assert_allclose(float(lr(5)), 0.0005 / 3, rtol=1e-6)
+    np.testing.assert_allclose(float(lr(20)), 0.0005, rtol=1e-6)
+
+
+def test_lr_scales_linearly_with_batch_size():
+    config = config_base.get_base_config()
+    config.train.warmup = "none"
+    for batch, expected in [(16, 0.01), (8, 0.005), (2, 0.00125), (32, 0.02)]:
+        config.train.batch_size = batch
+        lr = optim.learning_rate_schedule(config, steps_per_epoch=10)
+        np.testing.assert_allclose(float(lr(0)), expected, rtol=1e-6, err_msg=f"batch {batch}")
+
+
+@pytest.mark.parametrize("setting", [CAFFE, X101_QUIRK])
+def test_labels_follow_mmdet_v1_groups(setting):
+    params = nest({path: np.zeros(shape, np.float32) for path, (shape, *_) in PARAMS.items()})
+    labels = flatten(optim.param_labels(params, make_config(setting)))
+    assert labels == {path: entry[setting] for path, entry in PARAMS.items()}
+
+
+def test_downsample_bn_is_a_norm_without_the_quirk():
+    config = make_config(X101_QUIRK)
+    config.train.downsample_bn_bias_as_bias = False
+    params = nest({path: np.zeros(shape, np.float32) for path, (shape, *_) in PARAMS.items()})
+    labels = flatten(optim.param_labels(params, config))
+    assert labels["backbone/layer2_0/downsample_bn/bias"] == "norm"
+    assert labels["backbone/layer2_0/downsample_bn/scale"] == "norm"
+
+
+@pytest.mark.parametrize("frozen_stages", [-1, 0, 2])
+def test_frozen_stages_follow_mmdet_freeze_stages(frozen_stages):
+    config = make_config(X101_QUIRK)
+    config.model.backbone.frozen_stages = frozen_stages
+    params = nest({path: np.zeros(shape, np.float32) for path, (shape, *_) in PARAMS.items()})
+    labels = flatten(optim.param_labels(params, config))
+    assert (labels["backbone/conv1/kernel"] == "frozen") == (frozen_stages >= 0)
+    assert (labels["backbone/bn1/scale"] == "frozen") == (frozen_stages >= 0)
+    assert (labels["backbone/layer1_0/conv1/kernel"] == "frozen") == (frozen_stages >= 1)
+    assert (labels["backbone/layer2_0/conv1/kernel"] == "frozen") == (frozen_stages >= 2)
+
+
+def test_bad_config_and_auto_named_norm_raise_naming_the_field():
+    config = make_config(CAFFE, warmup="cosine")
+    with pytest.raises(ValueError, match="config.train.warmup"):
+        optim.learning_rate_schedule(config, 10)
+    with pytest.raises(ValueError, match="GroupNorm_0"):
+        optim.param_labels({"bbox_head": {"GroupNorm_0": {"scale": 0.0}}}, make_config(CAFFE))
+
+
+CLIP = 10.0  # trainable grad norms below are about 6, 29 and 53 in turn: some steps clip
+
+
+@pytest.mark.parametrize(
+    "warmup,clip,setting",
+    [
+        ("constant", 0.0, CAFFE),
+        ("linear", 0.0, X101_QUIRK),
+        ("constant", CLIP, X101_QUIRK),
+        ("linear", CLIP, CAFFE),
+    ],
+)
+def test_thirty_steps_match_torch_sgd_param_groups(warmup, clip, setting):
+    num_steps, steps_per_epoch = 30, 5
+    rng = np.random.default_rng(7)
+    init = {}
+    for path, (shape, *_) in PARAMS.items():  # magnitudes in [0.5, 1.5) keep rtol meaningful
+        magnitude = rng.uniform(0.5, 1.5, size=shape) * rng.choice([-1.0, 1.0], size=shape)
+        init[path] = np.asarray(magnitude, np.float32)
+    grads = []
+    for step in range(num_steps):
+        gain = 0.3 + 1.2 * (step % 3)
+        grads.append(
+            {p: (gain * rng.standard_normal(v.shape)).astype(np.float32) for p, v in init.items()}
+        )
+
+    # torch reference: groups from the hand-written labels, lrs from the mmcv simulation.
+    wd, bias_lr_mult, bias_decay_mult, norm_decay_mult = 1e-3, 2.0, 0.0, 0.5
+    tensors = {p: torch.tensor(v, requires_grad=True) for p, v in init.items()}
+    group_of = {p: entry[setting] for p, entry in PARAMS.items()}
+    group_defs = {
+        "default": (1.0, wd),
+        "norm": (1.0, wd * norm_decay_mult),
+        "bias": (bias_lr_mult, wd * bias_decay_mult),
+    }
+    names = [g for g in group_defs if any(label == g for label in group_of.values())]
+    torch_groups = [
+        {
+            "params": [tensors[p] for p in PARAMS if group_of[p] == g],
+            "lr": 0.0,
+            "weight_decay": group_defs[g][1],
+        }
+        for g in names
+    ]
+    sgd = torch.optim.SGD(torch_groups, lr=0.0, momentum=0.9, dampening=0.0, nesterov=False)
+    base_lrs = [0.005 * group_defs[g][0] for g in names]  # 0.01 x 8 / 16
+    lrs = mmcv_lrs(base_lrs, num_steps, steps_per_epoch, (3, 5), warmup, 10, 1.0 / 3)
+    trainable = [tensors[p] for p in PARAMS if group_of[p] != "frozen"]
+    clipped_steps = 0
+    for step in range(num_steps):
+        for path, tensor in tensors.items():
+            tensor.grad = torch.tensor(grads[step][path]) if group_of[path] != "frozen" else None
+        if clip:
+            norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
+            clipped_steps += int(norm > clip)
+        for group, lr in zip(sgd.param_groups, lrs[step], strict=True):
+            group["lr"] = lr
+        sgd.step()
+
+    # ours: every grad given, frozen ones included (they must be ignored, also by the clip norm).
+    config = make_config(setting, warmup, clip)
+    params = nest({p: jax.numpy.asarray(v) for p, v in init.items()})
+    tx = optim.make_optimizer(config, params, steps_per_epoch)
+    state = tx.init(params)
+
+    @jax.jit
+    def update(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for step in range(num_steps):
+        params, state = update(params, state, nest(grads[step]))
+
+    ours = flatten(params)
+    for path in PARAMS:
+        if group_of[path] == "frozen":
+            assert np.array_equal(np.asarray(ours[path]), init[path]), path
+        else:
+            expected = tensors[path].detach().numpy()
+            np.testing.assert_allclose(np.asarray(ours[path]), expected, rtol=1e-6, err_msg=path)
+            assert not np.allclose(expected, init[path]), path  # it did train
+    if clip:
+        assert 0 < clipped_steps < num_steps
+    # frozen leaves hold no momentum buffer
+    traces = [
+        s
+        for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.TraceState))
+        if isinstance(s, optax.TraceState)
+    ]
+    buffered = sum(x.size for t in traces for x in jax.tree.leaves(t.trace))
+    assert buffered == sum(
+        int(np.prod(shape)) for shape, *_ in (PARAMS[p] for p in PARAMS if group_of[p] != "frozen")
+    )
+
+
+def test_clip_matches_torch_clip_grad_norm_including_its_epsilon():
+    rng = np.random.default_rng(3)
+    grads = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal((5,))}
+    grads = {k: (v * 1e-6).astype(np.float32) for k, v in grads.items()}  # norm ~ 4e-6
+    max_norm = 1e-6  # here the 1e-6 in torch's denominator changes the factor by ~20%
+    tensors = [torch.tensor(v, requires_grad=True) for v in grads.values()]
+    for tensor, value in zip(tensors, grads.values(), strict=True):
+        tensor.grad = torch.tensor(value)
+    torch.nn.utils.clip_grad_norm_(tensors, max_norm)
+    tx = optim.clip_by_global_norm_torch(max_norm)
+    clipped, _ = tx.update(grads, tx.init(grads))
+    for tensor, key in zip(tensors, grads, strict=True):
+        np.testing.assert_allclose(np.asarray(clipped[key]), tensor.grad.numpy(), rtol=1e-6)
