@@ -3,6 +3,7 @@
 `coco`: the 80 COCO classes in category-id order (mmdet: channel c <-> cat_ids[c], spec 9).
 `coco91`: torchvision's id-indexed head with 91 channels: channel = COCO category id, channel 0
 is the background and the 10 unused ids are 'N/A'.
+`shapes`: the built-in synthetic dataset (rectangle, ellipse, triangle, cross; ids 1..4).
 """
 
 # Index = COCO category id (0 and the unused ids are placeholders).
@@ -33,7 +34,16 @@ def coco91_classes() -> ClassList:
     return list(enumerate(_COCO_BY_ID))
 
 
-NAMED_CLASS_LISTS = {"coco": coco_classes, "coco91": coco91_classes}
+# The built-in synthetic dataset (fcos_jax/data/shapes.py): category ids 1..4 in this order.
+SHAPES_NAMES = ("rectangle", "ellipse", "triangle", "cross")
+
+
+def shapes_classes() -> ClassList:
+    """The built-in shapes dataset's classes: [(category_id, name)], ids 1..4."""
+    return [(i + 1, n) for i, n in enumerate(SHAPES_NAMES)]
+
+
+NAMED_CLASS_LISTS = {"coco": coco_classes, "coco91": coco91_classes, "shapes": shapes_classes}
 
 
 def class_list(name: str) -> ClassList:

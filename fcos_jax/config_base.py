@@ -79,9 +79,30 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(
         dict(
-            classes="coco",  # coco: the 80 COCO classes; coco91: torchvision's id-indexed list
+            # Channel -> (category id, name): coco (80 COCO classes), coco91 (torchvision's
+            # id-indexed list), shapes (the built-in dataset) or dataset (the source's own list,
+            # e.g. a COCO-format folder's categories sorted by id).
+            classes="coco",
+            # coco_tfds: TFDS `tfds_name` prepared under data_dir; coco_folder: an instances JSON
+            # + image directory per split (`folder`); shapes: the built-in synthetic dataset.
             source="coco_tfds",
-            data_dir="",
+            data_dir="",  # TFDS data_dir of prepared datasets and index caches; "" = TFDS default
+            tfds_name="coco/2017",
+            train_split="train",
+            val_split="validation",
+            # coco_folder source: name of the prepared TFDS dataset and the files of each split.
+            folder=dict(name="", train_json="", train_images="", val_json="", val_images=""),
+            # shapes source (fcos_jax/data/shapes.py): written once per setting under data_dir.
+            shapes=dict(seed=0, num_train=1000, num_val=200, min_side=256, max_side=320),
+            # Training canvases (H, W), each a multiple of size_divisor; () = landscape and
+            # portrait of the largest training scale. An image goes to the smallest that fits.
+            canvases=(),
+            min_image_side=32,  # mmdet v1: training images with a shorter side are dropped
+            # Evaluation padding: multiple (next multiple of size_divisor, exactly as predict) or
+            # canvas (the training canvases: fewer compiles, outputs near borders change).
+            eval_pad="multiple",
+            prefetch=2,  # batches prepared ahead of the training/eval loop
+            num_parallel_calls=-1,  # images decoded in parallel; -1 = tf.data AUTOTUNE
         )
     )
 

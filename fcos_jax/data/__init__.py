@@ -1,0 +1,12 @@
+"""Input pipelines (DESIGN.md "Data flow"). TensorFlow is imported here and nowhere else.
+
+  annotations.py  COCO instances JSON validation; the annotation index of a split (no pixels)
+  coco_folder.py  the TFDS builder that prepares any COCO-format folder (JSON + images)
+  shapes.py       the built-in synthetic shapes dataset, written as a COCO-format folder
+  sources.py      TFDS `coco/2017`, prepared COCO folders and shapes behind one example dict
+  transforms.py   spec 7 training transforms (boxes in NumPy via boxes.py, pixels in TF ops)
+  pipeline.py     epoch plan, canvases, per-process slices, iterator state; evaluation batches
+
+Import the submodules directly (`from fcos_jax.data import pipeline`); this file imports nothing so
+that the TF-free parts (annotations, shapes) stay cheap to import.
+"""
