@@ -1,0 +1,448 @@
+"""postprocess.detect against plain-NumPy implementations of the reference test paths (spec 6 and
+10, DESIGN.md "Evaluation semantics") and the NMS core against torchvision.ops."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from fcos_jax.postprocess import class_aware_nms, detect
+
+STRIDES = (8, 16, 32, 64, 128)
+PADDED_HW = (64, 96)
+F32 = np.float32
+
+_nms = jax.jit(
+    class_aware_nms,
+    static_argnames=(
+        "iou_threshold",
+        "max_det",
+        "legacy_plus_one",
+        "threshold_as_float64",
+        "chunk_size",
+        "page_size",
+    ),
+)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    # Probabilities come from the same elementwise sigmoid as the code under test so that the
+    # comparisons below can be exact; sigmoid itself is not what is tested here.
+    return np.asarray(jax.nn.sigmoid(x))
+
+
+def iou_reference(a, b, plus_one: float) -> np.float32:
+    """IoU of two boxes as the NMS kernels compute it, in float32 scalars."""
+    o, zero = F32(plus_one), F32(0)
+    w = max(min(a[2], b[2]) - max(a[0], b[0]) + o, zero)
+    h = max(min(a[3], b[3]) - max(a[1], b[1]) + o, zero)
+    inter = w * h
+    area_a = (a[2] - a[0] + o) * (a[3] - a[1] + o)
+    area_b = (b[2] - b[0] + o) * (b[3] - b[1] + o)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return inter / (area_a + area_b - inter)
+
+
+def greedy_nms_reference(cands, iou_thr: float, plus_one: float, max_det: int, as_double=False):
+    """cands: list of (score, order_key, label, box); sequential greedy class-aware NMS.
+    The float32 IoU is compared with a C float threshold (mmdet/mmcv kernels) or, `as_double`,
+    with a double one (torchvision.ops.nms)."""
+
+    def suppresses(k, cand):
+        iou = iou_reference(k[3], cand[3], plus_one)
+        return float(iou) > iou_thr if as_double else iou > F32(iou_thr)
+
+    kept = []
+    for cand in sorted(cands, key=lambda c: (-c[0], c[1])):
+        if any(k[2] == cand[2] and suppresses(k, cand) for k in kept):
+            continue
+        kept.append(cand)
+        if len(kept) == max_det:
+            break
+    return kept
+
+
+def reference_detect(head, b, image_hw, scale, original_hw, mode, nms_pre, thr, nms_iou, max_det):
+    """One image, written from the spec with loops. Returns (kept, number of NMS candidates)."""
+    img_h, img_w = (int(v) for v in image_hw)
+    sy, sx = F32(scale[0]), F32(scale[1])
+    legacy = mode == "mmdet_v1"
+    cands = []
+    for lvl, (level, s) in enumerate(zip(head, STRIDES, strict=True)):
+        cls = sigmoid(level["cls_logits"][b])
+        height, width, num_classes = cls.shape
+        cls = cls.reshape(height * width, num_classes)
+        ctr = sigmoid(level["centerness"][b]).reshape(height * width)
+        reg = level["bbox_reg"][b].reshape(height * width, 4)
+        offset = s // 2 if mode.startswith("mmdet") else 0
+
+        def decode(p, reg=reg, width=width, s=s, offset=offset):
+            x, y = F32((p % width) * s + offset), F32((p // width) * s + offset)
+            left, top, right, bottom = reg[p]
+            return [x - left, y - top, x + right, y + bottom]
+
+        def clip(box, minus):
+            max_x, max_y = F32(img_w - minus), F32(img_h - minus)
+            return [
+                min(max(box[0], F32(0)), max_x),
+                min(max(box[1], F32(0)), max_y),
+                min(max(box[2], F32(0)), max_x),
+                min(max(box[3], F32(0)), max_y),
+            ]
+
+        if mode == "mmdet_v1":
+            points = list(range(height * width))
+            if len(points) > nms_pre:  # top points by max over classes of cls*ctr
+                best = [max(cls[p, c] * ctr[p] for c in range(num_classes)) for p in points]
+                points = sorted(points, key=lambda p: (-best[p], p))[:nms_pre]
+            for p in sorted(points):
+                box = clip(decode(p), 1)
+                box = [box[0] / sx, box[1] / sy, box[2] / sx, box[3] / sy]
+                for c in range(num_classes):
+                    if cls[p, c] > thr:  # raw cls, before centerness
+                        cands.append((cls[p, c] * ctr[p], (lvl, p, c), c, box))
+        else:
+            pairs = []
+            for p in range(height * width):
+                for c in range(num_classes):
+                    if mode == "torchvision":
+                        select = np.sqrt(cls[p, c] * ctr[p])
+                    else:
+                        select = cls[p, c]
+                    if select > thr:
+                        pairs.append((select, p, c))
+            pairs = sorted(pairs, key=lambda t: (-t[0], t[1], t[2]))[:nms_pre]
+            for select, p, c in sorted(pairs, key=lambda t: (t[1], t[2])):
+                box = clip(decode(p), 0)
+                if mode == "mmdet_v3":
+                    rx, ry = F32(1) / sx, F32(1) / sy
+                    box = [box[0] * rx, box[1] * ry, box[2] * rx, box[3] * ry]
+                    if not (box[2] - box[0] > 0 and box[3] - box[1] > 0):
+                        continue
+                    score = cls[p, c] * ctr[p]
+                else:
+                    score = select
+                cands.append((score, (lvl, p, c), c, box))
+    kept = greedy_nms_reference(
+        cands, nms_iou, 1.0 if legacy else 0.0, max_det, as_double=mode == "torchvision"
+    )
+    if mode == "torchvision":  # rescale after NMS
+        if original_hw is None:
+            fx, fy = F32(1) / sx, F32(1) / sy
+            kept = [
+                (k[0], k[1], k[2], [k[3][0] / sx, k[3][1] / sy, k[3][2] / sx, k[3][3] / sy])
+                for k in kept
+            ]
+        else:
+            fy = F32(original_hw[0]) / F32(img_h)
+            fx = F32(original_hw[1]) / F32(img_w)
+            kept = [
+                (k[0], k[1], k[2], [k[3][0] * fx, k[3][1] * fy, k[3][2] * fx, k[3][3] * fy])
+                for k in kept
+            ]
+    return kept, len(cands)
+
+
+def random_head(seed: int, batch: int, num_classes: int):
+    """Head outputs for a PADDED_HW input with logits from a few values, so scores tie often."""
+    rng = np.random.default_rng(seed)
+    head = []
+    for s in STRIDES:
+        h, w = math.ceil(PADDED_HW[0] / s), math.ceil(PADDED_HW[1] / s)
+        head.append(
+            {
+                "cls_logits": rng.choice(
+                    F32([-4, -3, -2, -1, 0, 1, 2]), (batch, h, w, num_classes)
+                ),
+                "bbox_reg": (rng.integers(0, 12, (batch, h, w, 4)) * F32(s / 4)).astype(F32),
+                "centerness": rng.choice(F32([-2, -1, 0, 1]), (batch, h, w, 1)),
+            }
+        )
+    return head
+
+
+MODE_SETTINGS = {
+    "mmdet_v1": dict(score_thr=0.05, nms_iou=0.5),
+    "mmdet_v3": dict(score_thr=0.05, nms_iou=0.5),
+    "torchvision": dict(score_thr=0.2, nms_iou=0.6),
+}
+
+
+@pytest.mark.parametrize("mode", ["mmdet_v1", "mmdet_v3", "torchvision"])
+def test_detect_matches_numpy_reference_on_random_heads(mode):
+    # Small chunks and pages so that the NMS walks several of each (the hand-made cases below
+    # run the default sizes).
+    max_det, chunk_size, page_size = 10, 4, 16
+    head = random_head(
+        seed={"mmdet_v1": 1, "mmdet_v3": 2, "torchvision": 3}[mode], batch=3, num_classes=4
+    )
+    sparse = np.random.default_rng(0)
+    for level in head:  # image 2: few candidates, so it keeps fewer than max_det
+        logits = level["cls_logits"][2]
+        logits[...] = np.where(sparse.random(logits.shape) < 0.01, F32(2), F32(-10))
+    image_hw = np.array([[60, 90], [64, 71], [33, 96]], np.int32)
+    scale = np.array([[1.5, 1.5], [0.8, 0.75], [1.0, 1.0]], F32)
+    original_hw = np.array([[40, 60], [80, 95], [33, 96]], np.int32)
+    use_original = mode == "torchvision"
+    settings = MODE_SETTINGS[mode]
+    nms_pre = 20
+    out = detect(
+        [{k: jax.numpy.asarray(v) for k, v in level.items()} for level in head],
+        image_hw,
+        scale,
+        mode=mode,
+        strides=STRIDES,
+        nms_pre=nms_pre,
+        max_per_img=max_det,
+        original_hw=original_hw if use_original else None,
+        chunk_size=chunk_size,
+        page_size=page_size,
+        **settings,
+    )
+    out = jax.tree.map(np.asarray, out)
+    assert out["boxes"].shape == (3, max_det, 4) and out["boxes"].dtype == np.float32
+    assert out["labels"].dtype == np.int32 and out["valid"].dtype == bool
+    num_candidates, num_kept = [], []
+    for b in range(3):
+        kept, n_cands = reference_detect(
+            head, b, image_hw[b], scale[b], original_hw[b] if use_original else None, mode,
+            nms_pre, settings["score_thr"], settings["nms_iou"], max_det,
+        )  # fmt: skip
+        num_candidates.append(n_cands)
+        n = len(kept)
+        num_kept.append(n)
+        np.testing.assert_array_equal(out["valid"][b], np.arange(max_det) < n)
+        np.testing.assert_array_equal(out["labels"][b, :n], [k[2] for k in kept])
+        np.testing.assert_array_equal(out["scores"][b, :n], F32([k[0] for k in kept]))
+        np.testing.assert_array_equal(out["boxes"][b, :n], F32([k[3] for k in kept]).reshape(-1, 4))
+        assert not out["boxes"][b, n:].any() and not out["scores"][b, n:].any()
+        assert not out["labels"][b, n:].any()
+    # The data must exercise what the test is for: more candidates than a page, an image that
+    # reaches max_det and one that does not.
+    assert max(num_candidates) > page_size
+    assert max(num_kept) == max_det and min(num_kept) < max_det
+
+
+# Hand-made cases: one level of 2x3 points at stride 8 (a padded 16x24 input), 2 classes, and
+# a second image in the batch whose logits are all -10 (it must come out empty every time).
+# mmdet points: (4, 4), (12, 4), (20, 4) / (4, 12), (12, 12), (20, 12)  (x*8 + 4)
+# torchvision points: (0, 0), (8, 0), (16, 0) / (0, 8), (8, 8), (16, 8)  (x*8)
+HAND_SETTINGS = {
+    "mmdet_v1": dict(score_thr=0.05, nms_iou=0.5),
+    "mmdet_v3": dict(score_thr=0.05, nms_iou=0.5),
+    "torchvision": dict(score_thr=0.2, nms_iou=0.5),
+}
+
+
+def run_hand(mode, cls_logits, bbox_reg, centerness=None, image_hw=(16, 24), scale=(1, 1), **kw):
+    """cls_logits [2, 3, 2], bbox_reg [2, 3, 4], centerness [2, 3, 1] (default 0) for image 0.
+    Returns image 0's detections (max_per_img 5); checks that image 1 has none."""
+    cls_logits = F32(cls_logits)
+    centerness = np.zeros((2, 3, 1), F32) if centerness is None else F32(centerness)
+    head = [
+        {
+            "cls_logits": np.stack([cls_logits, np.full_like(cls_logits, -10)]),
+            "bbox_reg": np.stack([F32(bbox_reg)] * 2),
+            "centerness": np.stack([centerness] * 2),
+        }
+    ]
+    out = detect(
+        head,
+        np.array([image_hw, image_hw]),
+        F32([scale, scale]),
+        mode=mode,
+        strides=(8,),
+        **{**HAND_SETTINGS[mode], "max_per_img": 5, **kw},
+    )
+    out = jax.tree.map(np.asarray, out)
+    assert not out["valid"][1].any()
+    assert not out["boxes"][1].any() and not out["scores"][1].any()
+    assert not out["labels"][1].any()
+    return jax.tree.map(lambda x: x[0], out)
+
+
+@pytest.mark.parametrize("mode", ["mmdet_v1", "mmdet_v3", "torchvision"])
+def test_image_without_detections_is_all_invalid_and_zero(mode):
+    out = run_hand(mode, np.full((2, 3, 2), -10), np.full((2, 3, 4), 5))
+    assert not out["valid"].any() and not out["boxes"].any() and not out["scores"].any()
+
+
+def test_iou_exactly_at_threshold_is_not_suppressed_mmdet_v1_plus_one():
+    reg, logits = np.zeros((2, 3, 4), F32), np.full((2, 3, 2), -10, F32)
+    # Class 0: A = [0, 0, 15, 15] (16x16 with +1) from (4, 4), B = [0, 0, 15, 7] (16x8) from
+    # (12, 4): IoU = 128 / 256 = 0.5 exactly, not > 0.5: both kept.
+    reg[0, 0], logits[0, 0, 0] = [4, 4, 11, 11], 3
+    reg[0, 1], logits[0, 1, 0] = [12, 4, 3, 3], 2
+    # Class 1: E = [8, 0, 23, 8] (16x9) from (20, 4), F = [8, 0, 23, 15] from (20, 12):
+    # IoU = 144 / 256 > 0.5: E (lower score) is suppressed.
+    reg[0, 2], logits[0, 2, 1] = [12, 4, 3, 4], 1
+    reg[1, 2], logits[1, 2, 1] = [12, 12, 3, 3], 2.5
+    out = run_hand("mmdet_v1", logits, reg)
+    np.testing.assert_array_equal(out["valid"], [True, True, True, False, False])
+    np.testing.assert_array_equal(out["labels"][:3], [0, 1, 0])
+    np.testing.assert_array_equal(out["boxes"][:3], [[0, 0, 15, 15], [8, 0, 23, 15], [0, 0, 15, 7]])
+
+
+def test_iou_exactly_at_threshold_is_not_suppressed_torchvision():
+    reg, logits = np.zeros((2, 3, 4), F32), np.full((2, 3, 2), -10, F32)
+    # Class 0: A = [0, 0, 16, 16] from (8, 8), B = [0, 0, 16, 8] from (8, 0): IoU = 0.5: kept.
+    reg[1, 1], logits[1, 1, 0] = [8, 8, 8, 8], 3
+    reg[0, 1], logits[0, 1, 0] = [8, 0, 8, 8], 2
+    # Class 1: E = [8, 0, 24, 9] from (16, 0), F = [8, 0, 24, 16] from (16, 8): IoU 0.5625.
+    reg[0, 2], logits[0, 2, 1] = [8, 0, 8, 9], 1
+    reg[1, 2], logits[1, 2, 1] = [8, 8, 8, 8], 2.5
+    out = run_hand("torchvision", logits, reg)
+    np.testing.assert_array_equal(out["valid"], [True, True, True, False, False])
+    np.testing.assert_array_equal(out["labels"][:3], [0, 1, 0])
+    np.testing.assert_array_equal(out["boxes"][:3], [[0, 0, 16, 16], [8, 0, 24, 16], [0, 0, 16, 8]])
+
+
+def test_torchvision_compares_iou_with_the_threshold_as_a_double():
+    # IoU = 30 / 100 rounds to float32 0.30000001 > 0.3 (double): torchvision suppresses, a C
+    # float threshold (mmdet/mmcv) does not.
+    boxes = F32([[0, 0, 10, 10], [0, 0, 10, 3]])
+    scores, labels, valid = F32([0.9, 0.8]), np.zeros(2, np.int32), np.ones(2, bool)
+    expected = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.3)
+    assert expected.tolist() == [0]
+    for as_float64, kept in ((True, [True, False]), (False, [True, True])):
+        _, keep_valid = _nms(
+            boxes, scores, labels, valid, iou_threshold=0.3, max_det=2,
+            threshold_as_float64=as_float64,
+        )  # fmt: skip
+        np.testing.assert_array_equal(keep_valid, kept)
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("mmdet_v1", [0, 0, 9.5, 7.5]),  # clamp to [0, 19] x [0, 15], then / 2
+        ("mmdet_v3", [0, 0, 10, 8]),  # clip to [0, 20] x [0, 16], then * 1/2
+        ("torchvision", [0, 0, 10, 8]),  # clip to [0, 20] x [0, 16], NMS, then / 2
+    ],
+)
+def test_boxes_crossing_the_image_border_are_clipped_to_the_unpadded_image(mode, expected):
+    # One box covering everything; the unpadded resized image is 16 rows x 20 columns of the
+    # 16x24 input, scale 2 (original 8x10).
+    logits = np.full((2, 3, 2), -10, F32)
+    logits[1, 1, 1] = 3
+    out = run_hand(mode, logits, np.full((2, 3, 4), 30), image_hw=(16, 20), scale=(2, 2))
+    np.testing.assert_array_equal(out["valid"], [True, False, False, False, False])
+    np.testing.assert_array_equal(out["boxes"][0], F32(expected))
+
+
+def test_tied_scores_keep_the_lower_point_then_the_lower_class():
+    # All 12 (point, class) logits equal: one score. Boxes of size 4 around each point never
+    # overlap. Order must be (p0,c0), (p0,c1), (p1,c0), (p1,c1), (p2,c0), ...
+    reg, logits = np.full((2, 3, 4), 2, F32), np.ones((2, 3, 2), F32)
+    out = run_hand("torchvision", logits, reg)
+    np.testing.assert_array_equal(out["labels"], [0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(out["boxes"][:, 0], [0, 0, 6, 6, 14])  # points x 0, 0, 8, 8, 16
+    # Per-level top-k ties also go to the lower (point, class) index: the top 3 pairs.
+    out = run_hand("torchvision", logits, reg, nms_pre=3)
+    np.testing.assert_array_equal(out["valid"], [True, True, True, False, False])
+    np.testing.assert_array_equal(out["labels"][:3], [0, 1, 0])
+    np.testing.assert_array_equal(out["boxes"][:3, 0], [0, 0, 6])
+    # mmdet_v1 keeps the top points (ties: lower point) before thresholding pairs.
+    out = run_hand("mmdet_v1", logits, reg, nms_pre=2)
+    np.testing.assert_array_equal(out["valid"], [True, True, True, True, False])
+    np.testing.assert_array_equal(out["labels"][:4], [0, 1, 0, 1])
+    np.testing.assert_array_equal(out["boxes"][:4, 0], [2, 2, 10, 10])  # points x 4, 4, 12, 12
+
+
+def test_mmdet_v1_thresholds_raw_class_score_before_centerness():
+    # cls = sigmoid(0) = 0.5 > 0.05 passes even though cls*ctr = 0.5*sigmoid(-6) < 0.05.
+    logits, ctr = np.full((2, 3, 2), -10, F32), np.zeros((2, 3, 1), F32)
+    logits[0, 0, 0], ctr[0, 0, 0] = 0, -6
+    out = run_hand("mmdet_v1", logits, np.full((2, 3, 4), 2), ctr)
+    np.testing.assert_array_equal(out["valid"], [True, False, False, False, False])
+    np.testing.assert_array_equal(out["scores"][0], F32(0.5) * sigmoid(F32(-6)))
+
+
+def test_mmdet_v3_drops_boxes_without_area():
+    reg, logits = np.zeros((2, 3, 4), F32), np.full((2, 3, 2), -10, F32)
+    logits[0, :2, 0] = 1  # point 0 has a zero-size box, point 1 a 2x2 box
+    reg[0, 1] = [1, 1, 1, 1]
+    out = run_hand("mmdet_v3", logits, reg)
+    np.testing.assert_array_equal(out["valid"], [True, False, False, False, False])
+    np.testing.assert_array_equal(out["boxes"][0], [11, 3, 13, 5])
+
+
+def test_bad_inputs_name_the_field():
+    head = [
+        {
+            "cls_logits": np.zeros((1, 2, 2, 1), F32),
+            "bbox_reg": np.zeros((1, 2, 2, 4), F32),
+            "centerness": np.zeros((1, 2, 2, 1), F32),
+        }
+    ]
+    hw, scale = np.array([[8, 8]]), F32([[1, 1]])
+    kw = dict(strides=(8,), score_thr=0.1, nms_iou=0.5)
+    with pytest.raises(ValueError, match="mode"):
+        detect(head, hw, scale, mode="v1", **kw)
+    with pytest.raises(ValueError, match="scale"):
+        detect(head, hw, F32([1, 1]), mode="mmdet_v1", **kw)
+    with pytest.raises(ValueError, match="head_outputs"):
+        detect(head, hw, scale, mode="mmdet_v1", **{**kw, "strides": (8, 16)})
+    bad = [{**head[0], "centerness": np.zeros((1, 2, 2, 2), F32)}]
+    with pytest.raises(ValueError, match="centerness"):
+        detect(bad, hw, scale, mode="mmdet_v1", **kw)
+
+
+@pytest.mark.parametrize(
+    "iou_threshold, chunk_size, page_size",
+    [(0.3, 8, 32), (0.5, 64, 2048)],
+    ids=["small", "default"],
+)
+def test_class_aware_nms_matches_torchvision_batched_nms(iou_threshold, chunk_size, page_size):
+    rng = np.random.default_rng(7)
+    n = 300
+    # Integer coordinates: torchvision's coordinate-offset trick is then exact.
+    xy = rng.integers(0, 60, (n, 2))
+    wh = rng.integers(1, 30, (n, 2))
+    boxes = np.concatenate([xy, xy + wh], axis=1).astype(F32)
+    scores = rng.permutation(n).astype(F32) / n + F32(0.01)  # distinct
+    labels = rng.integers(0, 4, n).astype(np.int32)
+    valid = rng.random(n) < 0.9
+    idx = np.flatnonzero(valid)
+    expected = idx[
+        torchvision.ops.batched_nms(
+            torch.from_numpy(boxes[idx]), torch.from_numpy(scores[idx]),
+            torch.from_numpy(labels[idx]), iou_threshold,
+        ).numpy()
+    ]  # fmt: skip
+    for max_det in (n, 20):
+        keep, keep_valid = _nms(
+            boxes, scores, labels, valid, iou_threshold=iou_threshold, max_det=max_det,
+            threshold_as_float64=True, chunk_size=chunk_size, page_size=page_size,
+        )  # fmt: skip
+        keep, keep_valid = np.asarray(keep), np.asarray(keep_valid)
+        np.testing.assert_array_equal(keep[keep_valid], expected[:max_det])
+    assert len(expected) > 20
+
+
+def test_class_aware_nms_single_class_matches_torchvision_nms_and_plus_one_differs():
+    rng = np.random.default_rng(3)
+    n = 200
+    xy = rng.uniform(0, 50, (n, 2))
+    wh = rng.uniform(0.5, 20, (n, 2))
+    boxes = np.concatenate([xy, xy + wh], axis=1).astype(F32)
+    scores = rng.random(n).astype(F32)
+    labels = np.zeros(n, np.int32)
+    valid = np.ones(n, bool)
+    expected = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.5).numpy()
+    keep, keep_valid = _nms(
+        boxes, scores, labels, valid, iou_threshold=0.5, max_det=n, threshold_as_float64=True
+    )
+    np.testing.assert_array_equal(np.asarray(keep)[np.asarray(keep_valid)], expected)
+    # +1 widths: a plain sequential reference in float32.
+    cands = [(scores[i], i, 0, boxes[i]) for i in range(n)]
+    expected_plus_one = [c[1] for c in greedy_nms_reference(cands, 0.5, 1.0, n)]
+    keep, keep_valid = _nms(
+        boxes, scores, labels, valid, iou_threshold=0.5, max_det=n, legacy_plus_one=True
+    )
+    got = np.asarray(keep)[np.asarray(keep_valid)]
+    np.testing.assert_array_equal(got, expected_plus_one)
+    assert not np.array_equal(got, expected)  # the +1 convention changes the result here
