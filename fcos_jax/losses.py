@@ -12,6 +12,8 @@ centerness targets of the positives:
   global       mmdet v2.9+: cls / max(N, 1); box sum(loss * c) / max(sum(c), 1e-6);
                centerness / max(N, 1).
   torchvision  cls, box (unweighted) and centerness sums, each / max(N, 1).
+For gradient accumulation, compute `batch_normalizers` once on the whole batch and pass them to
+`fcos_loss` for every micro-batch: the micro-batch losses then sum to the whole batch's loss.
 Every value and gradient stays finite for images without positives and for extreme logits: rows
 that are not positive are replaced by harmless values before any division (the double-where
 trick), so they get exactly zero gradient.
@@ -27,6 +29,7 @@ from fcos_jax import boxes as box_ops
 
 BBOX_LOSSES = ("iou", "giou")
 NORMALIZERS = ("global", "v1", "torchvision")
+LOSS_TERMS = ("loss", "loss_cls", "loss_bbox", "loss_centerness", "num_pos")  # fcos_loss's keys
 IOU_LOSS_EPS = 1e-6  # mmdet IoULoss: IoU clamped to at least this before -log
 GIOU_EPS = 1e-7  # torchvision generalized_box_iou_loss eps
 
@@ -111,6 +114,18 @@ def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1.0), 0.0)
 
 
+def batch_normalizers(targets: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The counts the normalisers divide by, over a whole batch of `targets.encode` outputs:
+    num_pos (positives), centerness_sum (sum of the positives' centerness targets) and num_images,
+    float32 scalars."""
+    positive = targets["positive"]
+    return {
+        "num_pos": positive.astype(jnp.float32).sum(),
+        "centerness_sum": jnp.where(positive, targets["centerness_targets"], 0.0).sum(),
+        "num_images": jnp.asarray(positive.shape[0], jnp.float32),
+    }
+
+
 def fcos_loss(
     head_outputs: Sequence[dict[str, jax.Array]],
     targets: dict[str, jax.Array],
@@ -122,6 +137,7 @@ def fcos_loss(
     norm_on_bbox: bool = False,
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
+    normalizers: dict[str, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:
     """FCOS training loss of a batch.
 
@@ -137,9 +153,11 @@ def fcos_loss(
       norm_on_bbox: bbox_targets are / stride (encode's flag): predictions are divided by the stride
         too, and both are decoded around the points as mmdet v2 does.
       focal_alpha, focal_gamma: sigmoid focal loss parameters.
+      normalizers: `batch_normalizers` of the whole batch when this is one micro-batch of it;
+        None: computed from `targets`.
 
-    Returns scalars: loss (sum of the three), loss_cls, loss_bbox, loss_centerness and num_pos
-    (positives in the batch, float32).
+    Returns the LOSS_TERMS scalars: loss (sum of the three), loss_cls, loss_bbox, loss_centerness
+    and num_pos (positives in `targets`, float32).
     """
     if bbox_loss not in BBOX_LOSSES:
         raise ValueError(f"bbox_loss: expected one of {BBOX_LOSSES}, got {bbox_loss!r}")
@@ -153,8 +171,10 @@ def fcos_loss(
             f"{tuple(targets['positive'].shape)}"
         )
     positive = targets["positive"]
-    positive_f = positive.astype(jnp.float32)
-    num_pos = positive_f.sum()
+    if normalizers is None:
+        normalizers = batch_normalizers(targets)
+    num_pos = normalizers["num_pos"]
+    centerness_sum_all = normalizers["centerness_sum"]
 
     cls_targets = jax.nn.one_hot(targets["labels"], num_classes, dtype=jnp.float32)
     cls_sum = sigmoid_focal_loss(cls_logits, cls_targets, focal_alpha, focal_gamma).sum()
@@ -186,19 +206,17 @@ def fcos_loss(
         denominator = jnp.maximum(num_pos, 1.0)
         loss_cls = cls_sum / denominator
         loss_bbox = (box_per_point * centerness_targets).sum() / jnp.maximum(
-            centerness_targets.sum(), 1e-6
+            centerness_sum_all, 1e-6
         )
         loss_centerness = centerness_sum / denominator
     else:  # v1
-        loss_cls = cls_sum / (num_pos + batch)
-        loss_bbox = _safe_divide(
-            (box_per_point * centerness_targets).sum(), centerness_targets.sum()
-        )
+        loss_cls = cls_sum / (num_pos + normalizers["num_images"])
+        loss_bbox = _safe_divide((box_per_point * centerness_targets).sum(), centerness_sum_all)
         loss_centerness = _safe_divide(centerness_sum, num_pos)
     return {
         "loss": loss_cls + loss_bbox + loss_centerness,
         "loss_cls": loss_cls,
         "loss_bbox": loss_bbox,
         "loss_centerness": loss_centerness,
-        "num_pos": num_pos,
+        "num_pos": positive.astype(jnp.float32).sum(),
     }

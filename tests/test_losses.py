@@ -294,6 +294,34 @@ def test_norm_on_bbox_leaves_the_scale_invariant_box_losses_unchanged():
             )
 
 
+@pytest.mark.parametrize("normalizer", losses.NORMALIZERS)
+def test_micro_batches_with_whole_batch_normalizers_sum_to_the_whole_batch_loss(normalizer):
+    rng = np.random.default_rng(10)
+    boxes, labels, valid = small_ground_truth()
+    head_outputs = random_head_outputs(rng, 2, FEATURES, NUM_CLASSES)
+    batch_targets = encode_batch(
+        boxes, labels, valid, FEATURES, STRIDES, RANGES, legacy_plus_one=True
+    )
+    kwargs = dict(strides=STRIDES, legacy_plus_one=True, normalizer=normalizer)
+    whole = losses.fcos_loss(head_outputs, batch_targets, **kwargs)
+    assert set(whole) == set(losses.LOSS_TERMS)
+    normalizers = losses.batch_normalizers(batch_targets)
+    parts = [
+        losses.fcos_loss(
+            [{k: v[i : i + 1] for k, v in o.items()} for o in head_outputs],
+            {k: v[i : i + 1] for k, v in batch_targets.items()},
+            normalizers=normalizers,
+            **kwargs,
+        )
+        for i in range(2)
+    ]
+    assert all(float(p["num_pos"]) > 0 for p in parts)
+    for key in losses.LOSS_TERMS:
+        np.testing.assert_allclose(
+            sum(float(p[key]) for p in parts), float(whole[key]), rtol=1e-5, err_msg=key
+        )
+
+
 # --- fcos_loss against torchvision's FCOS.compute_loss -------------------------------------------
 
 
