@@ -1,30 +1,39 @@
-"""points.py against hand-written grids (spec 4: mmdet x*s + s//2; spec 10: torchvision x*s)."""
+"""Point grids against torchvision's AnchorGenerator and the mmdet formula (spec 4, 10)."""
 
 import numpy as np
 import pytest
+import torch
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.image_list import ImageList
 
-from fcos_jax.points import all_level_points, level_points, points_offset
+from fcos_jax.points import all_level_points
 
-
-def test_level_points_are_row_major_with_the_offset():
-    got = level_points(2, 3, 8, 4)
-    assert got.dtype == np.float32 and got.shape == (6, 2)
-    np.testing.assert_array_equal(got, [[4, 4], [12, 4], [20, 4], [4, 12], [12, 12], [20, 12]])
-
-
-def test_offsets_per_mode():
-    assert [points_offset("mmdet_v1", s) for s in (8, 16, 128)] == [4, 8, 64]
-    assert points_offset("mmdet", 32) == points_offset("mmdet_v3", 32) == 16
-    assert points_offset("torchvision", 64) == 0
-    with pytest.raises(ValueError, match="mode"):
-        points_offset("detectron", 8)
+STRIDES = (8, 16, 32, 64, 128)
 
 
-def test_all_level_points_uses_each_levels_stride():
-    torchvision_points = all_level_points([(1, 2), (1, 1)], [16, 32], "torchvision")
-    np.testing.assert_array_equal(torchvision_points[0], [[0, 0], [16, 0]])
-    np.testing.assert_array_equal(torchvision_points[1], [[0, 0]])
-    mmdet_points = all_level_points([(1, 2)], [16], "mmdet")
-    np.testing.assert_array_equal(mmdet_points[0], [[8, 8], [24, 8]])
-    with pytest.raises(ValueError, match="strides"):
-        all_level_points([(1, 2)], [16, 32], "mmdet")
+def _feature_sizes(height, width):
+    return [(-(-height // s), -(-width // s)) for s in STRIDES]
+
+
+@pytest.mark.parametrize("height,width", [(800, 1344), (800, 1216), (1088, 800), (96, 160)])
+def test_torchvision_points_are_the_anchor_generator_centres(height, width):
+    sizes = _feature_sizes(height, width)
+    generator = AnchorGenerator(tuple((s,) for s in STRIDES), ((1.0,),) * len(STRIDES))
+    features = [torch.zeros(1, 1, h, w) for h, w in sizes]
+    anchors = generator(ImageList(torch.zeros(1, 3, height, width), [(height, width)]), features)
+    centres = ((anchors[0][:, :2] + anchors[0][:, 2:]) / 2).numpy()
+    ours = np.concatenate(all_level_points(sizes, STRIDES, "torchvision"))
+    np.testing.assert_array_equal(ours, centres)
+
+
+def test_torchvision_p6_p7_step_by_padded_size_over_feature_size():
+    points = all_level_points(_feature_sizes(800, 1344), STRIDES, "torchvision")
+    p6, p7 = points[3].reshape(13, 21, 2), points[4].reshape(7, 11, 2)
+    assert (p6[0, 1, 0], p6[1, 0, 1]) == (64, 61)  # 1344 // 21, 800 // 13
+    assert (p7[0, 1, 0], p7[1, 0, 1]) == (122, 114)  # 1344 // 11, 800 // 7
+
+
+def test_mmdet_points_sit_at_half_stride_offsets_row_major():
+    points = all_level_points([(2, 3)], (16,), "mmdet_v1")[0]
+    expected = [[8, 8], [24, 8], [40, 8], [8, 24], [24, 24], [40, 24]]
+    np.testing.assert_array_equal(points, np.asarray(expected, np.float32))
