@@ -1,0 +1,206 @@
+"""Train state and the jitted, data-parallel FCOS train step.
+
+One step = forward -> targets (pure, vmapped) -> losses -> gradients -> optax update, all in one
+`jax.jit` over a global batch sharded on the mesh axis `data`; XLA inserts the gradient
+all-reduce. Loss normalisers are sums over the global batch, so the update does not depend on
+the device count. With `train.accumulate_steps = k` the batch is split into k micro-batches whose
+gradients are summed against the normalisers of the whole batch: the update of one k-times-larger
+batch (BatchNorm trained on batch statistics sees micro-batch statistics, as it would on k
+devices with per-device BN).
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from fcos_jax import losses, optim, sharding, targets
+
+PyTree = Any
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. `batch_stats` is empty for frozen-BN backbones' updates."""
+
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+
+
+def feature_sizes(image_hw: tuple[int, int], num_levels: int = 5) -> tuple[tuple[int, int], ...]:
+    """Per-level (H, W) of the head outputs for an input of `image_hw` pixels (strides 8..128).
+
+    Every stride-2 layer of the network maps n -> ceil(n / 2).
+    """
+    h, w = image_hw
+    sizes = []
+    for level in range(3 + num_levels - 1):
+        h, w = -(-h // 2), -(-w // 2)
+        if level >= 2:
+            sizes.append((h, w))
+    return tuple(sizes)
+
+
+def encode_batch(config: ml_collections.ConfigDict, batch: Batch) -> dict[str, jax.Array]:
+    """`targets.encode` vmapped over the batch for the batch's (static) image size."""
+    t = config.train
+    encode = functools.partial(
+        targets.encode,
+        feature_sizes=feature_sizes(batch["image"].shape[1:3], len(config.model.head.strides)),
+        strides=tuple(config.model.head.strides),
+        regress_ranges=tuple(tuple(r) for r in t.regress_ranges),
+        legacy_plus_one=config.legacy_plus_one,
+        assigner=t.assigner,
+        center_sampling=t.center_sampling,
+        center_sample_radius=t.center_sample_radius,
+        norm_on_bbox=t.norm_on_bbox,
+    )
+    return jax.vmap(encode)(batch["boxes"], batch["labels"], batch["box_valid"])
+
+
+def trains_batch_stats(config: ml_collections.ConfigDict) -> bool:
+    """True when the backbone's BatchNorm normalises with batch statistics while training."""
+    return config.model.backbone.norm == "batch_stats_bn"
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    rng: jax.Array,
+    image_hw: tuple[int, int],
+) -> TrainState:
+    """Fresh parameters (model init, spec 3) and optimizer state at step 0."""
+    variables = model.init(rng, jnp.zeros((1, *image_hw, 3), jnp.float32))
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=optimizer.init(params),
+    )
+
+
+def _loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    t = config.train
+    return dict(
+        strides=tuple(config.model.head.strides),
+        legacy_plus_one=config.legacy_plus_one,
+        bbox_loss=t.bbox_loss,
+        normalizer=t.normalizer,
+        norm_on_bbox=t.norm_on_bbox,
+        focal_alpha=t.focal_alpha,
+        focal_gamma=t.focal_gamma,
+    )
+
+
+def _split_micro_batches(tree: PyTree, k: int) -> PyTree:
+    """[B, ...] -> [k, B/k, ...] with micro-batch i = rows i, i+k, i+2k, ... (interleaved, so
+    every device keeps an equal share of each micro-batch)."""
+
+    def split(x):
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+        return jnp.moveaxis(x, 1, 0)
+
+    return jax.tree.map(split, tree)
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The un-jitted step `(state, batch) -> (state, metrics)`; see `jit_train_step`.
+
+    batch: image [B,H,W,3] f32, boxes [B,M,4] xyxy px, labels [B,M] int32, box_valid [B,M] bool.
+    metrics: loss, loss_cls, loss_bbox, loss_centerness, num_pos (global batch), lr.
+    """
+    accumulate = int(config.train.accumulate_steps)
+    loss_kwargs = _loss_kwargs(config)
+    mutable_stats = trains_batch_stats(config)
+
+    def loss_fn(params, batch_stats, batch, batch_targets, normalizers):
+        variables = {"params": params, "batch_stats": batch_stats}
+        if mutable_stats:
+            outputs, updated = model.apply(
+                variables, batch["image"], train=True, mutable=["batch_stats"]
+            )
+            batch_stats = updated["batch_stats"]
+        else:
+            outputs = model.apply(variables, batch["image"], train=True)
+        terms = losses.fcos_loss(outputs, batch_targets, normalizers=normalizers, **loss_kwargs)
+        return terms["loss"], (terms, batch_stats)
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        batch_targets = encode_batch(config, batch)
+        normalizers = losses.batch_normalizers(batch_targets)
+        if accumulate == 1:
+            grads, (terms, batch_stats) = grad_fn(
+                state.params, state.batch_stats, batch, batch_targets, normalizers
+            )
+        else:
+            micro = _split_micro_batches((batch, batch_targets), accumulate)
+
+            def body(carry, micro_batch):
+                grads_sum, terms_sum, batch_stats = carry
+                g, (t, batch_stats) = grad_fn(state.params, batch_stats, *micro_batch, normalizers)
+                return (
+                    jax.tree.map(jnp.add, grads_sum, g),
+                    jax.tree.map(jnp.add, terms_sum, t),
+                    batch_stats,
+                ), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            zero_terms = {k: jnp.zeros((), jnp.float32) for k in losses.LOSS_TERMS}
+            (grads, terms, batch_stats), _ = jax.lax.scan(
+                body, (zeros, zero_terms, state.batch_stats), micro
+            )
+            terms = dict(terms, num_pos=normalizers["num_pos"])
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {k: terms[k] for k in losses.LOSS_TERMS}
+        metrics["num_pos"] = terms["num_pos"]
+        metrics["lr"] = schedule(state.step)
+        new_state = TrainState(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
+        return new_state, metrics
+
+    return step
+
+
+def jit_train_step(step: Callable, mesh: Mesh) -> Callable:
+    """jit with the state replicated and the batch sharded on `data`; the old state is donated.
+
+    Place the first state with `sharding.replicate(state, mesh)`: arrays not yet on the mesh are a
+    different input type and would compile the step a second time.
+    """
+    return jax.jit(
+        step,
+        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+        out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def build_optimizer(
+    config: ml_collections.ConfigDict, params: PyTree, steps_per_epoch: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optax chain of `optim.make_optimizer` and its learning-rate schedule."""
+    return (
+        optim.make_optimizer(config, params, steps_per_epoch),
+        optim.learning_rate_schedule(config, steps_per_epoch),
+    )
