@@ -1,0 +1,275 @@
+"""Example sources: TFDS `coco/2017`, prepared COCO-format folders and the built-in shapes dataset.
+
+Every source is a random-access sequence of one split whose `read(position)` gives the same
+example dict:
+  image [] bytes (encoded file), image_id int, filename str, original_hw (h, w) int,
+  bbox_xywh [A, 4] float32 (COCO x, y, w, h in original pixels), category_id [A] int64,
+  is_crowd [A] bool, area [A] float32, ann_id [A] int64, position int.
+`classes` is the dataset's own [(category_id, name)] list and `index()` the split's annotation
+index (annotations.SplitIndex), built by reading every example once and cached as .npz under
+`<data_dir>/fcos_jax_index/`.
+
+COCO folders are prepared as `array_record` (TFDS random access). A `coco/2017` prepared in TFDS's
+default `tfrecord` format is read by position through `tfrecord_access` (no conversion).
+"""
+
+import io
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from fcos_jax import classes as class_lists
+from fcos_jax.data import annotations, coco_folder, shapes, tfrecord_access
+
+log = logging.getLogger(__name__)
+
+Example = dict[str, Any]
+_INDEX_CHUNK = 256
+
+
+def data_dir_of(config: Any) -> Path:
+    """config.data.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+    path = config.data.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    return Path(path).expanduser()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes | np.bytes_) else str(value)
+
+
+class Source:
+    """A random-access split (module docstring). Subclasses implement `_convert`."""
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        records: Any,
+        class_list,
+        cache_dir: Path | None,
+        location: str,
+    ):
+        self.name = name
+        self.location = location
+        self.split = split
+        self.classes = list(class_list)
+        self._records = records
+        self._cache_dir = cache_dir
+        self._index: annotations.SplitIndex | None = None
+        if len(records) == 0:
+            raise ValueError(f"{name}: split {split!r} at {location} is empty")
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _convert(self, record: dict[str, Any], position: int) -> Example:
+        raise NotImplementedError
+
+    def read(self, position: int) -> Example:
+        """The example at `position` (0 <= position < len)."""
+        return self._convert(self._records[int(position)], int(position))
+
+    def read_many(self, positions) -> list[Example]:
+        positions = [int(p) for p in positions]
+        getitems = getattr(self._records, "__getitems__", None)
+        raw = getitems(positions) if getitems else [self._records[p] for p in positions]
+        return [self._convert(r, p) for r, p in zip(raw, positions, strict=True)]
+
+    def _cache_path(self) -> Path | None:
+        if self._cache_dir is None:
+            return None
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.name}_{self.split}_{len(self)}")
+        return self._cache_dir / f"{safe}.npz"
+
+    def index(self) -> annotations.SplitIndex:
+        """The annotation index of the split (module docstring), cached."""
+        if self._index is not None:
+            return self._index
+        path = self._cache_path()
+        if path is not None and path.is_file():
+            self._index = annotations.SplitIndex.load(path)
+            return self._index
+        log.info("indexing %s %s (%d examples)", self.name, self.split, len(self))
+        rows = []
+        for start in range(0, len(self), _INDEX_CHUNK):
+            for ex in self.read_many(range(start, min(start + _INDEX_CHUNK, len(self)))):
+                ex.pop("image")
+                rows.append(ex)
+        index = annotations.SplitIndex.from_examples(rows)
+        index.check_unique_ids(f"{self.name} {self.split}")
+        if path is not None:
+            index.save(path)
+        self._index = index
+        return index
+
+
+class FolderSource(Source):
+    """A split of a prepared COCO-format folder (coco_folder.py)."""
+
+    def __init__(self, builder: coco_folder.FcosCocoFolder, split: str, cache_dir: Path | None):
+        if split not in builder.info.splits:
+            raise ValueError(
+                f"{builder.data_dir}: no split {split!r} (have {sorted(builder.info.splits)})"
+            )
+        cats = [(int(i), str(n)) for i, n in builder.info.metadata["categories"]]
+        records = builder.as_data_source(split)
+        name = builder.builder_config.name
+        super().__init__(name, split, records, cats, cache_dir, str(builder.data_dir))
+        self.report = builder.info.metadata.get("report", {}).get(split, {})
+
+    def _convert(self, record: dict[str, Any], position: int) -> Example:
+        return {
+            "image": record["image"],
+            "image_id": int(record["image_id"]),
+            "filename": _text(record["filename"]),
+            "original_hw": tuple(int(v) for v in record["original_hw"]),
+            "bbox_xywh": np.asarray(record["bbox_xywh"], np.float32).reshape(-1, 4),
+            "category_id": np.asarray(record["category_id"], np.int64),
+            "is_crowd": np.asarray(record["is_crowd"], bool),
+            "area": np.asarray(record["area"], np.float32),
+            "ann_id": np.asarray(record["ann_id"], np.int64),
+            "position": position,
+        }
+
+
+class TfdsCocoSource(Source):
+    """TFDS `coco/2017` (or `coco/2014`): labels 0..79 are COCO category ids in order; boxes are
+    normalised (ymin, xmin, ymax, xmax) of the image read from the JPEG header."""
+
+    def __init__(self, name: str, split: str, data_dir: Path, cache_dir: Path | None):
+        decoders = {"image": tfds.decode.SkipDecoding()}
+        try:
+            records = tfds.data_source(
+                name, split=split, data_dir=str(data_dir), decoders=decoders, download=False
+            )
+        except NotImplementedError:  # tfrecord shards (TFDS's default), or not prepared at all
+            builder = tfds.builder(name, data_dir=str(data_dir))
+            if not builder.is_prepared():
+                raise FileNotFoundError(
+                    f"{name} is not prepared under {data_dir} (data.data_dir); prepare it with "
+                    f"`tfds build {name} --data_dir {data_dir}`"
+                ) from None
+            records = tfrecord_access.TfrecordDataSource(builder, split, decoders)
+        self._category_ids = [cid for cid, _ in class_lists.coco_classes()]
+        cats = class_lists.coco_classes()
+        super().__init__(name, split, records, cats, cache_dir, f"{data_dir}/{name}")
+
+    def _convert(self, record: dict[str, Any], position: int) -> Example:
+        data = record["image"]
+        data = data if isinstance(data, bytes) else bytes(np.asarray(data).item())
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            w, h = im.size
+        objects = record["objects"]
+        norm = np.asarray(objects["bbox"], np.float32).reshape(-1, 4)  # ymin, xmin, ymax, xmax
+        xywh = np.stack(
+            [
+                norm[:, 1] * w,
+                norm[:, 0] * h,
+                (norm[:, 3] - norm[:, 1]) * w,
+                (norm[:, 2] - norm[:, 0]) * h,
+            ],
+            axis=-1,
+        ).astype(np.float32)
+        labels = np.asarray(objects["label"], np.int64).reshape(-1)
+        if labels.size and (labels.min() < 0 or labels.max() >= len(self._category_ids)):
+            raise ValueError(
+                f"{self.name} {self.split} image id {record['image/id']}: label outside 0..79"
+            )
+        return {
+            "image": data,
+            "image_id": int(record["image/id"]),
+            "filename": _text(record["image/filename"]),
+            "original_hw": (h, w),
+            "bbox_xywh": xywh,
+            "category_id": np.asarray(self._category_ids, np.int64)[labels],
+            "is_crowd": np.asarray(objects["is_crowd"], bool).reshape(-1),
+            "area": np.asarray(objects["area"], np.float32).reshape(-1),
+            "ann_id": np.asarray(objects["id"], np.int64).reshape(-1),
+            "position": position,
+        }
+
+
+def shapes_root(config: Any) -> Path:
+    """Where the shapes dataset of this config is written (one folder per setting)."""
+    s = config.data.shapes
+    tag = f"seed{s.seed}_n{s.num_train}-{s.num_val}_side{s.min_side}-{s.max_side}"
+    return data_dir_of(config) / "fcos_shapes" / tag
+
+
+def ensure_shapes(config: Any) -> dict[str, tuple[Path, Path]]:
+    """Writes the shapes dataset of this config once; returns {split: (JSON, image dir)}."""
+    root = shapes_root(config)
+    splits = {
+        split: (root / "annotations" / f"instances_{split}.json", root / split)
+        for split in shapes.SPLITS
+    }
+    if all(j.is_file() for j, _ in splits.values()):
+        return splits
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    s = config.data.shapes
+    log.info("writing the shapes dataset to %s", root)
+    shapes.write_shapes_dataset(
+        tmp,
+        seed=s.seed,
+        num_train=s.num_train,
+        num_val=s.num_val,
+        min_side=s.min_side,
+        max_side=s.max_side,
+    )
+    if root.exists():  # another process finished first
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(root)
+    return splits
+
+
+def folder_splits(config: Any) -> dict[str, tuple[Path, Path]]:
+    """{TFDS split: (JSON, image dir)} of a coco_folder config (splits with an empty JSON are
+    left out)."""
+    f, d = config.data.folder, config.data
+    splits = {}
+    for split, json_path, image_dir in (
+        (d.train_split, f.train_json, f.train_images),
+        (d.val_split, f.val_json, f.val_images),
+    ):
+        if json_path:
+            if not image_dir:
+                raise ValueError(f"data.folder: {json_path} has no image directory")
+            splits[split] = (Path(json_path).expanduser(), Path(image_dir).expanduser())
+    if not splits:
+        raise ValueError("data.folder: set train_json/train_images and/or val_json/val_images")
+    return splits
+
+
+def open_source(config: Any, split: str) -> Source:
+    """The source of `config.data.source` for one split (module docstring)."""
+    d = config.data
+    data_dir = data_dir_of(config)
+    cache_dir = data_dir / "fcos_jax_index"
+    if d.source == "coco_tfds":
+        return TfdsCocoSource(d.tfds_name, split, data_dir, cache_dir)
+    if d.source == "coco_folder":
+        splits = folder_splits(config)
+        name = d.folder.name or next(iter(splits.values()))[0].stem
+        builder = coco_folder.prepare_coco_folder(name, splits, data_dir)
+        return FolderSource(builder, split, cache_dir)
+    if d.source == "shapes":
+        written = ensure_shapes(config)
+        splits = {d.train_split: written["train"], d.val_split: written["validation"]}
+        builder = coco_folder.prepare_coco_folder("shapes", splits, data_dir)
+        return FolderSource(builder, split, cache_dir)
+    raise ValueError(f"data.source: expected coco_tfds, coco_folder or shapes, got {d.source!r}")
+
+
+def resolve_classes(config: Any, source: Source) -> list[tuple[int, str]]:
+    """The class list of a run: config.data.classes by name, or the source's own ('dataset')."""
+    if config.data.classes == "dataset":
+        return list(source.classes)
+    return class_lists.class_list(config.data.classes)
