@@ -1,0 +1,176 @@
+"""COCO results json and pycocotools COCOeval (box AP).
+
+Detections arrive as arrays in original-image pixels and class channels; they leave as COCO
+results (`[x, y, w, h]`, dataset category ids), with the +1 in w/h when `legacy_plus_one` (mmdet
+v1's `xyxy2xywh`, spec 6) through `boxes.xyxy_to_coco_xywh`.
+"""
+
+import contextlib
+import copy
+import io
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from fcos_jax import boxes as box_ops
+
+ClassList = Sequence[tuple[int, str]]
+
+STAT_NAMES = (
+    "AP",
+    "AP50",
+    "AP75",
+    "AP_small",
+    "AP_medium",
+    "AP_large",
+    "AR1",
+    "AR10",
+    "AR100",
+    "AR_small",
+    "AR_medium",
+    "AR_large",
+)
+
+
+def detections_to_coco(
+    image_id: int,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    class_list: ClassList,
+    legacy_plus_one: bool,
+) -> list[dict[str, Any]]:
+    """One image's detections as COCO results.
+
+    boxes: [N, 4] xyxy, original-image pixels; scores: [N]; labels: [N] int class channels.
+    """
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    labels = np.asarray(labels).reshape(-1)
+    scores = np.asarray(scores).reshape(-1)
+    if not (len(boxes) == len(labels) == len(scores)):
+        raise ValueError(
+            f"image {image_id}: {len(boxes)} boxes, {len(scores)} scores, {len(labels)} labels"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(class_list)):
+        raise ValueError(
+            f"image {image_id}: label channel outside 0..{len(class_list) - 1} of the class list"
+        )
+    xywh = box_ops.xyxy_to_coco_xywh(boxes, legacy_plus_one)
+    return [
+        {
+            "image_id": int(image_id),
+            "category_id": int(class_list[int(label)][0]),
+            "bbox": [round(float(v), 3) for v in box],
+            "score": round(float(score), 5),
+        }
+        for box, score, label in zip(xywh, scores, labels, strict=True)
+    ]
+
+
+def ground_truth_from_records(
+    records: Iterable[dict[str, Any]], class_list: ClassList, legacy_plus_one: bool
+) -> dict[str, Any]:
+    """A COCO ground-truth dict from dataset records, for datasets without an annotations file.
+
+    Each record: image_id, height, width (original pixels), boxes [M, 4] xyxy original pixels,
+    category_ids [M] (dataset ids), optional iscrowd [M].
+    """
+    images, annotations = [], []
+    for record in records:
+        images.append(
+            {"id": int(record["image_id"]), "height": int(record["height"]),
+             "width": int(record["width"])}
+        )  # fmt: skip
+        xywh = box_ops.xyxy_to_coco_xywh(
+            np.asarray(record["boxes"], np.float64).reshape(-1, 4), legacy_plus_one
+        )
+        crowd = record.get("iscrowd", np.zeros(len(xywh), int))
+        for box, category, is_crowd in zip(xywh, record["category_ids"], crowd, strict=True):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": int(record["image_id"]),
+                    "category_id": int(category),
+                    "bbox": [float(v) for v in box],
+                    "area": float(box[2] * box[3]),
+                    "iscrowd": int(is_crowd),
+                }
+            )
+    categories = [{"id": int(i), "name": str(n)} for i, n in class_list]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def load_ground_truth(source: str | Path | dict[str, Any]) -> COCO:
+    """A pycocotools COCO object from an instances JSON path or an already loaded dict."""
+    coco = COCO()
+    if isinstance(source, dict):
+        dataset = copy.deepcopy(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"annotations file not found: {path}")
+        try:
+            dataset = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a JSON file ({e})") from None
+    for field in ("images", "annotations", "categories"):
+        if field not in dataset:
+            raise ValueError(f"ground truth has no '{field}' field")
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def coco_evaluate(
+    ground_truth: COCO,
+    results: list[dict[str, Any]],
+    image_ids: Sequence[int] | None = None,
+    per_class: bool = False,
+) -> tuple[dict[str, float], str]:
+    """Runs COCOeval (bbox). Returns ({stat name: value}, the printed report).
+
+    The report is COCOeval's standard 12-line table, followed by one AP line per category when
+    `per_class`. `image_ids` restricts the evaluation (default: every ground-truth image).
+    With no detections at all every stat is 0 (pycocotools cannot load an empty result list).
+    """
+    image_ids = sorted(ground_truth.getImgIds()) if image_ids is None else list(image_ids)
+    unknown = {r["image_id"] for r in results} - set(ground_truth.getImgIds())
+    if unknown:
+        raise ValueError(f"detections for image ids not in the ground truth: {sorted(unknown)[:5]}")
+    if not results:
+        stats = dict.fromkeys(STAT_NAMES, 0.0)
+        return stats, "no detections: every AP and AR is 0\n"
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        detections = ground_truth.loadRes(copy.deepcopy(results))
+        evaluator = COCOeval(ground_truth, detections, "bbox")
+        evaluator.params.imgIds = image_ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        evaluator.summarize()
+    report = summary.getvalue()
+    if per_class:
+        report += per_class_table(evaluator, ground_truth)
+    stats = {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats, strict=True)}
+    return stats, report
+
+
+def per_class_table(evaluator: COCOeval, ground_truth: COCO) -> str:
+    """AP@[.5:.95] per category (area all, 100 detections), as lines `name  AP`."""
+    precision = evaluator.eval["precision"]  # [T, R, K, A, M]
+    lines = []
+    for k, category_id in enumerate(evaluator.params.catIds):
+        values = precision[:, :, k, 0, -1]
+        values = values[values > -1]
+        ap = float(values.mean()) if values.size else float("nan")
+        name = ground_truth.cats[category_id]["name"]
+        lines.append(f"{name:<20s} {ap:.3f}")
+    return "\n".join(lines) + "\n"
