@@ -9,7 +9,7 @@ import contextlib
 import copy
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,33 +72,27 @@ def detections_to_coco(
     ]
 
 
-def ground_truth_from_records(
-    records: Iterable[dict[str, Any]], class_list: ClassList, legacy_plus_one: bool
-) -> dict[str, Any]:
-    """A COCO ground-truth dict from dataset records, for datasets without an annotations file.
+def ground_truth_from_index(index: Any, class_list: ClassList) -> dict[str, Any]:
+    """A COCO ground-truth dict from a dataset's split index, for datasets without an annotations
+    file. Boxes stay as the dataset stores them (COCO xywh, original pixels), crowd regions
+    included, so COCOeval sees what it would see in an instances JSON.
 
-    Each record: image_id, height, width (original pixels), boxes [M, 4] xyxy original pixels,
-    category_ids [M] (dataset ids), optional iscrowd [M].
+    index: `fcos_jax.data.annotations.SplitIndex` (image_ids, original_hw, ann_offsets,
+    bbox_xywh, category_ids, is_crowd, areas, ann_ids).
     """
     images, annotations = [], []
-    for record in records:
-        images.append(
-            {"id": int(record["image_id"]), "height": int(record["height"]),
-             "width": int(record["width"])}
-        )  # fmt: skip
-        xywh = box_ops.xyxy_to_coco_xywh(
-            np.asarray(record["boxes"], np.float64).reshape(-1, 4), legacy_plus_one
-        )
-        crowd = record.get("iscrowd", np.zeros(len(xywh), int))
-        for box, category, is_crowd in zip(xywh, record["category_ids"], crowd, strict=True):
+    for i, image_id in enumerate(index.image_ids):
+        height, width = (int(v) for v in index.original_hw[i])
+        images.append({"id": int(image_id), "height": height, "width": width})
+        for row in range(int(index.ann_offsets[i]), int(index.ann_offsets[i + 1])):
             annotations.append(
                 {
-                    "id": len(annotations) + 1,
-                    "image_id": int(record["image_id"]),
-                    "category_id": int(category),
-                    "bbox": [float(v) for v in box],
-                    "area": float(box[2] * box[3]),
-                    "iscrowd": int(is_crowd),
+                    "id": int(index.ann_ids[row]),
+                    "image_id": int(image_id),
+                    "category_id": int(index.category_ids[row]),
+                    "bbox": [float(v) for v in index.bbox_xywh[row]],
+                    "area": float(index.areas[row]),
+                    "iscrowd": int(index.is_crowd[row]),
                 }
             )
     categories = [{"id": int(i), "name": str(n)} for i, n in class_list]

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -83,12 +84,24 @@ def test_a_label_outside_the_class_list_is_an_error():
         evaluation.detections_to_coco(1, np.zeros((1, 4)), np.ones(1), np.array([3]), CLASSES, 0)
 
 
-def test_ground_truth_from_records_round_trips_the_boxes():
-    records = [{"image_id": 3, "height": 50, "width": 60,
-                "boxes": np.array([[1.0, 2.0, 10.0, 20.0]]), "category_ids": [7]}]  # fmt: skip
-    gt = evaluation.ground_truth_from_records(records, CLASSES, legacy_plus_one=True)
-    assert gt["annotations"][0]["bbox"] == [1.0, 2.0, 10.0, 19.0]
-    assert gt["images"] == [{"id": 3, "height": 50, "width": 60}]
+def test_ground_truth_from_index_keeps_coco_boxes_and_crowd_regions():
+    index = SimpleNamespace(
+        image_ids=np.array([3, 8]),
+        original_hw=np.array([[50, 60], [70, 80]]),
+        ann_offsets=np.array([0, 2, 2]),
+        bbox_xywh=np.array([[1.0, 2.0, 10.0, 20.0], [5.0, 5.0, 3.0, 4.0]], np.float32),
+        category_ids=np.array([7, 3]),
+        is_crowd=np.array([False, True]),
+        areas=np.array([200.0, 12.0], np.float32),
+        ann_ids=np.array([41, 42]),
+    )
+    gt = evaluation.ground_truth_from_index(index, CLASSES)
+    assert gt["images"] == [{"id": 3, "height": 50, "width": 60}, {"id": 8, "height": 70,
+                            "width": 80}]  # fmt: skip
+    assert [a["bbox"] for a in gt["annotations"]] == [[1.0, 2.0, 10.0, 20.0], [5.0, 5.0, 3.0, 4.0]]
+    assert [a["iscrowd"] for a in gt["annotations"]] == [0, 1]
+    assert [a["id"] for a in gt["annotations"]] == [41, 42]
+    evaluation.load_ground_truth(gt)  # pycocotools accepts it
 
 
 def test_no_detections_give_zero_ap_and_unknown_images_are_refused():
