@@ -6,6 +6,7 @@ everything else calls these functions.
 
 Every function works on NumPy arrays (returning NumPy, for the data pipeline and evaluation) and on
 JAX arrays (returning JAX arrays, jit/vmap friendly): the array module is taken from the input.
+Under jit the results are bit-identical to the NumPy float32 forms (`rounded_product`).
 """
 
 from types import ModuleType
@@ -28,6 +29,21 @@ def plus_one(legacy_plus_one: bool) -> float:
     return 1.0 if legacy_plus_one else 0.0
 
 
+def rounded_product(x: Array, y: Array) -> Array:
+    """x * y, rounded to the array's precision before it meets any later addition.
+
+    Under jit, XLA:CPU contracts a product followed by an addition into one fused multiply-add
+    (one rounding instead of two), which moves IoUs by an ulp away from NumPy and torchvision's
+    CPU kernels. Adding a zero that the compiler cannot prove constant turns any such contraction
+    into fma(x, y, 0), the correctly rounded product. NumPy arrays are multiplied plainly."""
+    product = x * y
+    if _xp(x, y) is np:
+        return product
+    first = jnp.reshape(product, (-1,))[:1]
+    opaque_zero = jnp.sum((first != first).astype(product.dtype)) * 0  # 0 even for NaN
+    return product + opaque_zero
+
+
 def _check_last_dim(name: str, x: Array, size: int) -> None:
     if x.shape[-1] != size:
         raise ValueError(f"{name}: expected last dimension {size}, got shape {tuple(x.shape)}")
@@ -37,7 +53,7 @@ def area(boxes: Array, legacy_plus_one: bool = False) -> Array:
     """Box areas. boxes: [..., 4] xyxy, pixels -> [...]. No clipping of negative sizes."""
     _check_last_dim("boxes", boxes, 4)
     o = plus_one(legacy_plus_one)
-    return (boxes[..., 2] - boxes[..., 0] + o) * (boxes[..., 3] - boxes[..., 1] + o)
+    return rounded_product(boxes[..., 2] - boxes[..., 0] + o, boxes[..., 3] - boxes[..., 1] + o)
 
 
 def decode_ltrb(points: Array, ltrb: Array) -> Array:
@@ -70,7 +86,7 @@ def _intersection(a: Array, b: Array, legacy_plus_one: bool) -> Array:
     o = plus_one(legacy_plus_one)
     w = xp.clip(xp.minimum(a[..., 2], b[..., 2]) - xp.maximum(a[..., 0], b[..., 0]) + o, 0, None)
     h = xp.clip(xp.minimum(a[..., 3], b[..., 3]) - xp.maximum(a[..., 1], b[..., 1]) + o, 0, None)
-    return w * h
+    return rounded_product(w, h)
 
 
 def iou_aligned(a: Array, b: Array, legacy_plus_one: bool = False, eps: float = 0.0) -> Array:
@@ -99,7 +115,7 @@ def giou_aligned(a: Array, b: Array, legacy_plus_one: bool = False, eps: float =
     iou = inter / (union + eps)
     enclose_w = xp.maximum(a[..., 2], b[..., 2]) - xp.minimum(a[..., 0], b[..., 0]) + o
     enclose_h = xp.maximum(a[..., 3], b[..., 3]) - xp.minimum(a[..., 1], b[..., 1]) + o
-    enclose = enclose_w * enclose_h
+    enclose = rounded_product(enclose_w, enclose_h)
     return iou - (enclose - union) / (enclose + eps)
 
 

@@ -114,3 +114,23 @@ def test_wrong_last_dimension_names_the_argument():
         B.decode_ltrb(F32([[0, 0, 1]]), F32([[1, 1, 1, 1]]))
     with pytest.raises(ValueError, match="hw"):
         B.clip_boxes(F32([[0, 0, 1, 1]]), (1, 2, 3))
+
+
+@pytest.mark.parametrize("legacy_plus_one", [False, True])
+def test_jitted_iou_is_bit_identical_to_numpy_float32(legacy_plus_one):
+    # XLA:CPU would otherwise fuse products and sums into FMAs (boxes.rounded_product).
+    rng = np.random.default_rng(2)
+    xy = rng.uniform(0, 500, (400, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(1, 300, (400, 2))], 1).astype(F32)
+    a, b = boxes[:200], boxes[200:]
+    jitted = jax.jit(
+        lambda a, b: (
+            B.iou_matrix(a, b, legacy_plus_one),
+            B.iou_aligned(a, b, legacy_plus_one),
+            B.giou_aligned(a, b, legacy_plus_one, eps=1e-7),
+        )
+    )
+    got = jitted(a, b)
+    np.testing.assert_array_equal(got[0], B.iou_matrix(a, b, legacy_plus_one))
+    np.testing.assert_array_equal(got[1], B.iou_aligned(a, b, legacy_plus_one))
+    np.testing.assert_array_equal(got[2], B.giou_aligned(a, b, legacy_plus_one, eps=1e-7))
