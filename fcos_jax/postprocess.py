@@ -8,8 +8,13 @@ Three named modes (DESIGN.md "Evaluation semantics"), each exactly its reference
                PAIRS by raw cls; decode, clip to [0, w] x [0, h]; rescale per axis; drop boxes with
                w <= 0 or h <= 0; score cls*ctr; class-aware NMS (no +1); first max_per_img.
   torchvision  spec 10: per level sqrt(cls*ctr) > score_thr, top-`nms_pre` pairs by that score;
-               decode with points at x*s (no offset), clip to [0, w] x [0, h]; class-aware NMS
-               (no +1); first max_per_img; rescale per axis.
+               decode with torchvision's anchor centres (no offset, steps of input // feature
+               size: points.py), clip to [0, w] x [0, h]; class-aware NMS (no +1); first
+               max_per_img; rescale per axis.
+
+mmcv's (v3) and torchvision's batched_nms compute IoUs on boxes shifted by label * (max
+coordinate + 1); that is reproduced bit for bit (`_shift_by_label`), as are the float32 or double
+threshold comparisons and torchvision's rescale by float32(original / resized) when given.
 
 NMS is exact sequential greedy NMS (a box is suppressed by a kept box of the same class with
 IoU > nms_iou, strictly), run over all candidates in descending score order with ties broken by
@@ -30,9 +35,13 @@ import numpy as np
 from jax import lax
 
 from fcos_jax import boxes as box_ops
-from fcos_jax.points import level_points, points_offset
+from fcos_jax.points import all_level_points
 
 MODES = ("mmdet_v1", "mmdet_v3", "torchvision")
+# torchvision.ops.batched_nms runs one NMS over boxes shifted by label * (max coordinate + 1)
+# when it has at most this many boxes (4000 coordinates on CPU, 100000 on CUDA), else an exact
+# NMS per class; the shift's float32 rounding can move an IoU by ~1e-4. "exact": never shift.
+BATCHED_NMS_SHIFT_LIMITS = {"cpu": 1000, "cuda": 25_000, "exact": 0}
 _LEVEL_KEYS = ("cls_logits", "bbox_reg", "centerness")
 
 
@@ -59,9 +68,13 @@ def _flatten_level(level: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array
     return cls_logits, ltrb, ctr_logits
 
 
-def _level_point_grid(level: Mapping[str, jax.Array], stride: int, mode: str) -> jax.Array:
-    height, width, _ = level["cls_logits"].shape
-    return jnp.asarray(level_points(height, width, stride, points_offset(mode, stride)))
+def _point_grids(
+    levels: Sequence[Mapping[str, jax.Array]], strides: Sequence[int], mode: str
+) -> list[jax.Array]:
+    """Per-level [H*W, 2] (x, y) points of the mode's reference (points.py). torchvision's grid
+    depends on the padded input size, taken as the first level's size times its stride."""
+    feature_hw = [tuple(level["cls_logits"].shape[:2]) for level in levels]
+    return [jnp.asarray(p) for p in all_level_points(feature_hw, strides, mode)]
 
 
 def _per_axis(factors_yx: jax.Array) -> jax.Array:
@@ -114,9 +127,8 @@ def _mmdet_v1_candidates(
 ) -> _Candidates:
     box_table, box_index, scores, labels, valid = [], [], [], [], []
     rows_so_far = 0
-    for level, stride in zip(levels, strides, strict=True):
+    for level, points in zip(levels, _point_grids(levels, strides, "mmdet_v1"), strict=True):
         cls_logits, ltrb, ctr_logits = _flatten_level(level)
-        points = _level_point_grid(level, stride, "mmdet_v1")
         cls = jax.nn.sigmoid(cls_logits)
         ctr = jax.nn.sigmoid(ctr_logits)
         num_points, num_classes = cls.shape
@@ -154,9 +166,8 @@ def _pair_candidates(
     pairs by it, decode and clip to [0, w] x [0, h] (no +1). mmdet_v3 selects by raw cls and
     scores cls*ctr; torchvision selects and scores by sqrt(cls*ctr)."""
     boxes, scores, labels, valid = [], [], [], []
-    for level, stride in zip(levels, strides, strict=True):
+    for level, points in zip(levels, _point_grids(levels, strides, mode), strict=True):
         cls_logits, ltrb, ctr_logits = _flatten_level(level)
-        points = _level_point_grid(level, stride, mode)
         cls = jax.nn.sigmoid(cls_logits)
         ctr = jax.nn.sigmoid(ctr_logits)
         num_points, num_classes = cls.shape
@@ -184,6 +195,20 @@ def _pair_candidates(
         jnp.concatenate(labels).astype(jnp.int32),
         jnp.concatenate(valid),
     )
+
+
+def _shift_by_label(cands: _Candidates, limit: int | None) -> _Candidates:
+    """The candidates with boxes shifted by label * (max valid coordinate + 1) in float32, as
+    torchvision's and mmcv's `batched_nms` do before one class-agnostic NMS, when at most `limit`
+    are valid (None: always). Needs one box per candidate (box_index = arange)."""
+    num_valid = jnp.sum(cands.valid.astype(jnp.int32))
+    valid_coords = jnp.where(cands.valid[:, None], cands.box_table, -jnp.inf)
+    max_coord = jnp.where(num_valid > 0, jnp.max(valid_coords), 0.0)
+    offsets = box_ops.rounded_product(cands.labels.astype(jnp.float32), max_coord + 1.0)
+    shifted = cands.box_table + offsets[:, None]
+    if limit is not None:
+        shifted = jnp.where(num_valid <= limit, shifted, cands.box_table)
+    return cands._replace(box_table=shifted)
 
 
 def _greedy_nms(
@@ -298,6 +323,7 @@ def class_aware_nms(
     max_det: int,
     legacy_plus_one: bool = False,
     threshold_as_float64: bool = False,
+    shift_limit: int = 0,
     chunk_size: int = 64,
     page_size: int = 2048,
 ) -> tuple[jax.Array, jax.Array]:
@@ -307,6 +333,8 @@ def class_aware_nms(
     A box is suppressed by a kept box of the same label with IoU > iou_threshold (strictly;
     `legacy_plus_one`: +1 widths). `threshold_as_float64`: compare the float32 IoU with the
     threshold as a double, as torchvision.ops.nms does (else as float32, as mmdet/mmcv kernels).
+    `shift_limit`: with at most this many valid boxes, IoUs are computed on boxes shifted by
+    label * (max coordinate + 1), bit for bit as torchvision's batched_nms does (0: never).
     Boxes are visited by descending score, ties to the lower index.
     Returns the indices [max_det] int32 of the first max_det kept boxes in that order and a
     mask [max_det] bool of the filled rows (unfilled indices are 0)."""
@@ -317,6 +345,8 @@ def class_aware_nms(
         labels.astype(jnp.int32),
         valid,
     )
+    if shift_limit > 0:
+        cands = _shift_by_label(cands, shift_limit)
     threshold = _float32_threshold(iou_threshold, threshold_as_float64)
     kept_idx, num_kept = _greedy_nms(
         cands, threshold, legacy_plus_one, max_det, chunk_size, page_size
@@ -338,6 +368,7 @@ def _detect_single(
     max_per_img: int,
     chunk_size: int,
     page_size: int,
+    batched_nms_device: str,
 ) -> dict[str, jax.Array]:
     image_hw = image_hw.astype(jnp.float32)
     scale = scale.astype(jnp.float32)
@@ -346,13 +377,24 @@ def _detect_single(
     else:
         cands = _pair_candidates(levels, image_hw, strides, nms_pre, score_thr, mode)
     if mode == "mmdet_v3":
-        # mmdet v3 rescales before NMS by multiplying with 1/scale_factor, then drops empty boxes.
-        table = cands.box_table * _per_axis(1.0 / scale)
+        # mmdet v3 rescales before NMS by multiplying with 1/scale_factor (= original / resized),
+        # then drops empty boxes.
+        if original_hw is None:
+            factors = 1.0 / scale
+        else:
+            factors = original_hw.astype(jnp.float32) / image_hw
+        table = cands.box_table * _per_axis(factors)
         nonempty = (table[:, 2] - table[:, 0] > 0) & (table[:, 3] - table[:, 1] > 0)
         cands = cands._replace(box_table=table, valid=cands.valid & nonempty)
+    if mode == "mmdet_v3":  # mmcv's batched_nms always shifts by label
+        nms_cands = _shift_by_label(cands, None)
+    elif mode == "torchvision" and BATCHED_NMS_SHIFT_LIMITS[batched_nms_device] > 0:
+        nms_cands = _shift_by_label(cands, BATCHED_NMS_SHIFT_LIMITS[batched_nms_device])
+    else:  # mmdet v1: one exact NMS per class
+        nms_cands = cands
     threshold = _float32_threshold(nms_iou, compare_as_float64=mode == "torchvision")
     kept_idx, num_kept = _greedy_nms(
-        cands, threshold, mode == "mmdet_v1", max_per_img, chunk_size, page_size
+        nms_cands, threshold, mode == "mmdet_v1", max_per_img, chunk_size, page_size
     )
     valid = jnp.arange(max_per_img) < num_kept
     det_boxes = cands.box_table[cands.box_index[kept_idx]]
@@ -381,6 +423,7 @@ def _detect_single(
         "max_per_img",
         "chunk_size",
         "page_size",
+        "batched_nms_device",
     ),
 )
 def _detect_jit(head_outputs, image_hw, scale, original_hw, **static):
@@ -402,6 +445,7 @@ def detect(
     original_hw: jax.Array | None = None,
     chunk_size: int = 64,
     page_size: int = 2048,
+    batched_nms_device: str = "cpu",
 ) -> dict[str, jax.Array]:
     """Detections of a batch (jitted, fixed shapes).
 
@@ -409,9 +453,14 @@ def detect(
       distances in input pixels, "centerness": [B, H, W, 1] logits}.
     image_hw: [B, 2] int (height, width) of the resized, unpadded image.
     scale: [B, 2] float (y, x) resize factors; original pixels = resized pixels / scale.
-    original_hw: optional [B, 2] int original (height, width); in `torchvision` mode, when given,
-      boxes are rescaled by float32(original / resized) exactly as torchvision does.
+    original_hw: optional [B, 2] int original (height, width). When given, `torchvision` mode
+      rescales by float32(original / resized) exactly as torchvision does, and `mmdet_v3` by the
+      same factor (v3 multiplies by 1 / scale_factor = original / resized computed in double);
+      otherwise both use the scale. `mmdet_v1` always divides by the scale.
     mode: 'mmdet_v1', 'mmdet_v3' or 'torchvision' (module docstring).
+    batched_nms_device: torchvision mode only: 'cpu' or 'cuda' reproduce torchvision's
+      batched_nms on that device bit for bit (its label-shift trick up to 1000 / 25000 boxes);
+      'exact' always compares unshifted boxes.
     chunk_size, page_size: how many candidates the NMS loop resolves per step and orders per
       top-k (speed only, never the result).
 
@@ -421,6 +470,11 @@ def detect(
     """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if batched_nms_device not in BATCHED_NMS_SHIFT_LIMITS:
+        raise ValueError(
+            f"batched_nms_device: expected one of {sorted(BATCHED_NMS_SHIFT_LIMITS)}, "
+            f"got {batched_nms_device!r}"
+        )
     strides = tuple(int(s) for s in strides)
     if len(head_outputs) != len(strides):
         raise ValueError(
@@ -463,4 +517,5 @@ def detect(
         max_per_img=int(max_per_img),
         chunk_size=int(chunk_size),
         page_size=int(page_size),
+        batched_nms_device=batched_nms_device,
     )

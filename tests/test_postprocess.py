@@ -2,12 +2,18 @@
 10, DESIGN.md "Evaluation semantics") and the NMS core against torchvision.ops."""
 
 import math
+import types
 
 import jax
 import numpy as np
 import pytest
 import torch
 import torchvision
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.fcos import FCOS
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.transform import resize_boxes
 
 from fcos_jax.postprocess import class_aware_nms, detect
 
@@ -22,6 +28,7 @@ _nms = jax.jit(
         "max_det",
         "legacy_plus_one",
         "threshold_as_float64",
+        "shift_limit",
         "chunk_size",
         "page_size",
     ),
@@ -46,13 +53,26 @@ def iou_reference(a, b, plus_one: float) -> np.float32:
         return inter / (area_a + area_b - inter)
 
 
+def shift_by_label(cands):
+    """batched_nms' trick (torchvision, mmcv): NMS boxes shifted by label * (max coordinate + 1),
+    in float32. cands: (score, key, label, box) -> (score, key, label, box, shifted box)."""
+    if not cands:
+        return []
+    max_coord = max(max(c[3]) for c in cands)
+    shifted = []
+    for c in cands:
+        offset = F32(c[2]) * (max_coord + F32(1))
+        shifted.append((*c[:4], [v + offset for v in c[3]]))
+    return shifted
+
+
 def greedy_nms_reference(cands, iou_thr: float, plus_one: float, max_det: int, as_double=False):
-    """cands: list of (score, order_key, label, box); sequential greedy class-aware NMS.
-    The float32 IoU is compared with a C float threshold (mmdet/mmcv kernels) or, `as_double`,
-    with a double one (torchvision.ops.nms)."""
+    """cands: list of (score, order_key, label, box[, nms box]); sequential greedy class-aware
+    NMS on the nms box (default: the box). The float32 IoU is compared with a C float threshold
+    (mmdet/mmcv kernels) or, `as_double`, with a double one (torchvision.ops.nms)."""
 
     def suppresses(k, cand):
-        iou = iou_reference(k[3], cand[3], plus_one)
+        iou = iou_reference(k[-1], cand[-1], plus_one)
         return float(iou) > iou_thr if as_double else iou > F32(iou_thr)
 
     kept = []
@@ -70,6 +90,7 @@ def reference_detect(head, b, image_hw, scale, original_hw, mode, nms_pre, thr, 
     img_h, img_w = (int(v) for v in image_hw)
     sy, sx = F32(scale[0]), F32(scale[1])
     legacy = mode == "mmdet_v1"
+    input_h, input_w = (n * STRIDES[0] for n in head[0]["cls_logits"].shape[1:3])
     cands = []
     for lvl, (level, s) in enumerate(zip(head, STRIDES, strict=True)):
         cls = sigmoid(level["cls_logits"][b])
@@ -77,10 +98,13 @@ def reference_detect(head, b, image_hw, scale, original_hw, mode, nms_pre, thr, 
         cls = cls.reshape(height * width, num_classes)
         ctr = sigmoid(level["centerness"][b]).reshape(height * width)
         reg = level["bbox_reg"][b].reshape(height * width, 4)
-        offset = s // 2 if mode.startswith("mmdet") else 0
+        if mode.startswith("mmdet"):  # x*s + s//2
+            step_x, step_y, offset = s, s, s // 2
+        else:  # torchvision's AnchorGenerator: steps of input // feature size, no offset
+            step_x, step_y, offset = input_w // width, input_h // height, 0
 
-        def decode(p, reg=reg, width=width, s=s, offset=offset):
-            x, y = F32((p % width) * s + offset), F32((p // width) * s + offset)
+        def decode(p, reg=reg, width=width, sx=step_x, sy=step_y, offset=offset):
+            x, y = F32((p % width) * sx + offset), F32((p // width) * sy + offset)
             left, top, right, bottom = reg[p]
             return [x - left, y - top, x + right, y + bottom]
 
@@ -118,7 +142,11 @@ def reference_detect(head, b, image_hw, scale, original_hw, mode, nms_pre, thr, 
             for select, p, c in sorted(pairs, key=lambda t: (t[1], t[2])):
                 box = clip(decode(p), 0)
                 if mode == "mmdet_v3":
-                    rx, ry = F32(1) / sx, F32(1) / sy
+                    if original_hw is None:
+                        rx, ry = F32(1) / sx, F32(1) / sy
+                    else:
+                        rx = F32(original_hw[1]) / F32(img_w)
+                        ry = F32(original_hw[0]) / F32(img_h)
                     box = [box[0] * rx, box[1] * ry, box[2] * rx, box[3] * ry]
                     if not (box[2] - box[0] > 0 and box[3] - box[1] > 0):
                         continue
@@ -126,12 +154,13 @@ def reference_detect(head, b, image_hw, scale, original_hw, mode, nms_pre, thr, 
                 else:
                     score = select
                 cands.append((score, (lvl, p, c), c, box))
+    if mode == "mmdet_v3" or (mode == "torchvision" and len(cands) <= 1000):  # CPU limit
+        cands = shift_by_label(cands)
     kept = greedy_nms_reference(
         cands, nms_iou, 1.0 if legacy else 0.0, max_det, as_double=mode == "torchvision"
     )
     if mode == "torchvision":  # rescale after NMS
         if original_hw is None:
-            fx, fy = F32(1) / sx, F32(1) / sy
             kept = [
                 (k[0], k[1], k[2], [k[3][0] / sx, k[3][1] / sy, k[3][2] / sx, k[3][3] / sy])
                 for k in kept
@@ -186,7 +215,7 @@ def test_detect_matches_numpy_reference_on_random_heads(mode):
     image_hw = np.array([[60, 90], [64, 71], [33, 96]], np.int32)
     scale = np.array([[1.5, 1.5], [0.8, 0.75], [1.0, 1.0]], F32)
     original_hw = np.array([[40, 60], [80, 95], [33, 96]], np.int32)
-    use_original = mode == "torchvision"
+    use_original = mode in ("mmdet_v3", "torchvision")
     settings = MODE_SETTINGS[mode]
     nms_pre = 20
     out = detect(
@@ -446,3 +475,94 @@ def test_class_aware_nms_single_class_matches_torchvision_nms_and_plus_one_diffe
     got = np.asarray(keep)[np.asarray(keep_valid)]
     np.testing.assert_array_equal(got, expected_plus_one)
     assert not np.array_equal(got, expected)  # the +1 convention changes the result here
+
+
+def test_torchvision_mode_matches_torchvision_fcos_postprocess_detections():
+    # torchvision's own code end to end: AnchorGenerator anchors for a 64x96 input (P6 steps
+    # by 96 // 2 = 48 in x, not 64), FCOS.postprocess_detections (threshold, top-k, decode,
+    # clip, batched_nms with its label shift on CPU, first 100) and transform.resize_boxes.
+    rng = np.random.default_rng(11)
+    batch, num_classes, nms_pre, max_det = 2, 12, 30, 20
+    shapes = [(math.ceil(PADDED_HW[0] / s), math.ceil(PADDED_HW[1] / s)) for s in STRIDES]
+    cls = [rng.normal(-1, 1.5, (batch, h, w, num_classes)).astype(F32) for h, w in shapes]
+    rel = [rng.uniform(0, 3, (batch, h, w, 4)).astype(F32) for h, w in shapes]
+    # P6 detections must show up, small enough not to be clipped to the whole image: their
+    # position depends on the anchor step.
+    cls[3] += 3
+    rel[3] *= 0.2
+    ctr = [rng.normal(0, 1, (batch, h, w, 1)).astype(F32) for h, w in shapes]
+    image_hw = np.array([[60, 90], [64, 75]])
+    original_hw = np.array([[45, 67], [128, 150]])
+
+    generator = AnchorGenerator(tuple((s,) for s in STRIDES), ((1.0,),) * len(STRIDES))
+    images = ImageList(torch.zeros(batch, 3, *PADDED_HW), [tuple(hw) for hw in image_hw.tolist()])
+    features = [torch.zeros(batch, 1, h, w) for h, w in shapes]
+    anchors = generator(images, features)
+    counts = [h * w for h, w in shapes]
+    split_anchors = [list(a.split(counts)) for a in anchors]
+    to_torch = lambda arrays: [torch.from_numpy(a.reshape(batch, -1, a.shape[-1])) for a in arrays]
+    head_outputs = {
+        "cls_logits": to_torch(cls),
+        "bbox_regression": to_torch(rel),
+        "bbox_ctrness": to_torch(ctr),
+    }
+    settings = types.SimpleNamespace(
+        score_thresh=0.2,
+        nms_thresh=0.6,
+        detections_per_img=max_det,
+        topk_candidates=nms_pre,
+        box_coder=det_utils.BoxLinearCoder(normalize_by_size=True),
+    )
+    expected = FCOS.postprocess_detections(
+        settings, head_outputs, split_anchors, images.image_sizes
+    )
+
+    ours = detect(
+        [
+            {"cls_logits": c, "bbox_reg": r * F32(s), "centerness": t}  # relu(x) * anchor size
+            for c, r, t, s in zip(cls, rel, ctr, STRIDES, strict=True)
+        ],
+        image_hw,
+        np.ones((batch, 2), F32),
+        original_hw=original_hw,
+        mode="torchvision",
+        strides=STRIDES,
+        nms_pre=nms_pre,
+        score_thr=0.2,
+        nms_iou=0.6,
+        max_per_img=max_det,
+    )
+    ours = jax.tree.map(np.asarray, ours)
+    for b in range(batch):
+        want = expected[b]
+        n = len(want["scores"])
+        assert 5 < n < max_det or n == max_det
+        np.testing.assert_array_equal(ours["valid"][b], np.arange(max_det) < n)
+        np.testing.assert_array_equal(ours["labels"][b, :n], want["labels"].numpy())
+        np.testing.assert_allclose(ours["scores"][b, :n], want["scores"].numpy(), rtol=1e-6)
+        boxes = resize_boxes(want["boxes"], image_hw[b].tolist(), original_hw[b].tolist())
+        np.testing.assert_array_equal(ours["boxes"][b, :n], boxes.numpy())
+
+
+def test_label_shift_matches_torchvision_batched_nms_where_it_changes_the_result():
+    # 300 pairs of nested boxes with IoU within 2e-5 of 0.6 and labels 60..90: shifting by
+    # label * (max + 1) ~ 6e4 rounds coordinates to ~0.008 and flips some decisions.
+    rng = np.random.default_rng(5)
+    pairs = 300
+    xy = rng.uniform(0, 700, (pairs, 2))
+    wh = rng.uniform(50, 300, (pairs, 2))
+    ratio = 0.6 + rng.uniform(-2e-5, 2e-5, pairs)
+    outer = np.concatenate([xy, xy + wh], 1)
+    inner = np.concatenate([xy, xy + wh * np.stack([ratio, np.ones(pairs)], 1)], 1)
+    boxes = np.concatenate([outer, inner]).astype(F32)
+    scores = np.concatenate([rng.uniform(0.5, 1, pairs), rng.uniform(0, 0.5, pairs)]).astype(F32)
+    labels = np.tile(rng.integers(60, 91, pairs), 2).astype(np.int32)
+    valid = np.ones(2 * pairs, bool)
+    expected = torchvision.ops.batched_nms(
+        torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels), 0.6
+    ).numpy()
+    kw = dict(iou_threshold=0.6, max_det=2 * pairs, threshold_as_float64=True)
+    keep, keep_valid = _nms(boxes, scores, labels, valid, shift_limit=1000, **kw)
+    np.testing.assert_array_equal(np.asarray(keep)[np.asarray(keep_valid)], expected)
+    keep, keep_valid = _nms(boxes, scores, labels, valid, **kw)
+    assert not np.array_equal(np.asarray(keep)[np.asarray(keep_valid)], expected)
