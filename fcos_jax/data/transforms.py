@@ -225,32 +225,36 @@ def train_image(
     encoded: [] string; original_hw, resized_hw, canvas_hw: [2] int32 (h, w); flip: [] bool.
     preprocess_config: `config.preprocess` (resize mode, mean, std, to_rgb, unit_range)."""
     p = preprocess_config
+    if p.resize not in preprocess.RESIZE_MODES:
+        raise ValueError(
+            f"preprocess.resize: expected one of {preprocess.RESIZE_MODES}, got {p.resize!r}"
+        )
+    if p.resize == "torchvision" and not p.to_rgb:
+        raise ValueError("preprocess.to_rgb: the torchvision resize mode expects RGB (True)")
     image = decode_image(encoded)
     tf.debugging.assert_equal(
         tf.shape(image)[:2], original_hw, message="decoded image size differs from the index"
     )
-    mean = tf.constant(p.mean, tf.float32)
-    std = tf.constant(p.std, tf.float32)
+    # Channel order and flip are applied to the small decoded image: bilinear sampling with
+    # half-pixel centres is mirror-symmetric, so flipping before the resize equals flipping after.
+    if not p.to_rgb:
+        image = image[..., ::-1]
+    image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+
+    def normalise(pixels: tf.Tensor) -> tf.Tensor:
+        if p.unit_range:
+            pixels = pixels / 255.0
+        pixels = pixels - tf.constant(p.mean, tf.float32)
+        if any(v != 1 for v in p.std):
+            pixels = pixels / tf.constant(p.std, tf.float32)
+        return pixels
+
     if p.resize == "mmdet":
-        pixels = tf.image.resize(image, resized_hw, method="bilinear", antialias=False)
-        pixels = tf.clip_by_value(tf.round(pixels), 0.0, 255.0)  # cv2 resizes uint8 to uint8
-        if not p.to_rgb:
-            pixels = pixels[..., ::-1]
-        if p.unit_range:
-            pixels = pixels / 255.0
-        pixels = (pixels - mean) / std
-    elif p.resize == "torchvision":
-        if not p.to_rgb:
-            raise ValueError("preprocess.to_rgb: the torchvision resize mode expects RGB (True)")
-        pixels = tf.cast(image, tf.float32)
-        if p.unit_range:
-            pixels = pixels / 255.0
-        pixels = (pixels - mean) / std
+        # cv2 resizes uint8 to uint8: round (a convex combination of 0..255 needs no clipping).
+        pixels = tf.round(tf.image.resize(image, resized_hw, method="bilinear", antialias=False))
+        pixels = normalise(pixels)
+    else:  # torchvision: normalise, then resize the float image
+        pixels = normalise(tf.cast(image, tf.float32))
         pixels = tf.image.resize(pixels, resized_hw, method="bilinear", antialias=False)
-    else:
-        raise ValueError(
-            f"preprocess.resize: expected one of {preprocess.RESIZE_MODES}, got {p.resize!r}"
-        )
-    pixels = tf.cond(flip, lambda: tf.reverse(pixels, axis=[1]), lambda: pixels)
     pad = canvas_hw - resized_hw
     return tf.pad(pixels, [[0, pad[0]], [0, pad[1]], [0, 0]])
