@@ -384,33 +384,27 @@ class TrainPipeline:
         )
         self.seed = int(config.seed)
         self._epoch, self._step = 0, 0
-        self._plans: dict[int, EpochPlan] = {}
         self._iterator: Iterator | None = None
         if state is not None:
             self.restore(state)
 
     # -- the plan ---------------------------------------------------------------------------
 
-    def plan(self, epoch: int) -> EpochPlan:
-        """The global plan of `epoch` (the same in every process)."""
-        if epoch not in self._plans:
-            if len(self._plans) > 2:
-                self._plans.pop(min(self._plans))
-            self._plans[epoch] = plan_epoch(
-                self.canvas_of,
-                len(self.canvases),
-                self.global_batch_size,
-                self.seed,
-                epoch,
-                self.scales,
-                self.multiscale_mode,
-                self.flip_ratio,
-            )
-        return self._plans[epoch]
+    def plan(self, epoch: int, seed: int | None = None) -> EpochPlan:
+        """The global plan of `epoch` (the same in every process); seed defaults to the run's."""
+        return plan_epoch(
+            self.canvas_of,
+            len(self.canvases),
+            self.global_batch_size,
+            self.seed if seed is None else seed,
+            epoch,
+            self.scales,
+            self.multiscale_mode,
+            self.flip_ratio,
+        )
 
-    def local_slots(self, epoch: int, step: int) -> list[dict[str, Any]]:
-        """This process's examples of one step, everything but the pixels decided (NumPy)."""
-        plan = self.plan(epoch)
+    def local_slots(self, plan: EpochPlan, step: int) -> list[dict[str, Any]]:
+        """This process's examples of one step of `plan`, everything but the pixels decided."""
         lo = self.process_index * self.local_batch_size
         canvas = self.canvases[int(plan.canvas[step])]
         slots = []
@@ -471,7 +465,6 @@ class TrainPipeline:
             raise ValueError(f"data state: step_in_epoch {step} outside 0..{self.steps_per_epoch}")
         self.seed = int(state["seed"])
         self._epoch, self._step = int(state["epoch"]), step
-        self._plans.clear()
         self._iterator = None
 
     @property
@@ -485,10 +478,12 @@ class TrainPipeline:
 
     # -- tf.data ----------------------------------------------------------------------------
 
-    def _slots(self, epoch: int, step: int):
+    def _slots(self, epoch: int, step: int, seed: int):
+        """Generator body (runs in a tf.data thread; uses only its arguments and fixed fields)."""
         while True:
+            plan = self.plan(epoch, seed)
             for s in range(step, self.steps_per_epoch):
-                for slot in self.local_slots(epoch, s):
+                for slot in self.local_slots(plan, s):
                     i = slot.pop("example")
                     slot["image"] = self.source.read(self.examples.positions[i])["image"]
                     yield slot
@@ -509,7 +504,7 @@ class TrainPipeline:
             "image_id": tf.TensorSpec((), tf.int32),
             "scale": tf.TensorSpec((2,), tf.float32),
         }
-        epoch, step = self._epoch, self._step
+        epoch, step, seed = self._epoch, self._step, self.seed
         preprocess_config = self.config.preprocess
 
         def load(slot):
@@ -532,7 +527,7 @@ class TrainPipeline:
             }
 
         ds = tf.data.Dataset.from_generator(
-            lambda: self._slots(epoch, step), output_signature=signature
+            lambda: self._slots(epoch, step, seed), output_signature=signature
         )
         ds = ds.map(load, num_parallel_calls=_parallel_calls(self.config), deterministic=True)
         ds = ds.batch(self.local_batch_size, drop_remainder=True)
