@@ -227,6 +227,31 @@ def restore_inference(
     return {"params": restored["params"], "batch_stats": restored["batch_stats"]}, meta
 
 
+def restore_weights(path: str | Path) -> tuple[dict[str, PyTree], dict[str, Any]]:
+    """`({'params', 'batch_stats'}, meta)` of the latest step under `path`, as stored.
+
+    No model check (for `config.init_from`, where the caller merges what fits): the trees are
+    whatever the checkpoint holds, e.g. only `backbone` for an ImageNet conversion.
+    """
+    root = resolve_checkpoint_root(path)
+    manager = ocp.CheckpointManager(root, item_handlers=_handlers())
+    step = manager.latest_step()
+    if step is None:
+        raise CheckpointError(f"{root}: holds no finished checkpoint step")
+    _check_items(manager, step, root, ("params", "batch_stats", "meta"))
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(),
+            batch_stats=ocp.args.StandardRestore(),
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
+    manager.close()
+    variables = {"params": restored["params"] or {}, "batch_stats": restored["batch_stats"] or {}}
+    return variables, restored["meta"]
+
+
 def _check_items(
     manager: ocp.CheckpointManager, step: int, root: Path, names: tuple[str, ...]
 ) -> None:

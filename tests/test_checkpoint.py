@@ -86,6 +86,10 @@ def test_backbone_only_checkpoint_is_refused_for_inference(tmp_path):
     checkpoint.save_converted(tmp_path, backbone_only["params"], backbone_only["batch_stats"], meta)
     with pytest.raises(checkpoint.CheckpointError, match="holds only backbone weights.*init_from"):
         checkpoint.restore_inference(tmp_path, config)
+    # ... but its weights restore as stored, for config.init_from.
+    restored, meta = checkpoint.restore_weights(tmp_path)
+    assert_trees_equal(restored, backbone_only)
+    assert meta["parts"] == ["backbone"]
 
 
 def test_save_converted_refuses_a_non_empty_directory(converted_dir):

@@ -312,7 +312,8 @@ def r50_gn_v1(tmp_path_factory):
     reference = run_case(sd, image, 50, "caffe", 1, True, "bbox_head.fcos_")
     path = tmp / "fcos_r50_caffe_fpn_gn_1x_4gpu.pth"
     meta = {"mmcv_version": "0.2.7", "mmdet_version": "0.6.0+4bbb4a2", "epoch": 12, "iter": 1}
-    torch.save({"meta": meta, "state_dict": sd}, path)
+    # The 2019 files predate torch's zip format: save in the legacy pickle container (spec 9).
+    torch.save({"meta": meta, "state_dict": sd}, path, _use_new_zipfile_serialization=False)
     output = tmp / "converted"
     proc = run_cli("--format", "mmdet", "--config", R50_GN, "--input", path, "--output", output)
     return dict(sd=sd, image=image, reference=reference, path=path, output=output, proc=proc)
