@@ -74,6 +74,9 @@ def get_base_config() -> ml_collections.ConfigDict:
             nms_iou=0.5,
             max_per_img=100,
             batch_size=1,
+            # JAX persistent compilation cache for predict/eval ("" = off; JAX's own
+            # JAX_COMPILATION_CACHE_DIR environment variable works too).
+            compilation_cache_dir="",
         )
     )
 
@@ -140,7 +143,10 @@ def get_base_config() -> ml_collections.ConfigDict:
             log_every=20,
             checkpoint_every=1000,
             keep_checkpoints=3,
-            eval_every=0,
+            eval_every=0,  # evaluate every N steps (0: only at the end)
+            eval_at_end=True,
+            num_steps=0,  # > 0: train this many steps instead of `epochs` epochs
+            progress_bar=True,
         )
     )
     c.init_from = ""

@@ -1,0 +1,41 @@
+"""Evaluates an FCOS checkpoint (converted or trained) with COCOeval.
+
+  python eval.py --config configs/fcos_r50_caffe_fpn_gn_1x.py --checkpoint ckpt/fcos_r50 \
+      --annotations /data/coco/annotations/instances_val2017.json
+  python eval.py --config configs/shapes.py --checkpoint workdirs/shapes --per_class
+
+All logic lives in `fcos_jax.eval_lib`; this file only parses flags and starts (multi-host) JAX.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from fcos_jax import cli
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("checkpoint", None, "A converted directory or a training workdir.")
+flags.DEFINE_string("annotations", "", "instances JSON (default: ground truth from the dataset).")
+flags.DEFINE_string("results", "", "Write the COCO results json here.")
+flags.DEFINE_bool("per_class", False, "Print AP per category after the 12-line table.")
+cli.define_distributed_flags()
+flags.mark_flags_as_required(["config", "checkpoint"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.start_jax(FLAGS)
+    from fcos_jax import eval_lib
+
+    eval_lib.evaluate_checkpoint(
+        FLAGS.config,
+        FLAGS.checkpoint,
+        annotations=FLAGS.annotations or None,
+        results_path=FLAGS.results or None,
+        per_class=FLAGS.per_class,
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main)

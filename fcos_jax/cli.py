@@ -1,0 +1,89 @@
+"""Small helpers shared by the command-line tools (predict, compare)."""
+
+from pathlib import Path
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+
+def config_from_flag(name: str = "config") -> ml_collections.ConfigDict:
+    """The parsed `--config` file flag; raises FileNotFoundError / OSError with one line naming
+    the file (ml_collections defers load errors to the first access of the config)."""
+    path = config_flags.get_config_filename(flags.FLAGS[name]).split(":")[0]
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    config = flags.FLAGS[name].value
+    try:
+        config.get("name")
+    except Exception as error:  # noqa: BLE001  (any load failure: one line naming the file)
+        detail = str(error).strip().splitlines()[-1].strip()
+        raise OSError(f"{path}: cannot load config: {detail}") from None
+    return config
+
+
+def define_distributed_flags() -> None:
+    """--coordinator_address, --num_processes, --process_id for multi-process runs."""
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process).")
+    flags.DEFINE_integer("num_processes", 0, "Number of processes (0: environment / single).")
+    flags.DEFINE_integer("process_id", -1, "This process's index (-1: environment).")
+
+
+def start_jax(parsed_flags: flags.FlagValues) -> None:
+    """Hides accelerators from TensorFlow (it only feeds data), starts jax.distributed when
+    several processes are asked for, and logs the process and its devices."""
+    import jax
+    from absl import logging
+
+    from fcos_jax import sharding
+
+    quiet_library_logs()
+    try:
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")
+    except ImportError:  # predict/compare environments without TensorFlow
+        pass
+    sharding.initialize_distributed(
+        parsed_flags.coordinator_address, parsed_flags.num_processes, parsed_flags.process_id
+    )
+    logging.info(
+        "process %d/%d, local devices %s, global devices %d",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_devices(),
+        jax.device_count(),
+    )
+
+
+def quiet_library_logs() -> None:
+    """Drops orbax's and TFDS's INFO lines (dozens per checkpoint) from absl's log output."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            noisy = ("/orbax/", "/tensorflow_datasets/")
+            return record.levelno >= logging.WARNING or not any(
+                part in record.pathname for part in noisy
+            )
+
+    absl_logging.get_absl_handler().addFilter(_Filter())
+
+
+def run(main) -> None:
+    """absl `app.run`, with expected errors (bad config field, missing file, unusable
+    checkpoint, bad data) printed as one line `error: ...` and exit status 2."""
+    import sys
+
+    from absl import app
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except (FileNotFoundError, ValueError, KeyError, AttributeError, OSError) as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    app.run(guarded)

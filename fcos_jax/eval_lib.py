@@ -1,0 +1,167 @@
+"""COCO evaluation of a model: the evaluation pipeline, a sharded predict step, COCOeval.
+
+Every process runs the jitted predict step on its share of each global batch; the detections
+come back replicated (gathered), so process 0 holds every image's detections once and writes the
+COCO results and the AP table. Dummy rows that fill the last batch of a shape are dropped by
+their `example_valid` mask: no image is lost or counted twice.
+"""
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from fcos_jax import evaluation, postprocess, sharding
+from fcos_jax.models import build_model
+
+log = logging.getLogger(__name__)
+PyTree = Any
+
+PREDICT_INPUTS = ("image", "image_hw", "scale", "original_hw", "image_id", "example_valid")
+
+
+def detect_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`postprocess.detect` keyword arguments of a config (`test.*`, head strides)."""
+    test = config.test
+    return dict(
+        mode=test.postprocess,
+        strides=tuple(int(s) for s in config.model.head.strides),
+        nms_pre=int(test.nms_pre),
+        score_thr=float(test.score_thr),
+        nms_iou=float(test.nms_iou),
+        max_per_img=int(test.max_per_img),
+    )
+
+
+def make_predict_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
+    """jit `(variables, batch) -> detections`, batch sharded on `data`, outputs replicated.
+
+    batch: image [B,H,W,3], image_hw [B,2], scale [B,2], original_hw [B,2], image_id [B],
+    example_valid [B]. Returns boxes [B,D,4] (original pixels), scores, labels, valid [B,D],
+    image_id [B], example_valid [B].
+    """
+    model = build_model(config.model)
+    options = detect_options(config)
+
+    def predict(variables: PyTree, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        outputs = model.apply(variables, batch["image"])
+        dets = postprocess.detect(
+            outputs, batch["image_hw"], batch["scale"], original_hw=batch["original_hw"], **options
+        )
+        return dict(dets, image_id=batch["image_id"], example_valid=batch["example_valid"])
+
+    return jax.jit(
+        predict,
+        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )
+
+
+def predict_dataset(
+    config: ml_collections.ConfigDict,
+    variables: PyTree,
+    mesh: Mesh,
+    pipeline: Any,
+    class_list: list[tuple[int, str]],
+    predict_step: Callable | None = None,
+) -> list[dict[str, Any]]:
+    """COCO results of every image of `pipeline` (an `EvalPipeline`), on every process."""
+    predict_step = predict_step or make_predict_step(config, mesh)
+    variables = sharding.replicate(variables, mesh)
+    results: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for batch in pipeline:
+        batch = sharding.to_global({k: batch[k] for k in PREDICT_INPUTS}, mesh)
+        dets = jax.device_get(predict_step(variables, batch))
+        for row in np.flatnonzero(dets["example_valid"]):
+            image_id = int(dets["image_id"][row])
+            if image_id in seen:
+                raise RuntimeError(f"evaluation: image id {image_id} was predicted twice")
+            seen.add(image_id)
+            keep = dets["valid"][row]
+            results += evaluation.detections_to_coco(
+                image_id,
+                dets["boxes"][row][keep],
+                dets["scores"][row][keep],
+                dets["labels"][row][keep],
+                class_list,
+                config.legacy_plus_one,
+            )
+    expected = len(pipeline.examples)
+    if len(seen) != expected:
+        raise RuntimeError(f"evaluation: {len(seen)} images predicted, {expected} expected")
+    return results
+
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    variables: PyTree,
+    mesh: Mesh,
+    *,
+    pipeline: Any = None,
+    annotations: str | Path | None = None,
+    per_class: bool = False,
+    results_path: str | Path | None = None,
+    predict_step: Callable | None = None,
+) -> tuple[dict[str, float], str]:
+    """Box AP of `variables` on the validation split (`data.val_split`).
+
+    annotations: an instances JSON for the ground truth (default: built from the dataset).
+    results_path: where process 0 writes the COCO results json (optional).
+    Returns ({AP, AP50, ...}, the COCOeval report); on processes other than 0, ({}, "").
+    """
+    from fcos_jax.data import pipeline as data_pipeline  # TensorFlow only where data is read
+
+    pipeline = pipeline or data_pipeline.EvalPipeline(
+        config, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    class_list = pipeline.classes
+    results = predict_dataset(config, variables, mesh, pipeline, class_list, predict_step)
+    if jax.process_index() != 0:
+        return {}, ""
+    if results_path:
+        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(results_path).write_text(json.dumps(results))
+    if annotations:
+        ground_truth = evaluation.load_ground_truth(annotations)
+    else:
+        ground_truth = evaluation.load_ground_truth(
+            evaluation.ground_truth_from_index(pipeline.source.index(), class_list)
+        )
+    image_ids = [int(i) for i in pipeline.examples.image_ids]
+    return evaluation.coco_evaluate(ground_truth, results, image_ids, per_class=per_class)
+
+
+def evaluate_checkpoint(
+    config: ml_collections.ConfigDict,
+    checkpoint_path: str | Path,
+    *,
+    annotations: str | Path | None = None,
+    results_path: str | Path | None = None,
+    per_class: bool = False,
+) -> dict[str, float]:
+    """`eval.py`: restores params and BN statistics (converted or trained) and evaluates them on
+    every device of every process; process 0 prints the AP table. Returns the stats."""
+    from fcos_jax import checkpoint
+
+    mesh = sharding.make_mesh()
+    variables, meta = checkpoint.restore_inference(
+        checkpoint_path, config, sharding.replicated(mesh)
+    )
+    stats, report = evaluate(
+        config,
+        variables,
+        mesh,
+        annotations=annotations,
+        per_class=per_class,
+        results_path=results_path,
+    )
+    if jax.process_index() == 0:
+        print(f"{config.name} ({meta.get('source', checkpoint_path)}):\n{report}", flush=True)
+    return stats
