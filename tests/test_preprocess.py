@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from synthetic_images import natural_image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from fcos_jax import config_base, preprocess
@@ -15,23 +16,6 @@ CAFFE_MEAN = (102.9801, 115.9465, 122.7717)
 X101_MEAN, X101_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 TV_MEAN, TV_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZES = [(427, 640), (333, 500), (500, 333), (37, 61)]
-
-
-def natural_image(h: int, w: int, seed: int) -> np.ndarray:
-    """[h, w, 3] uint8 RGB: smooth gradients, a few filled shapes and noise."""
-    rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack(
-        [255 * xs / max(w - 1, 1), 255 * ys / max(h - 1, 1), 128 + 100 * np.sin(xs / 9 + ys / 13)],
-        axis=-1,
-    )
-    for _ in range(4):
-        x0, y0 = rng.integers(0, w), rng.integers(0, h)
-        colour = [int(c) for c in rng.integers(0, 256, 3)]
-        cv2.rectangle(img, (int(x0), int(y0)), (int(x0 + w // 4), int(y0 + h // 5)), colour, -1)
-        cv2.circle(img, (int(rng.integers(0, w)), int(rng.integers(0, h))), h // 6 + 1, colour, -1)
-    img += rng.normal(0, 8, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def mmdet_v1_reference(bgr: np.ndarray, mean, std, to_rgb: bool):

@@ -1,0 +1,221 @@
+"""Python prediction API: load a config and checkpoint once, then detect objects in images.
+
+    detector = Detector.from_config("configs/fcos_r50_caffe_fpn_gn_1x.py", "ckpt/fcos_r50")
+    for dets in detector(["a.jpg", rgb_array]):
+        dets["boxes"], dets["scores"], dets["names"]  # boxes: [N, 4] xyxy, original pixels
+
+Images go through `fcos_jax.preprocess` (the mode's reference transform, padded to a multiple of
+32), images of equal padded shape are batched, and the forward pass and the post-processing run
+as two jitted programs per padded shape (compiled once; `test.compilation_cache_dir` or JAX's own
+`JAX_COMPILATION_CACHE_DIR` keeps compilations across runs). Never imports TensorFlow or torch.
+"""
+
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
+
+from fcos_jax import checkpoint, postprocess, preprocess
+from fcos_jax.classes import ClassList, class_list
+from fcos_jax.config_io import load_config
+from fcos_jax.models import build_model
+
+PyTree = Any
+ImageSource = preprocess.ImageSource
+
+
+def enable_compilation_cache(directory: str | Path) -> None:
+    """Turns on JAX's persistent compilation cache in `directory` (created if needed)."""
+    directory = Path(directory).expanduser().absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir == str(directory):
+        return
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    # Cache every program (the default skips compilations under 1 s).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # JAX fixes its cache at the first compilation; start over so the new directory is used.
+    compilation_cache.reset_cache()
+
+
+def replicated_sharding() -> jax.sharding.NamedSharding:
+    """Replication over every device (the placement of restored inference variables)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+@functools.lru_cache(maxsize=8)
+def _model_and_forward(model_config_json: str):
+    """(model, jitted model.apply) per model config, shared by every Detector of that config so
+    its compiled programs are reused."""
+    model = build_model(ml_collections.ConfigDict(json.loads(model_config_json)))
+    return model, jax.jit(model.apply)
+
+
+def _as_image_list(images: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
+    """A single image (path, bytes or [H, W, C] array) or a sequence of them -> list."""
+    if isinstance(images, str | Path | bytes | bytearray):
+        return [images]
+    if isinstance(images, np.ndarray) and images.ndim in (2, 3):
+        return [images]
+    return list(images)
+
+
+def _image_name(image: ImageSource, index: int) -> str:
+    return str(image) if isinstance(image, str | Path) else f"images[{index}]"
+
+
+class Detector:
+    """FCOS inference with fixed variables, config and class list.
+
+    `detector(images)` -> one dict per image of NumPy arrays, sorted by score:
+      boxes [N, 4] float32 xyxy in original-image pixels, scores [N] float32,
+      labels [N] int32 class channel, category_ids [N] int64, names [N] str.
+    """
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        variables: dict[str, PyTree],
+        classes: ClassList | None = None,
+    ):
+        self.config = config
+        self.model, self._forward = _model_and_forward(config.model.to_json(sort_keys=True))
+        # Replicated over all devices, as `checkpoint.restore_inference` places them: the same
+        # compiled programs (and persistent-cache entries) whatever the variables came from.
+        self.variables = jax.device_put(variables, replicated_sharding())
+        self.classes = list(classes) if classes is not None else class_list(config.data.classes)
+        num_classes = config.model.head.num_classes
+        if len(self.classes) != num_classes:
+            raise ValueError(
+                f"classes: {len(self.classes)} classes for a head with {num_classes} channels "
+                f"(model.head.num_classes)"
+            )
+        self._category_ids = np.array([cid for cid, _ in self.classes], dtype=np.int64)
+        self._names = np.array([name for _, name in self.classes], dtype=object)
+        test = config.test
+        self.mode = test.postprocess
+        if self.mode not in postprocess.MODES:
+            raise ValueError(
+                f"test.postprocess: expected one of {postprocess.MODES}, got {self.mode!r}"
+            )
+        self._detect = functools.partial(
+            postprocess.detect,
+            mode=self.mode,
+            strides=tuple(int(s) for s in config.model.head.strides),
+            nms_pre=int(test.nms_pre),
+            score_thr=float(test.score_thr),
+            nms_iou=float(test.nms_iou),
+            max_per_img=int(test.max_per_img),
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        config_or_path: ml_collections.ConfigDict | str | Path,
+        checkpoint_path: str | Path,
+        compilation_cache_dir: str | Path | None = None,
+    ) -> "Detector":
+        """Loads `config` (a ConfigDict or a `configs/*.py` path) and restores the checkpoint
+        (a converted directory or a training workdir). The class list comes from the
+        checkpoint's meta. compilation_cache_dir overrides `config.test.compilation_cache_dir`."""
+        if isinstance(config_or_path, str | Path):
+            config = load_config(config_or_path)
+        else:
+            config = config_or_path
+        cache_dir = compilation_cache_dir or config.test.get("compilation_cache_dir", "")
+        if cache_dir:
+            enable_compilation_cache(cache_dir)
+        variables, meta = checkpoint.restore_inference(checkpoint_path, config)
+        classes = (
+            [(int(cid), str(name)) for cid, name in meta["classes"]] if "classes" in meta else None
+        )
+        return cls(config, variables, classes)
+
+    # ----------------------------------------------------------------------------------------
+
+    def preprocess(self, image: ImageSource, name: str = "image") -> dict[str, np.ndarray]:
+        """One image -> `fcos_jax.preprocess.preprocess` output for this detector's config."""
+        return preprocess.preprocess(image, self.config.preprocess, self.mode, name=name)
+
+    def detect_batch(
+        self,
+        image: np.ndarray,
+        image_hw: np.ndarray,
+        scale: np.ndarray,
+        original_hw: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        """Preprocessed batch -> fixed-size detections (see `postprocess.detect`).
+
+        image: [B, Hp, Wp, 3] float32; image_hw, original_hw: [B, 2] int; scale: [B, 2] (y, x).
+        Returns boxes [B, D, 4] (original pixels), scores [B, D], labels [B, D], valid [B, D]."""
+        # Two compiled programs (forward, post-processing; `postprocess.detect` is jitted), so
+        # the forward program is shared with `forward`; outputs stay on the device in between.
+        head_outputs = self._forward(self.variables, jnp.asarray(image, jnp.float32))
+        out = self._detect(
+            head_outputs,
+            jnp.asarray(image_hw, jnp.int32),
+            jnp.asarray(scale, jnp.float32),
+            original_hw=jnp.asarray(original_hw, jnp.int32),
+        )
+        return jax.device_get(out)
+
+    def __call__(
+        self, images: ImageSource | Sequence[ImageSource], batch_size: int | None = None
+    ) -> list[dict[str, np.ndarray]]:
+        """Detections of each image (paths, encoded bytes or [H, W, 3] uint8 RGB arrays).
+
+        Images with the same padded shape run together, `batch_size` at a time (default
+        `config.test.batch_size`); a short last batch is filled with copies (one compiled
+        program per padded shape)."""
+        images = _as_image_list(images)
+        batch_size = int(batch_size or self.config.test.get("batch_size", 1) or 1)
+        inputs = [self.preprocess(img, _image_name(img, i)) for i, img in enumerate(images)]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, item in enumerate(inputs):
+            by_shape.setdefault(item["image"].shape, []).append(i)
+        results: list[dict[str, np.ndarray] | None] = [None] * len(inputs)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                filled = chunk + [chunk[-1]] * (batch_size - len(chunk))
+                stacked = {k: np.stack([inputs[i][k] for i in filled]) for k in inputs[chunk[0]]}
+                dets = self.detect_batch(
+                    stacked["image"], stacked["image_hw"], stacked["scale"], stacked["original_hw"]
+                )
+                for row, i in enumerate(chunk):
+                    results[i] = self._per_image(dets, row)
+        return results
+
+    def forward(self, image: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """Raw head outputs of a preprocessed batch `image [B, Hp, Wp, 3]` float32: per level
+        {cls_logits [B, H, W, K] logits, bbox_reg [B, H, W, 4] (l, t, r, b) distances in
+        network-input pixels, centerness [B, H, W, 1] logits}, float32 NumPy."""
+        outputs = self._forward(self.variables, jnp.asarray(image, jnp.float32))
+        return [
+            {k: np.asarray(v, dtype=np.float32) for k, v in level.items()}
+            for level in jax.device_get(outputs)
+        ]
+
+    def head_outputs(self, image: ImageSource) -> list[dict[str, np.ndarray]]:
+        """Raw head outputs of one image (path, bytes or RGB array), batch of 1: see `forward`."""
+        (image,) = _as_image_list(image)
+        item = self.preprocess(image, _image_name(image, 0))
+        return self.forward(item["image"][None])
+
+    def _per_image(self, dets: dict[str, np.ndarray], row: int) -> dict[str, np.ndarray]:
+        valid = np.asarray(dets["valid"][row], dtype=bool)
+        labels = np.asarray(dets["labels"][row][valid], dtype=np.int32)
+        return {
+            "boxes": np.asarray(dets["boxes"][row][valid], dtype=np.float32).reshape(-1, 4),
+            "scores": np.asarray(dets["scores"][row][valid], dtype=np.float32),
+            "labels": labels,
+            "category_ids": self._category_ids[labels],
+            "names": self._names[labels],
+        }

@@ -1,0 +1,318 @@
+"""The prediction API (fcos_jax.inference) and the predict CLI's error handling.
+
+Numerical parity with the references is tested in test_torchvision_parity.py (torchvision) and
+test_convert.py (mmdet v1 forward); here: the API's contract on a small random model (arrays,
+paths and bytes give the same detections, batching changes nothing, results are in original
+pixels with the class list applied), and end-to-end runs on converted mmdet v1- and v3-keyed
+checkpoints.
+"""
+
+import os
+import subprocess
+import sys
+
+import cv2
+import jax
+import numpy as np
+import pytest
+import torch
+from synthetic_images import natural_image
+
+from fcos_jax import classes, config_base, inference, postprocess, preprocess
+from fcos_jax.config_io import load_config
+from fcos_jax.models import build_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+R50_GN = os.path.join(REPO, "configs", "fcos_r50_caffe_fpn_gn_1x.py")
+FIRING_CLASSES = (0, 2, 15)  # person, car, cat
+
+
+def tiny_config():
+    """mmdet v1 semantics on a small network and a small input scale."""
+    c = config_base.get_base_config()
+    c.model.backbone.depth = 18
+    c.model.fpn.out_channels = 32
+    c.model.head.feat_channels = 32
+    c.model.head.stacked_convs = 1
+    c.preprocess.scale = (160, 96)
+    return c
+
+
+def firing_variables(config, seed=0):
+    """Random variables (from the model's shapes, no compiled init) with a classifier bias that
+    makes a few classes fire (sigmoid 0.5) and the rest stay silent."""
+    model = build_model(config.model)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if name.endswith("kernel"):
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            value = rng.standard_normal(leaf.shape) * np.sqrt(1.0 / fan_in)
+        elif name.endswith(("var", "scale")):
+            value = rng.uniform(0.8, 1.2, leaf.shape)
+        else:  # biases, BN means
+            value = rng.normal(0.0, 0.05, leaf.shape)
+        if name.endswith("conv_cls/bias"):
+            value = np.full(leaf.shape, -4.0)
+            value[list(FIRING_CLASSES)] = 0.0
+        return np.asarray(value, np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, dict(shapes))
+
+
+@pytest.fixture(scope="module")
+def detector():
+    config = tiny_config()
+    return inference.Detector(config, firing_variables(config))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict_images")
+    rgbs = [natural_image(90, 130, 1), natural_image(91, 128, 2), natural_image(140, 70, 3)]
+    paths = []
+    for i, rgb in enumerate(rgbs):
+        paths.append(root / f"image_{i}.png")
+        cv2.imwrite(str(paths[-1]), rgb[:, :, ::-1])
+    return rgbs, paths
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_arrays_paths_and_bytes_give_identical_detections(detector, images):
+    rgbs, paths = images
+    from_arrays = detector(rgbs)
+    from_paths = detector(paths)
+    from_bytes = detector([p.read_bytes() for p in paths])
+    assert len(from_arrays) == 3
+    assert sum(len(d["scores"]) for d in from_arrays) > 0
+    for a, p, b in zip(from_arrays, from_paths, from_bytes, strict=True):
+        assert_same(a, p)
+        assert_same(a, b)
+
+
+def test_a_single_image_is_accepted_without_a_list(detector, images):
+    rgbs, paths = images
+    assert_same(detector(rgbs[0])[0], detector([rgbs[0]])[0])
+    assert_same(detector(str(paths[0]))[0], detector([rgbs[0]])[0])
+
+
+def test_batching_images_of_equal_padded_shape_changes_nothing(detector, images):
+    rgbs, _ = images
+    # images 0 and 1 pad to the same shape (96x160 after resize), image 2 to another.
+    shapes = {detector.preprocess(rgb)["image"].shape for rgb in rgbs}
+    assert len(shapes) == 2
+    one_by_one = [detector([rgb])[0] for rgb in rgbs]
+    batched = detector(rgbs, batch_size=2)
+    for a, b in zip(one_by_one, batched, strict=True):
+        assert a["labels"].tolist() == b["labels"].tolist()
+        np.testing.assert_allclose(a["boxes"], b["boxes"], atol=1e-3)
+        np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-5)
+
+
+def test_results_are_original_pixel_boxes_with_class_ids_and_names(detector, images):
+    rgbs, _ = images
+    coco = classes.coco_classes()
+    for rgb, dets in zip(rgbs, detector(rgbs), strict=True):
+        h, w = rgb.shape[:2]
+        n = len(dets["scores"])
+        assert dets["boxes"].shape == (n, 4) and dets["boxes"].dtype == np.float32
+        assert dets["labels"].shape == dets["category_ids"].shape == dets["names"].shape == (n,)
+        # mmdet v1 clamps to the resized image minus one, then divides by the scale factor.
+        scale = detector.preprocess(rgb)["scale"][0]
+        new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
+        assert np.all(dets["boxes"] >= 0)
+        assert np.all(dets["boxes"][:, [0, 2]] <= (new_w - 1) / scale + 1e-3)
+        assert np.all(dets["boxes"][:, [1, 3]] <= (new_h - 1) / scale + 1e-3)
+        assert np.all(np.diff(dets["scores"]) <= 0)
+        assert set(dets["labels"].tolist()) <= set(FIRING_CLASSES)
+        for label, cid, name in zip(
+            dets["labels"], dets["category_ids"], dets["names"], strict=True
+        ):
+            assert (cid, name) == coco[label]
+
+
+def test_detections_equal_preprocess_forward_and_postprocess_composed_by_hand(detector, images):
+    rgb = images[0][0]
+    item = preprocess.preprocess(rgb, detector.config.preprocess, "mmdet_v1")
+    heads = detector.forward(item["image"][None])
+    t = detector.config.test
+    out = postprocess.detect(
+        heads,
+        item["image_hw"][None],
+        item["scale"][None].astype(np.float32),
+        original_hw=item["original_hw"][None],
+        mode="mmdet_v1",
+        strides=(8, 16, 32, 64, 128),
+        nms_pre=t.nms_pre,
+        score_thr=t.score_thr,
+        nms_iou=t.nms_iou,
+        max_per_img=t.max_per_img,
+    )
+    valid = np.asarray(out["valid"][0])
+    dets = detector([rgb])[0]
+    np.testing.assert_allclose(dets["boxes"], np.asarray(out["boxes"][0])[valid], atol=1e-4)
+    np.testing.assert_allclose(dets["scores"], np.asarray(out["scores"][0])[valid], atol=1e-6)
+
+
+def test_head_outputs_have_the_level_shapes_of_the_padded_input(detector, images):
+    rgb = images[0][0]  # 90x130 -> 96x139 -> padded 96x160
+    levels = detector.head_outputs(rgb)
+    sizes = [(12, 20), (6, 10), (3, 5), (2, 3), (1, 2)]
+    assert [lv["cls_logits"].shape for lv in levels] == [(1, h, w, 80) for h, w in sizes]
+    assert [lv["bbox_reg"].shape for lv in levels] == [(1, h, w, 4) for h, w in sizes]
+    assert [lv["centerness"].shape for lv in levels] == [(1, h, w, 1) for h, w in sizes]
+    assert all(np.all(lv["bbox_reg"] > 0) for lv in levels)  # exp(scale * x)
+
+
+def test_bad_inputs_raise_errors_naming_them(detector, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        detector([tmp_path / "missing.jpg"])
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n garbage")
+    with pytest.raises(ValueError, match="corrupt.png"):
+        detector([corrupt])
+    with pytest.raises(ValueError, match=r"images\[1\].*uint8"):
+        detector([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.float32)])
+    config = tiny_config()
+    with pytest.raises(ValueError, match="num_classes"):
+        inference.Detector(config, firing_variables(config), classes.coco91_classes())
+
+
+# --- mmdet v1- and v3-keyed checkpoints, end to end -------------------------------------------
+
+
+def mmdet_r50_gn_state_dict(names: str, seed: int) -> dict[str, torch.Tensor]:
+    """Random mmdet FCOS R-50 caffe GN state dict (spec 9 keys): v1 `fcos_*` or v3 `conv_*`."""
+    rng = np.random.default_rng(seed)
+    sd = {}
+
+    def put(key, shape, kind="conv"):
+        if kind == "conv":
+            fan_in = int(np.prod(shape[1:]))
+            value = rng.standard_normal(shape) * np.sqrt(1.0 / fan_in)
+        elif kind == "affine":
+            value = rng.uniform(0.5, 1.0, shape)
+        elif kind == "var":
+            value = rng.uniform(0.5, 2.0, shape)
+        else:
+            value = rng.normal(0.0, 0.1, shape)
+        sd[key] = torch.from_numpy(np.asarray(value, np.float32))
+
+    def bn(name, channels):
+        put(f"{name}.weight", (channels,), "affine")
+        put(f"{name}.bias", (channels,), "bias")
+        put(f"{name}.running_mean", (channels,), "bias")
+        put(f"{name}.running_var", (channels,), "var")
+        sd[f"{name}.num_batches_tracked"] = torch.tensor(1000)
+
+    put("backbone.conv1.weight", (64, 3, 7, 7))
+    bn("backbone.bn1", 64)
+    inplanes = 64
+    for i, blocks in enumerate((3, 4, 6, 3)):
+        planes = 64 * 2**i
+        for j in range(blocks):
+            p = f"backbone.layer{i + 1}.{j}."
+            put(p + "conv1.weight", (planes, inplanes, 1, 1))
+            bn(p + "bn1", planes)
+            put(p + "conv2.weight", (planes, planes, 3, 3))
+            bn(p + "bn2", planes)
+            put(p + "conv3.weight", (planes * 4, planes, 1, 1))
+            bn(p + "bn3", planes * 4)
+            if j == 0:
+                put(p + "downsample.0.weight", (planes * 4, inplanes, 1, 1))
+                bn(p + "downsample.1", planes * 4)
+            inplanes = planes * 4
+    for i, channels in enumerate((512, 1024, 2048)):
+        put(f"neck.lateral_convs.{i}.conv.weight", (256, channels, 1, 1))
+        put(f"neck.lateral_convs.{i}.conv.bias", (256,), "bias")
+    for i in range(5):
+        put(f"neck.fpn_convs.{i}.conv.weight", (256, 256, 3, 3))
+        put(f"neck.fpn_convs.{i}.conv.bias", (256,), "bias")
+    for branch in ("cls_convs", "reg_convs"):
+        for i in range(4):
+            put(f"bbox_head.{branch}.{i}.conv.weight", (256, 256, 3, 3))
+            put(f"bbox_head.{branch}.{i}.gn.weight", (256,), "affine")
+            put(f"bbox_head.{branch}.{i}.gn.bias", (256,), "bias")
+    prefix = "bbox_head.fcos_" if names == "v1" else "bbox_head.conv_"
+    for name, out in (("cls", 80), ("reg", 4), ("centerness", 1)):
+        sd[f"{prefix}{name}.weight"] = torch.from_numpy(
+            (rng.standard_normal((out, 256, 3, 3)) * 0.01).astype(np.float32)
+        )
+        sd[f"{prefix}{name}.bias"] = torch.zeros(out)
+    sd[f"{prefix}cls.bias"][list(FIRING_CLASSES)] = 0.5  # a few classes fire
+    sd[f"{prefix}cls.bias"][[c for c in range(80) if c not in FIRING_CLASSES]] = -4.0
+    for level in range(5):
+        sd[f"bbox_head.scales.{level}.scale"] = torch.tensor(float(rng.uniform(0.8, 1.2)))
+    return sd
+
+
+@pytest.mark.parametrize("names,mode", [("v1", "mmdet_v1"), ("v3", "mmdet_v3")])
+def test_predict_runs_on_converted_mmdet_checkpoints(tmp_path, images, names, mode):
+    pth = tmp_path / f"fcos_{names}.pth"
+    torch.save({"state_dict": mmdet_r50_gn_state_dict(names, seed=7)}, pth)
+    converted = tmp_path / "converted"
+    subprocess.run(
+        [
+            sys.executable, "-m", "fcos_jax.convert", "--format=mmdet", f"--config={R50_GN}",
+            f"--input={pth}", f"--output={converted}",
+        ],
+        cwd=REPO, check=True, capture_output=True,
+    )  # fmt: skip
+    config = load_config(R50_GN)
+    config.preprocess.scale = (160, 96)
+    config.test.postprocess = mode
+    detector = inference.Detector.from_config(config, converted)
+    rgb = images[0][0]
+    (dets,) = detector([rgb])
+    assert 0 < len(dets["scores"]) <= 100
+    assert set(dets["labels"].tolist()) <= set(FIRING_CLASSES)
+    assert np.all(dets["boxes"] >= 0)
+    h, w = rgb.shape[:2]
+    limit = np.array([w, h, w, h]) + 1e-3
+    assert np.all(dets["boxes"] <= limit)
+    assert dets["names"].tolist() == [classes.coco_classes()[c][1] for c in dets["labels"]]
+
+
+# --- the command line's errors ------------------------------------------------------------------
+
+
+def run_predict(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "fcos_jax.predict", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_cli_missing_image_checkpoint_and_config_give_one_line_errors(tmp_path, images):
+    _, paths = images
+    image = str(paths[0])
+    cases = [
+        (
+            [f"--config={R50_GN}", f"--checkpoint={tmp_path}", str(tmp_path / "nope.jpg")],
+            "nope.jpg",
+        ),
+        ([f"--config={R50_GN}", f"--checkpoint={tmp_path / 'ckpt'}", image], "ckpt"),
+        ([f"--config={R50_GN}", f"--checkpoint={tmp_path}", image], "not a checkpoint directory"),
+        ([f"--config={tmp_path / 'cfg.py'}", f"--checkpoint={tmp_path}", image], "cfg.py"),
+    ]
+    for args, named in cases:
+        proc = run_predict(*args)
+        assert proc.returncode == 1, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("predict: error:"), proc.stderr
+        assert named in lines[0]
+
+
+def test_cli_without_images_is_a_usage_error():
+    proc = run_predict(f"--config={R50_GN}", "--checkpoint=x")
+    assert proc.returncode != 0
+    assert "IMAGE" in proc.stderr
