@@ -1,21 +1,38 @@
-# Quick start: `make demo` trains and evaluates the built-in shapes detector; `make test` runs the tests.
+# Quick start: `make demo` trains and evaluates the built-in shapes detector; `make test` runs the
+# tests. Both create or update .venv first (runtime requirements for the demo, plus the
+# development requirements — torch, pytest — for the tests).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+DEV_STAMP := $(VENV)/.dev-installed
+DEMO_WORKDIR := workdirs/shapes
+DEMO_OUT := outputs/shapes_demo
+DEMO_IMAGES := $(addprefix .data/fcos_shapes/seed0_n1000-200_side256-320/validation/,000000.jpg 000001.jpg 000002.jpg 000003.jpg)
 
-.PHONY: venv demo test lint
+.PHONY: demo test lint venv
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(RUNTIME_STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(DEV_STAMP): requirements-dev.txt $(RUNTIME_STAMP)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	touch $(STAMP)
+	touch $@
 
-venv: $(STAMP)
+venv: $(DEV_STAMP)
 
-test: $(STAMP)
+demo: $(RUNTIME_STAMP)
+	$(PY) train.py --config configs/shapes.py --workdir $(DEMO_WORKDIR)
+	$(PY) -m fcos_jax.predict --config configs/shapes.py --checkpoint $(DEMO_WORKDIR) \
+		--output $(DEMO_OUT)/detections.json --draw $(DEMO_OUT) $(DEMO_IMAGES)
+	@echo "drawn detections: $(DEMO_OUT)/*.png"
+
+test: $(DEV_STAMP)
 	$(PY) -m pytest -q tests
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check fcos_jax configs tests benchmarks train.py eval.py
+	$(VENV)/bin/ruff format --check fcos_jax configs tests benchmarks train.py eval.py
