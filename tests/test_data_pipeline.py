@@ -2,6 +2,11 @@
 
 import json
 import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -10,6 +15,8 @@ from data_helpers import encode, folder_config, natural_image, random_dataset, w
 
 from fcos_jax import preprocess
 from fcos_jax.data import pipeline
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -325,3 +332,38 @@ def test_canvas_evaluation_pads_into_the_canvases(config):
     config.data.eval_pad = "nearest"
     with pytest.raises(ValueError, match="data.eval_pad"):
         _eval(config)
+
+
+def test_a_process_exits_cleanly_with_pipelines_still_running(folder, tmp_path):
+    """Live generator-backed tf.data iterators abort or hang TensorFlow's shutdown unless the
+    pipeline closes them first (atexit)."""
+    root, train, val = folder
+    script = tmp_path / "run.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
+            from pathlib import Path
+            from data_helpers import folder_config
+            from fcos_jax.data import pipeline
+
+            config = folder_config(
+                Path({str(root / "tfds")!r}), train={tuple(map(str, train))!r},
+                val={tuple(map(str, val))!r},
+            )
+            config.train.batch_size = 8
+            train = pipeline.TrainPipeline(config, process_index=0, process_count=1)
+            next(train)
+            next(iter(pipeline.EvalPipeline(config, process_index=0, process_count=1)))
+            print("done")
+            """
+        )
+    )
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    run = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().endswith("done")
+    assert "terminate called" not in run.stderr

@@ -30,10 +30,13 @@ Batch dict (this process's slice, NumPy; `sharding.to_global` makes global array
   input pixels / scale); evaluation adds original_hw [L, 2] int32 and example_valid [L] bool.
 """
 
+import atexit
 import collections
 import dataclasses
+import gc
 import logging
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -320,6 +323,43 @@ def _check_classes(config: Any, class_list: Sequence[tuple[int, str]]) -> None:
         )
 
 
+class _Batches:
+    """A tf.data iterator giving NumPy batches. TensorFlow aborts or hangs at interpreter exit when
+    an iterator over a Python generator is still alive, so every open one is closed by `atexit`
+    (or by `close()`), while Python still runs."""
+
+    def __init__(self, dataset: tf.data.Dataset):
+        self._iterator = iter(dataset)
+        _OPEN_ITERATORS.add(self)
+
+    def __iter__(self) -> "_Batches":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            raise StopIteration
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self.close()
+            raise
+        return {k: v.numpy() for k, v in batch.items()}
+
+    def close(self) -> None:
+        """Deletes the TF iterator (its prefetch threads stop)."""
+        self._iterator = None
+
+
+_OPEN_ITERATORS: "weakref.WeakSet[_Batches]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    for batches in list(_OPEN_ITERATORS):
+        batches.close()
+    gc.collect()
+
+
 # --------------------------------------------------------------------------------------------
 # Training
 
@@ -384,7 +424,7 @@ class TrainPipeline:
         )
         self.seed = int(config.seed)
         self._epoch, self._step = 0, 0
-        self._iterator: Iterator | None = None
+        self._batches: _Batches | None = None
         if state is not None:
             self.restore(state)
 
@@ -465,7 +505,7 @@ class TrainPipeline:
             raise ValueError(f"data state: step_in_epoch {step} outside 0..{self.steps_per_epoch}")
         self.seed = int(state["seed"])
         self._epoch, self._step = int(state["epoch"]), step
-        self._iterator = None
+        self.close()
 
     @property
     def epoch(self) -> int:
@@ -537,10 +577,16 @@ class TrainPipeline:
     def __iter__(self) -> "TrainPipeline":
         return self
 
+    def close(self) -> None:
+        """Stops the background loading; `next()` starts it again from the current state."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
+
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._iterator is None:
-            self._iterator = iter(self.dataset())
-        batch = {k: v.numpy() for k, v in next(self._iterator).items()}
+        if self._batches is None:
+            self._batches = _Batches(self.dataset())
+        batch = next(self._batches)
         self._step += 1
         if self._step == self.steps_per_epoch:
             self._epoch, self._step = self._epoch + 1, 0
@@ -747,5 +793,5 @@ class EvalPipeline:
         return ds.with_options(_options(self.config))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for batch in self.dataset():
-            yield {k: v.numpy() for k, v in batch.items()}
+        """A new pass over the split (call `close()` on it to stop early)."""
+        return _Batches(self.dataset())
