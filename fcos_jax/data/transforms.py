@@ -13,7 +13,9 @@ so the TF graph only executes them. The evaluation path does not use this module
 it calls `fcos_jax.preprocess.preprocess`, the function `predict` uses (pixel-exact cv2 for the
 mmdet modes). Here the mmdet mode decodes JPEGs with the accurate integer IDCT (the same pixels as
 cv2.imdecode) and resizes with `tf.image.resize` bilinear (half-pixel centres, no antialiasing),
-within 1 grey level of cv2 INTER_LINEAR on uint8.
+within 1 grey level of cv2 INTER_LINEAR on uint8. The channel swap and the flip are applied to the
+decoded image, before the resize: bilinear sampling with half-pixel centres is mirror-symmetric,
+so this equals mmdet's flip after resize and normalisation, and costs less.
 """
 
 import collections
@@ -238,7 +240,7 @@ def train_image(
     # Channel order and flip are applied to the small decoded image: bilinear sampling with
     # half-pixel centres is mirror-symmetric, so flipping before the resize equals flipping after.
     if not p.to_rgb:
-        image = image[..., ::-1]
+        image = tf.reverse(image, axis=[-1])  # several times faster than image[..., ::-1]
     image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
 
     def normalise(pixels: tf.Tensor) -> tf.Tensor:
