@@ -489,6 +489,9 @@ class TrainPipeline:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continues from a saved `state()`; raises ValueError when the data or batch differ."""
+        missing = [k for k in ("seed", "epoch", "step_in_epoch") if k not in state]
+        if missing:
+            raise ValueError(f"data state: missing {missing} in {state}")
         current = {
             "global_batch_size": self.global_batch_size,
             "num_examples": len(self.examples),
