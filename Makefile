@@ -8,7 +8,7 @@ RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 DEMO_WORKDIR := workdirs/shapes
 DEMO_OUT := outputs/shapes_demo
-DEMO_IMAGES := $(addprefix .data/fcos_shapes/seed0_n1000-200_side256-320/validation/,000000.jpg 000001.jpg 000002.jpg 000003.jpg)
+DEMO_IMAGES := $(addprefix .data/fcos_shapes/seed0_n1000-200_side256-320/validation/,000001.jpg 000002.jpg 000003.jpg 000004.jpg)
 
 .PHONY: demo test lint venv
 

@@ -3,6 +3,7 @@
   python eval.py --config configs/fcos_r50_caffe_fpn_gn_1x.py --checkpoint ckpt/fcos_r50 \
       --annotations /data/coco/annotations/instances_val2017.json
   python eval.py --config configs/shapes.py --checkpoint workdirs/shapes --per_class
+  python eval.py --config configs/shapes.py --detections results.json --annotations gt.json
 
 All logic lives in `fcos_jax.eval_lib`; this file only parses flags and starts (multi-host) JAX.
 """
@@ -15,19 +16,27 @@ from fcos_jax import cli
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("checkpoint", None, "A converted directory or a training workdir.")
+flags.DEFINE_string("detections", "", "Evaluate this COCO results json instead of a checkpoint.")
 flags.DEFINE_string("annotations", "", "instances JSON (default: ground truth from the dataset).")
 flags.DEFINE_string("results", "", "Write the COCO results json here.")
 flags.DEFINE_bool("per_class", False, "Print AP per category after the 12-line table.")
 cli.define_distributed_flags()
-flags.mark_flags_as_required(["config", "checkpoint"])
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if bool(FLAGS.checkpoint) == bool(FLAGS.detections):
+        raise app.UsageError("give exactly one of --checkpoint and --detections")
     cli.start_jax(FLAGS)
     from fcos_jax import eval_lib
 
+    if FLAGS.detections:
+        eval_lib.evaluate_results_file(
+            FLAGS.config, FLAGS.detections, FLAGS.annotations or None, per_class=FLAGS.per_class
+        )
+        return
     eval_lib.evaluate_checkpoint(
         FLAGS.config,
         FLAGS.checkpoint,

@@ -165,3 +165,36 @@ def evaluate_checkpoint(
     if jax.process_index() == 0:
         print(f"{config.name} ({meta.get('source', checkpoint_path)}):\n{report}", flush=True)
     return stats
+
+
+def evaluate_results_file(
+    config: ml_collections.ConfigDict,
+    results_path: str | Path,
+    annotations: str | Path | None = None,
+    *,
+    per_class: bool = False,
+) -> dict[str, float]:
+    """`eval.py --detections`: COCOeval of a saved COCO results json against `annotations` (or
+    the ground truth of the config's validation split). Prints and returns the stats."""
+    path = Path(results_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"detections file not found: {path}")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(results, list):
+        raise ValueError(f"{path}: a COCO results file is a list of detections")
+    if annotations:
+        ground_truth = evaluation.load_ground_truth(annotations)
+    else:
+        from fcos_jax.data import sources
+
+        source = sources.open_source(config, config.data.val_split)
+        classes = sources.resolve_classes(config, source)
+        ground_truth = evaluation.load_ground_truth(
+            evaluation.ground_truth_from_index(source.index(), classes)
+        )
+    stats, report = evaluation.coco_evaluate(ground_truth, results, per_class=per_class)
+    print(f"{path}:\n{report}", flush=True)
+    return stats

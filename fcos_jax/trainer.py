@@ -226,27 +226,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         _check_finite(step, metrics, last_checkpoint)
         return metrics
 
+    def report(step: int, metrics: dict[str, float]) -> None:
+        nonlocal window_start, window_images
+        elapsed = time.perf_counter() - window_start
+        rate = window_images / max(elapsed, 1e-9)
+        text = _format_metrics(metrics, rate)
+        progress.update(step, text)
+        writer.scalars(step, dict(metrics, images_per_second=rate))
+        if lead and not progress.enabled:
+            eta = (num_steps - step) * elapsed / max(window_images, 1) * int(t.batch_size)
+            log.info("step %d/%d %s eta %.0fs", step, num_steps, text, eta)
+        window_start, window_images = time.perf_counter(), 0
+
     try:
         for step in range(start_step, num_steps):
             batch = next(pipeline)
             data_state = pipeline.state()
-            state, metrics = step_fn(state, sharding.to_global({k: batch[k] for k in TRAIN_INPUTS},
-                                                               mesh))  # fmt: skip
+            global_batch = sharding.to_global({k: batch[k] for k in TRAIN_INPUTS}, mesh)
+            state, metrics = step_fn(state, global_batch)
             window_images += int(t.batch_size)
             done = step + 1
             if pending is not None:
                 previous = read(pending)
                 if pending[0] % log_every == 0 or pending[0] == 1:
-                    elapsed = time.perf_counter() - window_start
-                    rate = window_images / max(elapsed, 1e-9)
-                    text = _format_metrics(previous, rate)
-                    progress.update(pending[0], text)
-                    writer.scalars(pending[0], dict(previous, images_per_second=rate))
-                    if lead and not progress.enabled:
-                        eta = (num_steps - pending[0]) * elapsed / max(window_images, 1)
-                        eta *= int(t.batch_size)
-                        log.info("step %d/%d %s eta %.0fs", pending[0], num_steps, text, eta)
-                    window_start, window_images = time.perf_counter(), 0
+                    report(pending[0], previous)
             pending = (done, metrics)
             save_now = done == num_steps or (checkpoint_every > 0 and done % checkpoint_every == 0)
             eval_now = eval_every > 0 and done % eval_every == 0 and done != num_steps
@@ -268,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 predict_step = predict_step or eval_lib.make_predict_step(config, mesh)
                 stats = _evaluate(config, state, mesh, predict_step, writer, done, lead)
         if pending is not None:
-            progress.update(pending[0], _format_metrics(read(pending), 0.0))
+            report(pending[0], read(pending))
         manager.wait_until_finished()
     finally:
         progress.close()

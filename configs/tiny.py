@@ -1,0 +1,34 @@
+"""The smallest end-to-end config, for tests of train.py / eval.py (CLIs, resume, multi-process).
+
+  python train.py --config configs/tiny.py --workdir /tmp/tiny
+  python eval.py --config configs/tiny.py --checkpoint /tmp/tiny
+
+The shapes model on 16 training images of about 100 px, batch 4, a few steps. Not a model to use.
+"""
+
+import importlib.util
+from pathlib import Path
+
+
+def _shapes_config():
+    path = Path(__file__).with_name("shapes.py")
+    spec = importlib.util.spec_from_file_location("fcos_configs_shapes", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config():
+    c = _shapes_config()
+    c.name = "tiny"
+    c.data.shapes.num_train, c.data.shapes.num_val = 16, 8
+    c.data.shapes.min_side, c.data.shapes.max_side = 96, 128
+    c.preprocess.scale = (128, 128)
+    t = c.train
+    t.multiscale = ((128, 128),)
+    t.batch_size, t.reference_batch = 4, 4
+    t.num_steps, t.warmup_iters = 6, 2
+    t.log_every, t.checkpoint_every, t.keep_checkpoints = 1, 2, 5
+    t.eval_at_end = False
+    c.test.batch_size = 4
+    return c
