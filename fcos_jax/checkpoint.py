@@ -227,23 +227,39 @@ def restore_inference(
     return {"params": restored["params"], "batch_stats": restored["batch_stats"]}, meta
 
 
-def restore_weights(path: str | Path) -> tuple[dict[str, PyTree], dict[str, Any]]:
-    """`({'params', 'batch_stats'}, meta)` of the latest step under `path`, as stored.
+def restore_weights(
+    path: str | Path, step: int | None = None
+) -> tuple[dict[str, PyTree], dict[str, Any]]:
+    """`({'params', 'batch_stats'}, meta)` of `step` (default: the latest) under `path`, as stored.
 
     No model check (for `config.init_from`, where the caller merges what fits): the trees are
-    whatever the checkpoint holds, e.g. only `backbone` for an ImageNet conversion.
+    whatever the checkpoint holds, e.g. only `backbone` for an ImageNet conversion. Arrays land
+    on this process's first device whatever topology saved them (a multi-process run included).
     """
     root = resolve_checkpoint_root(path)
     manager = ocp.CheckpointManager(root, item_handlers=_handlers())
-    step = manager.latest_step()
+    step = manager.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"{root}: holds no finished checkpoint step")
+    if step not in manager.all_steps():
+        raise CheckpointError(f"{root}: no step {step} (steps {manager.all_steps()})")
     _check_items(manager, step, root, ("params", "batch_stats", "meta"))
+    metadata = manager.item_metadata(step)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target(name: str) -> ocp.args.StandardRestore:
+        tree = getattr(metadata[name], "tree", metadata[name])
+        return ocp.args.StandardRestore(
+            jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+            if tree
+            else None
+        )
+
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(),
-            batch_stats=ocp.args.StandardRestore(),
+            params=target("params"),
+            batch_stats=target("batch_stats"),
             meta=ocp.args.JsonRestore(),
         ),
     )

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 from pycocotools.coco import COCO
@@ -58,11 +57,8 @@ def _run(command, timeout=600, **env):
 
 def _params_at(workdir, step):
     """Flat {path: array} of the params saved at `step` in a workdir."""
-    manager = checkpoint.checkpoint_manager(workdir, create=False)
-    assert step in manager.all_steps(), f"step {step} not in {manager.all_steps()}"
-    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
-    manager.close()
-    return traverse_util.flatten_dict(dict(restored["params"]), sep="/")
+    variables, _ = checkpoint.restore_weights(workdir, step)
+    return traverse_util.flatten_dict(dict(variables["params"]), sep="/")
 
 
 def _assert_params_close(a, b, rtol):
