@@ -206,7 +206,6 @@ def build_optimizer(
     )
 
 
-
 def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
     """`train.num_steps` when set (> 0), else `train.epochs` whole epochs."""
     num_steps = int(config.train.get("num_steps", 0) or 0)
