@@ -17,26 +17,13 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from fcos_jax import evaluation, postprocess, sharding
+from fcos_jax import evaluation, jsonio, postprocess, sharding
 from fcos_jax.models import build_model
 
 log = logging.getLogger(__name__)
 PyTree = Any
 
 PREDICT_INPUTS = ("image", "image_hw", "scale", "original_hw", "image_id", "example_valid")
-
-
-def detect_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """`postprocess.detect` keyword arguments of a config (`test.*`, head strides)."""
-    test = config.test
-    return dict(
-        mode=test.postprocess,
-        strides=tuple(int(s) for s in config.model.head.strides),
-        nms_pre=int(test.nms_pre),
-        score_thr=float(test.score_thr),
-        nms_iou=float(test.nms_iou),
-        max_per_img=int(test.max_per_img),
-    )
 
 
 def make_predict_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
@@ -47,7 +34,7 @@ def make_predict_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable
     image_id [B], example_valid [B].
     """
     model = build_model(config.model)
-    options = detect_options(config)
+    options = postprocess.options_from_config(config)
 
     def predict(variables: PyTree, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         outputs = model.apply(variables, batch["image"])
@@ -177,12 +164,7 @@ def evaluate_results_file(
     """`eval.py --detections`: COCOeval of a saved COCO results json against `annotations` (or
     the ground truth of the config's validation split). Prints and returns the stats."""
     path = Path(results_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"detections file not found: {path}")
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a JSON file ({e})") from None
+    results = jsonio.read_json(path, "detections file")
     if not isinstance(results, list):
         raise ValueError(f"{path}: a COCO results file is a list of detections")
     if annotations:

@@ -8,7 +8,6 @@ v1's `xyxy2xywh`, spec 6) through `boxes.xyxy_to_coco_xywh`.
 import contextlib
 import copy
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from fcos_jax import boxes as box_ops
+from fcos_jax import jsonio
 
 ClassList = Sequence[tuple[int, str]]
 
@@ -105,13 +105,7 @@ def load_ground_truth(source: str | Path | dict[str, Any]) -> COCO:
     if isinstance(source, dict):
         dataset = copy.deepcopy(source)
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"annotations file not found: {path}")
-        try:
-            dataset = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not a JSON file ({e})") from None
+        dataset = jsonio.read_json(source, "annotations file")
     for field in ("images", "annotations", "categories"):
         if field not in dataset:
             raise ValueError(f"ground truth has no '{field}' field")

@@ -12,13 +12,14 @@ pixels), flat with per-image offsets. The epoch plan and the evaluation plan are
 
 import collections
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fcos_jax import jsonio
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,7 @@ def load_coco_json(path: str | Path) -> CocoJson:
     """Reads and validates a COCO instances JSON (module docstring). Raises ValueError naming the
     file and the offending id; FileNotFoundError when the file is missing."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
-    try:
-        data = json.loads(path.read_bytes())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    data = jsonio.read_json(path, "annotation file")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with images/annotations/categories")
     for key in ("images", "categories"):
