@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
-from fcos_jax import checkpoint, postprocess, preprocess
+from fcos_jax import checkpoint, postprocess, preprocess, sharding
 from fcos_jax.classes import ClassList, class_list
 from fcos_jax.config_io import load_config
 from fcos_jax.models import build_model
@@ -46,8 +46,7 @@ def enable_compilation_cache(directory: str | Path) -> None:
 
 def replicated_sharding() -> jax.sharding.NamedSharding:
     """Replication over every device (the placement of restored inference variables)."""
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return sharding.replicated(sharding.make_mesh())
 
 
 @functools.lru_cache(maxsize=8)
@@ -99,20 +98,9 @@ class Detector:
             )
         self._category_ids = np.array([cid for cid, _ in self.classes], dtype=np.int64)
         self._names = np.array([name for _, name in self.classes], dtype=object)
-        test = config.test
-        self.mode = test.postprocess
-        if self.mode not in postprocess.MODES:
-            raise ValueError(
-                f"test.postprocess: expected one of {postprocess.MODES}, got {self.mode!r}"
-            )
+        self.mode = config.test.postprocess
         self._detect = functools.partial(
-            postprocess.detect,
-            mode=self.mode,
-            strides=tuple(int(s) for s in config.model.head.strides),
-            nms_pre=int(test.nms_pre),
-            score_thr=float(test.score_thr),
-            nms_iou=float(test.nms_iou),
-            max_per_img=int(test.max_per_img),
+            postprocess.detect, **postprocess.options_from_config(config)
         )
 
     @classmethod

@@ -27,7 +27,7 @@ fixed-point iteration, and appends the survivors.
 
 import functools
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -518,4 +518,19 @@ def detect(
         chunk_size=int(chunk_size),
         page_size=int(page_size),
         batched_nms_device=batched_nms_device,
+    )
+
+
+def options_from_config(config: Any) -> dict[str, Any]:
+    """`detect` keyword arguments of a config (`test.*` and the head's strides)."""
+    test = config.test
+    if test.postprocess not in MODES:
+        raise ValueError(f"test.postprocess: expected one of {MODES}, got {test.postprocess!r}")
+    return dict(
+        mode=test.postprocess,
+        strides=tuple(int(s) for s in config.model.head.strides),
+        nms_pre=int(test.nms_pre),
+        score_thr=float(test.score_thr),
+        nms_iou=float(test.nms_iou),
+        max_per_img=int(test.max_per_img),
     )
