@@ -2,9 +2,14 @@
 
 Kernels are HWIO float32 parameters; computation runs in the module's `dtype`. A 1x1 convolution is
 computed as an einsum over channels (after a strided slice when stride > 1): the same math, but
-XLA:CPU differentiates einsums several times faster than 1x1 convolutions (stack_notes.md).
+XLA:CPU differentiates einsums several times faster than 1x1 convolutions (stack_notes.md). Larger
+ungrouped kernels run XLA's convolution forward and for the input gradient, but their kernel
+gradient is one matrix product per kernel tap, taps in a loop (`conv2d`): about 4x faster on
+XLA:CPU than its weight-gradient convolution (3x3, 256->256 at 2x100x168: 0.35 s vs 1.7 s), with
+the same temporary memory. Forward values are XLA's convolution, unchanged.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +23,59 @@ Initializer = Callable[..., jax.Array]
 
 BN_EPS = 1e-5
 GN_EPS = 1e-5
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int = 1):
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """Ungrouped NHWC x HWIO convolution, symmetric zero padding; forward and input gradient are
+    XLA's, the kernel gradient is a sum of per-tap matrix products (module docstring).
+
+    x: [B, H, W, Cin], kernel: [k, k, Cin, Cout] -> [B, H', W', Cout], H' = (H + 2p - k) // s + 1.
+    """
+    return _xla_conv(x, kernel, stride, padding)
+
+
+def _conv2d_fwd(x, kernel, stride, padding):
+    return _xla_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv2d_bwd(stride, padding, residuals, dy):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding), x)
+    (dx,) = input_vjp(dy)
+    kh, kw, cin, cout = kernel.shape
+    out_h, out_w = dy.shape[1:3]
+    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    dy_rows = dy.reshape(-1, cout)
+    span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
+
+    def tap(t: jax.Array, dkernel: jax.Array) -> jax.Array:
+        """dkernel[t] = sum over (b, h, w) of x_pad[b, s*h + i, s*w + j, :]^T dy[b, h, w, :],
+        (i, j) = divmod(t, kw)."""
+        i, j = t // kw, t % kw
+        window = lax.dynamic_slice(x, (0, i, j, 0), (x.shape[0], span_h, span_w, cin))
+        patch = window[:, ::stride, ::stride].reshape(-1, cin)
+        product = jnp.matmul(patch.T, dy_rows, preferred_element_type=jnp.float32)
+        return lax.dynamic_update_index_in_dim(dkernel, product, t, 0)
+
+    # A loop, not kh * kw independent products: each tap's slice of x is a copy the size of x, and
+    # XLA:CPU would cut them all at once (about 4x the backward pass's temporary memory).
+    dkernel = lax.fori_loop(0, kh * kw, tap, jnp.zeros((kh * kw, cin, cout), jnp.float32))
+    return dx, dkernel.reshape(kh, kw, cin, cout).astype(kernel.dtype)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 class Conv(nn.Module):
@@ -51,16 +109,10 @@ class Conv(nn.Module):
             if self.stride > 1:
                 x = x[:, :: self.stride, :: self.stride, :]
             y = jnp.einsum("bhwc,cf->bhwf", x, kernel[0, 0])
+        elif self.groups == 1:
+            y = conv2d(x, kernel, self.stride, self.padding)
         else:
-            p = self.padding
-            y = lax.conv_general_dilated(
-                x,
-                kernel,
-                window_strides=(self.stride, self.stride),
-                padding=((p, p), (p, p)),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                feature_group_count=self.groups,
-            )
+            y = _xla_conv(x, kernel, self.stride, self.padding, self.groups)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,))
             y = y + bias.astype(self.dtype)
