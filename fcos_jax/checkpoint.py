@@ -19,10 +19,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from fcos_jax import sharding as mesh_lib
 from fcos_jax.classes import class_list
 from fcos_jax.models import build_model
 
@@ -211,8 +211,7 @@ def restore_inference(
         f"config {config.name!r} (checkpoint made for {meta.get('config_name', '?')!r})",
     )
     if sharding is None:
-        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        sharding = mesh_lib.replicated(mesh_lib.make_mesh())
     with_sharding = lambda tree: jax.tree.map(  # noqa: E731
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
     )

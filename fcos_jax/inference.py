@@ -44,11 +44,6 @@ def enable_compilation_cache(directory: str | Path) -> None:
     compilation_cache.reset_cache()
 
 
-def replicated_sharding() -> jax.sharding.NamedSharding:
-    """Replication over every device (the placement of restored inference variables)."""
-    return sharding.replicated(sharding.make_mesh())
-
-
 @functools.lru_cache(maxsize=8)
 def _model_and_forward(model_config_json: str):
     """(model, jitted model.apply) per model config, shared by every Detector of that config so
@@ -88,7 +83,7 @@ class Detector:
         self.model, self._forward = _model_and_forward(config.model.to_json(sort_keys=True))
         # Replicated over all devices, as `checkpoint.restore_inference` places them: the same
         # compiled programs (and persistent-cache entries) whatever the variables came from.
-        self.variables = jax.device_put(variables, replicated_sharding())
+        self.variables = sharding.replicate(variables, sharding.make_mesh())
         self.classes = list(classes) if classes is not None else class_list(config.data.classes)
         num_classes = config.model.head.num_classes
         if len(self.classes) != num_classes:

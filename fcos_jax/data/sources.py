@@ -13,6 +13,7 @@ COCO folders are prepared as `array_record` (TFDS random access). A `coco/2017` 
 default `tfrecord` format is read by position through `tfrecord_access` (no conversion).
 """
 
+import abc
 import io
 import logging
 import os
@@ -44,7 +45,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes | np.bytes_) else str(value)
 
 
-class Source:
+class Source(abc.ABC):
     """A random-access split (module docstring). Subclasses implement `_convert`."""
 
     def __init__(
@@ -69,8 +70,9 @@ class Source:
     def __len__(self) -> int:
         return len(self._records)
 
+    @abc.abstractmethod
     def _convert(self, record: dict[str, Any], position: int) -> Example:
-        raise NotImplementedError
+        """One stored record -> the example dict of every source."""
 
     def read(self, position: int) -> Example:
         """The example at `position` (0 <= position < len)."""
