@@ -1,4 +1,4 @@
-"""layers.Conv: values and both gradients against torch.nn.functional.conv2d (NCHW, OIHW)."""
+"""layers.Conv and layers.max_pool: values and gradients against torch.nn.functional (NCHW)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fcos_jax.models.layers import Conv
+from fcos_jax.models.layers import Conv, max_pool
 
 # (height, width, in channels, out channels, kernel, stride, padding): odd sizes so strided
 # outputs drop border rows; 1x1 takes the einsum path, larger kernels the custom kernel gradient.
@@ -47,3 +47,33 @@ def test_conv_value_and_gradients_match_torch(h, w, cin, cout, k, stride, paddin
     close(y, ty.detach().numpy().transpose(0, 2, 3, 1))
     close(dx, tx.grad.numpy().transpose(0, 2, 3, 1))
     close(dkernel, tk.grad.numpy().transpose(2, 3, 1, 0))
+
+
+@pytest.mark.parametrize(
+    "h, w, k, stride, padding, ties",
+    [
+        (9, 12, 3, 2, 1, False),
+        (10, 13, 3, 2, 1, True),
+        (8, 7, 2, 2, 0, True),
+        (7, 9, 3, 1, 1, True),
+    ],
+)
+def test_max_pool_value_and_gradient_match_torch(h, w, k, stride, padding, ties):
+    """Ties (ReLU zeros, repeated integers) must route the gradient to the window's first
+    maximum in row-major order, as torch's max_pool2d index does."""
+    rng = np.random.default_rng(h * w + k)
+    if ties:
+        x = np.maximum(rng.integers(-2, 3, size=(2, h, w, 3)), 0).astype(np.float32)
+    else:
+        x = rng.normal(size=(2, h, w, 3)).astype(np.float32)
+    y = max_pool(jnp.asarray(x), k, stride, padding)
+    dy = rng.normal(size=y.shape).astype(np.float32)
+    dx = jax.grad(lambda a: jnp.sum(max_pool(a, k, stride, padding) * dy))(jnp.asarray(x))
+
+    tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    ty = torch.nn.functional.max_pool2d(tx, k, stride, padding)
+    (ty * torch.tensor(dy.transpose(0, 3, 1, 2))).sum().backward()
+    np.testing.assert_array_equal(np.asarray(y), ty.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(
+        np.asarray(dx), tx.grad.numpy().transpose(0, 2, 3, 1), rtol=0, atol=1e-6
+    )

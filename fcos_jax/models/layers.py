@@ -78,6 +78,69 @@ def _conv2d_bwd(stride, padding, residuals, dy):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x: jax.Array, kernel_size: int, stride: int, padding: int) -> jax.Array:
+    """Max pooling with PyTorch semantics: -inf padding, and the gradient of each output goes to
+    the first maximum of its window in row-major order (torch.nn.functional.max_pool2d's index),
+    also when the window holds ties (common after a ReLU).
+
+    x: [B, H, W, C] -> [B, H', W', C], H' = (H + 2p - k) // s + 1.
+
+    The backward pass is k*k comparisons and strided scatters by interior padding, all elementwise;
+    XLA's own max-pool gradient (a variadic reduce-window over index iotas, then a scatter) took
+    about a fifth of a from-scratch ResNet-18 training step on XLA:CPU.
+    """
+    return _max_pool_forward(x, kernel_size, stride, padding)
+
+
+def _max_pool_forward(x, kernel_size, stride, padding):
+    return lax.reduce_window(
+        x,
+        -jnp.inf,
+        lax.max,
+        (1, kernel_size, kernel_size, 1),
+        (1, stride, stride, 1),
+        ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+    )
+
+
+def _max_pool_fwd(x, kernel_size, stride, padding):
+    y = _max_pool_forward(x, kernel_size, stride, padding)
+    return y, (x, y)
+
+
+def _max_pool_bwd(kernel_size, stride, padding, residuals, dy):
+    x, y = residuals
+    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    x_pad = jnp.pad(x, pad, constant_values=-jnp.inf)
+    out_h, out_w = y.shape[1:3]
+    span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
+    taken = jnp.zeros(y.shape, bool)
+    dx_pad = jnp.zeros(x_pad.shape, dy.dtype)
+    zero = jnp.zeros((), dy.dtype)
+    for i in range(kernel_size):
+        for j in range(kernel_size):
+            window = x_pad[:, i : i + span_h : stride, j : j + span_w : stride]
+            hit = (window == y) & ~taken
+            taken = taken | hit
+            placed = lax.pad(
+                jnp.where(hit, dy, zero),
+                zero,
+                (
+                    (0, 0, 0),
+                    (i, x_pad.shape[1] - i - span_h, stride - 1),
+                    (j, x_pad.shape[2] - j - span_w, stride - 1),
+                    (0, 0, 0),
+                ),
+            )
+            dx_pad = dx_pad + placed
+    h, w = x.shape[1:3]
+    return (dx_pad[:, padding : padding + h, padding : padding + w],)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 class Conv(nn.Module):
     """2-D convolution with PyTorch semantics (symmetric zero padding, groups).
 

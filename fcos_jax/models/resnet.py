@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcos_jax.models.layers import Conv, Dtype, make_batch_norm
+from fcos_jax.models.layers import Conv, Dtype, make_batch_norm, max_pool
 
 # depth -> (block type, blocks per stage)
 ARCHS = {
@@ -111,7 +111,7 @@ class ResNet(nn.Module):
             raise ValueError("model.backbone: ResNet-18/34 basic blocks have no groups/base_width")
         x = Conv(self.stem_width, 7, 2, 3, dtype=self.dtype, name="conv1")(x)
         x = nn.relu(make_batch_norm(self.norm, train, self.dtype, "bn1")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, 3, 2, 1)
         if self.frozen_stages >= 0:
             x = jax.lax.stop_gradient(x)
         outputs = []
