@@ -126,7 +126,10 @@ def get_base_config() -> ml_collections.ConfigDict:
             lr_steps=(8, 11),  # epochs at which lr drops x0.1
             base_lr=0.01,  # per reference_batch images, scaled linearly
             reference_batch=16,
-            momentum=0.9,
+            optimizer="sgd",  # sgd (torch.optim.SGD) or adamw (torch.optim.AdamW)
+            momentum=0.9,  # sgd only
+            adam_betas=(0.9, 0.999),  # adamw only
+            adam_eps=1e-8,  # adamw only
             weight_decay=1e-4,
             bias_lr_mult=2.0,
             bias_decay_mult=0.0,

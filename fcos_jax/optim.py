@@ -1,4 +1,4 @@
-"""SGD with mmdetection's parameter groups, the mmcv step schedule with warmup, and grad clipping.
+"""SGD or AdamW with mmdetection's parameter groups, the mmcv step schedule, warmup and clipping.
 
 The update equals `torch.optim.SGD(momentum, weight_decay, dampening=0, nesterov=False)` with
 mmdet v1's parameter groups (spec 8), driven by mmcv 0.2.x's `StepLrUpdaterHook`:
@@ -10,6 +10,10 @@ mmdet v1's parameter groups (spec 8), driven by mmcv 0.2.x's `StepLrUpdaterHook`
 
 The learning rate multiplies the whole momentum buffer after accumulation, as torch does (and as
 `optax.sgd` does): a change of lr rescales the step of the entire buffer at once.
+
+`train.optimizer = 'adamw'` swaps SGD for `torch.optim.AdamW` (decoupled weight decay, betas
+`adam_betas`, eps `adam_eps` added to the bias-corrected sqrt(v)) with the same groups, lr
+multipliers, schedule and clipping: p = p - lr * (m_hat / (sqrt(v_hat) + eps) + wd_group * p).
 
 Groups (labels from `param_labels`):
   frozen   no update, no optimizer state (stem and the first `frozen_stages` stages; every backbone
@@ -42,6 +46,7 @@ _AUTO_NORM_NAME = re.compile(r"^(BatchNorm|GroupNorm|LayerNorm|FrozenBatchNorm)_
 _STAGE_MODULE = re.compile(r"^layer(\d+)_\d+$")
 _STEM_MODULES = ("conv1", "bn1")
 _WARMUPS = ("constant", "linear", "none")
+OPTIMIZERS = ("sgd", "adamw")
 # torch.nn.utils.clip_grad_norm_: clip_coef = max_norm / (total_norm + 1e-6).
 _TORCH_CLIP_EPS = 1e-6
 
@@ -111,6 +116,10 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.train.lr_steps must be increasing positive epochs, got {steps}")
     if int(train.reference_batch) <= 0 or int(train.batch_size) <= 0:
         raise ValueError("config.train.batch_size and config.train.reference_batch must be > 0")
+    if train.optimizer not in OPTIMIZERS:
+        raise ValueError(
+            f"config.train.optimizer must be one of {OPTIMIZERS}, got {train.optimizer!r}"
+        )
     if float(train.grad_clip_norm) < 0:
         raise ValueError(f"config.train.grad_clip_norm must be >= 0, got {train.grad_clip_norm}")
 
@@ -197,21 +206,34 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def _torch_sgd_group(
-    schedule: optax.Schedule, lr_mult: float, weight_decay: float, momentum: float
+def _torch_group(
+    train: ml_collections.ConfigDict,
+    schedule: optax.Schedule,
+    lr_mult: float,
+    weight_decay: float,
 ) -> optax.GradientTransformation:
+    """One parameter group of torch.optim.SGD (momentum, coupled decay) or torch.optim.AdamW."""
+
+    def learning_rate(count: jax.Array) -> jax.Array:
+        return schedule(count) * lr_mult
+
+    if train.optimizer == "adamw":
+        b1, b2 = (float(b) for b in train.adam_betas)
+        return optax.adamw(
+            learning_rate, b1=b1, b2=b2, eps=float(train.adam_eps), weight_decay=weight_decay
+        )
     steps = []
     if weight_decay:
         steps.append(optax.add_decayed_weights(weight_decay))
-    steps.append(optax.trace(decay=momentum, nesterov=False))
-    steps.append(optax.scale_by_learning_rate(lambda count: schedule(count) * lr_mult))
+    steps.append(optax.trace(decay=float(train.momentum), nesterov=False))
+    steps.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*steps)
 
 
 def make_optimizer(
     config: ml_collections.ConfigDict, params: Mapping[str, Any], steps_per_epoch: int
 ) -> optax.GradientTransformation:
-    """The training optimizer: [clip] -> per-group (weight decay -> momentum -> -lr).
+    """The training optimizer: [clip] -> per-group SGD (weight decay -> momentum -> -lr) or AdamW.
 
     params: the `params` collection (only its tree structure and names are used).
     steps_per_epoch: optimizer steps per epoch (after any gradient accumulation).
@@ -221,12 +243,11 @@ def make_optimizer(
     labels = param_labels(params, config)
     schedule = learning_rate_schedule(config, steps_per_epoch)
     wd = float(train.weight_decay)
-    momentum = float(train.momentum)
     groups = {
-        DEFAULT: _torch_sgd_group(schedule, 1.0, wd, momentum),
-        NORM: _torch_sgd_group(schedule, 1.0, wd * float(train.norm_decay_mult), momentum),
-        BIAS: _torch_sgd_group(
-            schedule, float(train.bias_lr_mult), wd * float(train.bias_decay_mult), momentum
+        DEFAULT: _torch_group(train, schedule, 1.0, wd),
+        NORM: _torch_group(train, schedule, 1.0, wd * float(train.norm_decay_mult)),
+        BIAS: _torch_group(
+            train, schedule, float(train.bias_lr_mult), wd * float(train.bias_decay_mult)
         ),
         FROZEN: optax.set_to_zero(),
     }
