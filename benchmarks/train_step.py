@@ -125,9 +125,11 @@ def jax_worker(args) -> dict:
 
     @jax.jit
     def forward_and_loss(params, batch_stats, batch):
-        outputs = model.apply(
-            {"params": params, "batch_stats": batch_stats}, batch["image"], train=True
-        )
+        variables = {"params": params, "batch_stats": batch_stats}
+        if train_lib.trains_batch_stats(config):  # the step's BN mode: batch statistics
+            outputs, _ = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+        else:
+            outputs = model.apply(variables, batch["image"], train=True)
         batch_targets = train_lib.encode_batch(config, batch)
         normalizers = losses.batch_normalizers(batch_targets)
         return losses.fcos_loss(outputs, batch_targets, normalizers=normalizers, **loss_kwargs)
