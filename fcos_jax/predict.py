@@ -7,9 +7,10 @@
 Writes JSON (to --output, else stdout): one entry per image with its file name, size and the
 detections as columns: boxes [[x1, y1, x2, y2], ...] in original-image pixels, scores,
 class channels (labels), category_ids and names, sorted by score.
---draw DIR writes DIR/<image stem>.png with labelled boxes; --dump-head-outputs writes the first
-image's raw head outputs (NHWC float32 `cls_logits_{l}`, `bbox_reg_{l}` (l, t, r, b distances in
-network-input pixels), `centerness_{l}`, l = 0..4) as an .npz file.
+--draw DIR writes DIR/<image stem>.png with the labelled boxes scoring >= --draw_score_thr (0.3);
+--dump-head-outputs writes the first image's raw head outputs (NHWC float32 `cls_logits_{l}`,
+`bbox_reg_{l}` (l, t, r, b distances in network-input pixels), `centerness_{l}`, l = 0..4) as an
+.npz file.
 All logic lives in `fcos_jax.inference`; config fields can be overridden (`--config.test.score_thr
 =0.3`).
 """
@@ -31,6 +32,9 @@ _CHECKPOINT = flags.DEFINE_string(
 )
 _OUTPUT = flags.DEFINE_string("output", None, "Detections JSON file (default: stdout).")
 _DRAW = flags.DEFINE_string("draw", None, "Directory for PNG images with the boxes drawn.")
+_DRAW_SCORE_THR = flags.DEFINE_float(
+    "draw_score_thr", 0.3, "--draw shows detections scoring at least this (the JSON keeps all)."
+)
 _DUMP = flags.DEFINE_string(
     "dump-head-outputs", None, "An .npz file for the first image's raw per-level head outputs."
 )
@@ -58,13 +62,18 @@ def _colour(label: int) -> tuple[int, int, int]:
     return tuple(int(c) for c in rng.integers(64, 256, 3))
 
 
-def draw_detections(image_bgr: np.ndarray, dets: dict[str, np.ndarray]) -> np.ndarray:
-    """A copy of `image_bgr` [H, W, 3] uint8 with each box and 'name score' drawn."""
+def draw_detections(
+    image_bgr: np.ndarray, dets: dict[str, np.ndarray], score_thr: float = 0.0
+) -> np.ndarray:
+    """A copy of `image_bgr` [H, W, 3] uint8 with the box and 'name score' of every detection
+    scoring >= score_thr drawn, lowest score first, so that where boxes of one object overlap
+    (one per class) the best one's label is on top."""
     canvas = image_bgr.copy()
     thickness = max(1, round(max(canvas.shape[:2]) / 500))
-    for box, score, label, name in zip(
-        dets["boxes"], dets["scores"], dets["labels"], dets["names"], strict=True
-    ):
+    scores = np.asarray(dets["scores"], dtype=np.float32)
+    order = [i for i in np.argsort(scores, kind="stable") if scores[i] >= score_thr]
+    for i in order:
+        box, score, label, name = dets["boxes"][i], scores[i], dets["labels"][i], dets["names"][i]
         colour = _colour(int(label))
         x1, y1, x2, y2 = (int(round(float(v))) for v in box)
         cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
@@ -127,7 +136,7 @@ def run(config, checkpoint: str, images: list[str]) -> None:
         for path, bgr, dets in zip(
             _draw_paths(directory, images), bgr_images, all_dets, strict=True
         ):
-            if not cv2.imwrite(str(path), draw_detections(bgr, dets)):
+            if not cv2.imwrite(str(path), draw_detections(bgr, dets, _DRAW_SCORE_THR.value)):
                 raise OSError(f"--draw: could not write {path}")
     if _DUMP.value:
         arrays = head_outputs_to_npz(detector.head_outputs(images[0]))

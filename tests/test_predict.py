@@ -316,3 +316,21 @@ def test_cli_without_images_is_a_usage_error():
     proc = run_predict(f"--config={R50_GN}", "--checkpoint=x")
     assert proc.returncode != 0
     assert "IMAGE" in proc.stderr
+
+
+def test_drawing_keeps_scores_above_the_threshold_and_puts_the_best_label_on_top():
+    from fcos_jax.predict import _colour, draw_detections
+
+    image = np.zeros((60, 80, 3), np.uint8)
+    box = [20.0, 30.0, 60.0, 55.0]  # one object, one box per class, as class-aware NMS leaves it
+    dets = {
+        "boxes": np.asarray([box, box, [2.0, 2.0, 12.0, 12.0]], np.float32),
+        "scores": np.asarray([0.9, 0.4, 0.1], np.float32),
+        "labels": np.asarray([0, 1, 2]),
+        "names": ["rectangle", "ellipse", "cross"],
+    }
+    drawn = draw_detections(image, dets, score_thr=0.3)
+    label_pixel = drawn[29, 21]  # inside the label box above the object's top-left corner
+    assert tuple(int(c) for c in label_pixel) == _colour(0)  # the 0.9 detection, drawn last
+    assert not drawn[:15, :15].any()  # the 0.1 detection is below the threshold
+    assert draw_detections(image, dets, score_thr=0.0)[:15, :15].any()
