@@ -10,6 +10,12 @@ statistics (DESIGN.md) and every stage trains. The model is narrow (ResNet-18 at
 the whole run fits a 2-core CPU in minutes. It uses the improved recipe of later mmdetection
 (centre sampling, GIoU, norm_on_bbox, centerness on the reg branch, gradient clipping) and
 `mmdet_v3` post-processing.
+
+The optimizer is AdamW (lr 2e-3 per 8 images, weight decay 0.05), not the seed recipe's SGD: from
+scratch and in 1000 steps, SGD (best lr 0.05; 0.1 diverged) and AdamW at 1e-3 left the classifier
+unsure between shapes (AP 0.44-0.45 after 700 steps, most false positives a second class on a
+found object), AdamW at 2e-3 reached AP 0.70 / AP50 0.93 after the same 700 steps. A wider FPN
+and head (64 channels) or 256 px inputs did not help.
 """
 
 from fcos_jax import config_base
@@ -41,11 +47,12 @@ def get_config():
     t = c.train
     t.center_sampling, t.bbox_loss, t.norm_on_bbox = True, "giou", True
     t.grad_clip_norm = 35.0
-    t.batch_size, t.reference_batch, t.base_lr = 8, 8, 0.02
+    t.optimizer, t.batch_size, t.reference_batch, t.base_lr = "adamw", 8, 8, 2e-3
+    t.weight_decay, t.bias_lr_mult = 0.05, 1.0
     t.warmup, t.warmup_iters, t.warmup_ratio = "linear", 100, 0.1
     t.multiscale = ((320, 320),)
     t.max_boxes = 16
     t.num_steps = 1000
-    t.epochs, t.lr_steps = 8, (6, 7)  # 125 steps per epoch: x0.1 at steps 750 and 875
+    t.epochs, t.lr_steps = 8, (6, 7)  # 121 steps per epoch: x0.1 at steps 726 and 847
     t.log_every, t.checkpoint_every, t.keep_checkpoints = 25, 250, 2
     return c
