@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fcos_jax import cli
+from fcos_jax import cli, draw
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file (configs/*.py).")
 _CHECKPOINT = flags.DEFINE_string(
@@ -55,36 +55,6 @@ def detections_to_json(file_name: str, original_hw, dets: dict[str, np.ndarray])
         "category_ids": [int(c) for c in dets["category_ids"]],
         "names": [str(n) for n in dets["names"]],
     }
-
-
-def _colour(label: int) -> tuple[int, int, int]:
-    rng = np.random.default_rng(label)
-    return tuple(int(c) for c in rng.integers(64, 256, 3))
-
-
-def draw_detections(
-    image_bgr: np.ndarray, dets: dict[str, np.ndarray], score_thr: float = 0.0
-) -> np.ndarray:
-    """A copy of `image_bgr` [H, W, 3] uint8 with the box and 'name score' of every detection
-    scoring >= score_thr drawn, lowest score first, so that where boxes of one object overlap
-    (one per class) the best one's label is on top."""
-    canvas = image_bgr.copy()
-    thickness = max(1, round(max(canvas.shape[:2]) / 500))
-    scores = np.asarray(dets["scores"], dtype=np.float32)
-    order = [i for i in np.argsort(scores, kind="stable") if scores[i] >= score_thr]
-    for i in order:
-        box, score, label, name = dets["boxes"][i], scores[i], dets["labels"][i], dets["names"][i]
-        colour = _colour(int(label))
-        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), colour, thickness)
-        text = f"{name} {score:.2f}"
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)
-        top = max(y1 - th - base, 0)
-        cv2.rectangle(canvas, (x1, top), (x1 + tw, top + th + base), colour, -1)
-        cv2.putText(
-            canvas, text, (x1, top + th), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA
-        )
-    return canvas
 
 
 def _draw_paths(directory: Path, images: list[str]) -> list[Path]:
@@ -136,7 +106,7 @@ def run(config, checkpoint: str, images: list[str]) -> None:
         for path, bgr, dets in zip(
             _draw_paths(directory, images), bgr_images, all_dets, strict=True
         ):
-            if not cv2.imwrite(str(path), draw_detections(bgr, dets, _DRAW_SCORE_THR.value)):
+            if not cv2.imwrite(str(path), draw.draw_detections(bgr, dets, _DRAW_SCORE_THR.value)):
                 raise OSError(f"--draw: could not write {path}")
     if _DUMP.value:
         arrays = head_outputs_to_npz(detector.head_outputs(images[0]))
