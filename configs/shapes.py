@@ -55,7 +55,6 @@ def get_config():
     t.warmup, t.warmup_iters, t.warmup_ratio = "linear", 100, 0.1
     t.multiscale = ((320, 320),)
     t.max_boxes = 16
-    t.num_steps = 800
-    t.epochs, t.lr_steps = 7, (5, 6)  # 121 steps per epoch: x0.1 at steps 605 and 726
+    t.schedule_unit, t.epochs, t.num_steps, t.lr_steps = "steps", 0, 800, (605, 726)
     t.log_every, t.checkpoint_every, t.keep_checkpoints = 25, 250, 2
     return c

@@ -6,20 +6,13 @@
 The shapes model on 16 training images of about 100 px, batch 4, a few steps. Not a model to use.
 """
 
-import importlib.util
 from pathlib import Path
 
-
-def _shapes_config():
-    path = Path(__file__).with_name("shapes.py")
-    spec = importlib.util.spec_from_file_location("fcos_configs_shapes", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from fcos_jax.config_io import load_config
 
 
 def get_config():
-    c = _shapes_config()
+    c = load_config(Path(__file__).with_name("shapes.py"))
     c.name = "tiny"
     c.data.shapes.num_train, c.data.shapes.num_val = 16, 8
     c.data.shapes.min_side, c.data.shapes.max_side = 96, 128
@@ -31,7 +24,7 @@ def get_config():
     # SGD's update is linear in the gradient, so reduction-order rounding stays at rounding size;
     # AdamW's g / (sqrt(v) + eps) turned it into 1e-4 differences of near-zero-gradient biases.
     t.optimizer, t.base_lr, t.weight_decay, t.bias_lr_mult = "sgd", 0.02, 1e-4, 2.0
-    t.num_steps, t.warmup_iters = 6, 2
+    t.num_steps, t.lr_steps, t.warmup_iters = 6, (), 2
     t.log_every, t.checkpoint_every, t.keep_checkpoints = 1, 2, 5
     t.eval_at_end = False
     c.test.batch_size = 4

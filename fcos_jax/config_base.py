@@ -122,8 +122,13 @@ def get_base_config() -> ml_collections.ConfigDict:
             focal_gamma=2.0,
             batch_size=16,
             max_boxes=100,
+            # The run's length and decay points share one unit: 'epochs' (train.epochs of the
+            # dataset at hand, lr_steps in epochs: the model-zoo recipes) or 'steps'
+            # (train.num_steps optimizer steps, lr_steps in steps, whatever the dataset's size).
+            schedule_unit="epochs",
             epochs=12,
-            lr_steps=(8, 11),  # epochs at which lr drops x0.1
+            num_steps=0,
+            lr_steps=(8, 11),  # lr x0.1 from each of these (in schedule_unit)
             base_lr=0.01,  # per reference_batch images, scaled linearly
             reference_batch=16,
             optimizer="sgd",  # sgd (torch.optim.SGD) or adamw (torch.optim.AdamW)
@@ -135,6 +140,8 @@ def get_base_config() -> ml_collections.ConfigDict:
             bias_decay_mult=0.0,
             norm_decay_mult=1.0,
             downsample_bn_bias_as_bias=False,  # mmdet v1 quirk: downsample.1.bias is a bias
+            # constant / linear: mmcv's warm-up over warmup_iters; torchvision: linear, in the
+            # first epoch only, over min(warmup_iters, steps_per_epoch - 1) (its references).
             warmup="constant",
             warmup_iters=500,
             warmup_ratio=1.0 / 3,
@@ -148,7 +155,6 @@ def get_base_config() -> ml_collections.ConfigDict:
             keep_checkpoints=3,
             eval_every=0,  # evaluate every N steps (0: only at the end)
             eval_at_end=True,
-            num_steps=0,  # > 0: train this many steps instead of `epochs` epochs
             progress_bar=True,
         )
     )

@@ -45,8 +45,9 @@ _NORM_MODULE = re.compile(r"^(bn\d*|gn|downsample_bn)$")
 _AUTO_NORM_NAME = re.compile(r"^(BatchNorm|GroupNorm|LayerNorm|FrozenBatchNorm)_\d+$")
 _STAGE_MODULE = re.compile(r"^layer(\d+)_\d+$")
 _STEM_MODULES = ("conv1", "bn1")
-_WARMUPS = ("constant", "linear", "none")
+_WARMUPS = ("constant", "linear", "torchvision", "none")
 OPTIMIZERS = ("sgd", "adamw")
+SCHEDULE_UNITS = ("epochs", "steps")
 # torch.nn.utils.clip_grad_norm_: clip_coef = max_norm / (total_norm + 1e-6).
 _TORCH_CLIP_EPS = 1e-6
 
@@ -111,9 +112,10 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(
                 f"config.train.warmup_ratio must be in (0, 1], got {train.warmup_ratio}"
             )
+    unit = schedule_unit(train)
     steps = list(train.lr_steps)
     if any(int(s) <= 0 for s in steps) or steps != sorted(steps):
-        raise ValueError(f"config.train.lr_steps must be increasing positive epochs, got {steps}")
+        raise ValueError(f"config.train.lr_steps must be increasing positive {unit}, got {steps}")
     if int(train.reference_batch) <= 0 or int(train.batch_size) <= 0:
         raise ValueError("config.train.batch_size and config.train.reference_batch must be > 0")
     if train.optimizer not in OPTIMIZERS:
@@ -122,6 +124,51 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         )
     if float(train.grad_clip_norm) < 0:
         raise ValueError(f"config.train.grad_clip_norm must be >= 0, got {train.grad_clip_norm}")
+
+
+def schedule_unit(train: ml_collections.ConfigDict) -> str:
+    """'epochs' or 'steps': the unit of the run length and of `lr_steps` (`train.schedule_unit`).
+
+    epochs: the run is `train.epochs` epochs of the dataset at hand and `lr_steps` are epochs
+    (the model-zoo recipes); steps: the run is `train.num_steps` optimizer steps and `lr_steps`
+    are steps, whatever the dataset's size. Mixing the two is refused, so a decay point never
+    moves with the dataset's size by accident.
+    """
+    unit = train.get("schedule_unit", "epochs")
+    if unit not in SCHEDULE_UNITS:
+        raise ValueError(
+            f"config.train.schedule_unit must be one of {SCHEDULE_UNITS}, got {unit!r}"
+        )
+    length = {"epochs": "epochs", "steps": "num_steps"}[unit]
+    other = {"epochs": "num_steps", "steps": "epochs"}[unit]
+    if int(train.get(length, 0) or 0) <= 0:
+        raise ValueError(
+            f"config.train.{length} must be > 0 with schedule_unit={unit!r}, "
+            f"got {train.get(length)}"
+        )
+    if int(train.get(other, 0) or 0) > 0:
+        flip = "steps" if unit == "epochs" else "epochs"
+        raise ValueError(
+            f"config.train.{other}={train.get(other)} but schedule_unit={unit!r}: the run length "
+            f"is config.train.{length} and lr_steps are {unit}; set config.train.{other}=0, or "
+            f"schedule_unit={flip!r} with config.train.{length}=0 and lr_steps in {flip}"
+        )
+    return unit
+
+
+def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: `train.num_steps`, or `train.epochs` whole epochs."""
+    train = config.train
+    if schedule_unit(train) == "steps":
+        return int(train.num_steps)
+    return int(train.epochs) * steps_per_epoch
+
+
+def decay_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> list[int]:
+    """Optimizer steps at which the learning rate drops x0.1 (`train.lr_steps` in its unit)."""
+    train = config.train
+    scale = steps_per_epoch if schedule_unit(train) == "epochs" else 1
+    return [int(s) * scale for s in train.lr_steps]
 
 
 def _warmup_kind(train: ml_collections.ConfigDict) -> str:
@@ -149,9 +196,10 @@ def learning_rate_schedule(
 ) -> optax.Schedule:
     """Learning rate of optimizer step `count` (0-based global iteration), for the base group.
 
-    lr = base_lr * batch_size / reference_batch, x0.1 from iteration e * steps_per_epoch for each
-    epoch e in lr_steps (mmcv `step` policy, epochs 0-based), and during iterations
-    0..warmup_iters-1 the mmcv warmup of that regular lr. Group multipliers are applied elsewhere.
+    lr = base_lr * batch_size / reference_batch, x0.1 from each of `decay_steps` (mmcv `step`
+    policy: epoch e of lr_steps starts at iteration e * steps_per_epoch, epochs 0-based; or the
+    steps themselves with schedule_unit 'steps'), and during iterations 0..warmup_iters-1 the
+    mmcv warmup of that regular lr. Group multipliers are applied elsewhere.
     """
     _check_config(config)
     if steps_per_epoch <= 0:
@@ -159,12 +207,18 @@ def learning_rate_schedule(
     train = config.train
     warmup = _warmup_kind(train)
     scaled_lr = float(train.base_lr) * int(train.batch_size) / int(train.reference_batch)
-    boundaries = jnp.asarray([int(e) * steps_per_epoch for e in train.lr_steps], jnp.int32)
+    boundaries = jnp.asarray(decay_steps(config, steps_per_epoch), jnp.int32)
     # regular lr after k decays, computed in float64 on the host as mmcv does: base * gamma**k.
     regular_table = jnp.asarray(
         [scaled_lr * 0.1**k for k in range(len(train.lr_steps) + 1)], jnp.float32
     )
     warmup_iters = int(train.warmup_iters)
+    if warmup == "torchvision":
+        # torchvision references/detection `train_one_epoch`: in epoch 0 only, LinearLR from
+        # start_factor = warmup_ratio over min(warmup_iters, len(data_loader) - 1) iterations.
+        warmup_iters = min(warmup_iters, steps_per_epoch - 1)
+        if warmup_iters <= 0:
+            warmup = "none"
     ratio = float(train.warmup_ratio)
 
     def schedule(count: jax.Array) -> jax.Array:
@@ -179,6 +233,7 @@ def learning_rate_schedule(
         #   linear:   k = (1 - cur_iters / warmup_iters) * (1 - warmup_ratio)
         #             warmup_lr = regular_lr * (1 - k)
         # used while cur_iter < warmup_iters; regular_lr is that epoch's step-policy lr.
+        # torch's LinearLR (torchvision) is the same line: start + (1 - start) * i / total.
         if warmup == "constant":
             factor = jnp.float32(ratio)
         else:

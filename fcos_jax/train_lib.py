@@ -204,9 +204,3 @@ def build_optimizer(
         optim.make_optimizer(config, params, steps_per_epoch),
         optim.learning_rate_schedule(config, steps_per_epoch),
     )
-
-
-def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-    """`train.num_steps` when set (> 0), else `train.epochs` whole epochs."""
-    num_steps = int(config.train.get("num_steps", 0) or 0)
-    return num_steps if num_steps > 0 else int(config.train.epochs) * steps_per_epoch

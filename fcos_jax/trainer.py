@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from fcos_jax import checkpoint, eval_lib, sharding, train_lib
+from fcos_jax import checkpoint, eval_lib, optim, sharding, train_lib
 from fcos_jax.data import pipeline as data_pipeline
 from fcos_jax.models import build_model
 
@@ -167,7 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         config, process_index=jax.process_index(), process_count=jax.process_count()
     )
     steps_per_epoch = pipeline.steps_per_epoch
-    num_steps = train_lib.total_steps(config, steps_per_epoch)
+    num_steps = optim.total_steps(config, steps_per_epoch)
     model = build_model(config.model)
     canvas = pipeline.canvases[0]
     variables = jax.jit(model.init)(

@@ -285,3 +285,125 @@ def test_clip_matches_torch_clip_grad_norm_including_its_epsilon():
     clipped, _ = tx.update(grads, tx.init(grads))
     for tensor, key in zip(tensors, grads, strict=True):
         np.testing.assert_allclose(np.asarray(clipped[key]), tensor.grad.numpy(), rtol=1e-6)
+
+
+def test_torchvision_row_trains_like_torchvisions_reference_recipe():
+    """configs/torchvision_fcos_r50_fpn.py against torchvision's references/detection loop:
+    SGD(momentum 0.9, weight decay 1e-4 on every trainable tensor) over exactly the parameters
+    torchvision trains (requires_grad), MultiStepLR per epoch and a LinearLR warm-up of
+    min(1000, len(data_loader) - 1) iterations in epoch 0; 3 epochs of 4 steps, decays after 1, 2.
+    """
+    from torchvision_random import pretrained_layout_fcos
+
+    from fcos_jax.config_io import load_config
+    from fcos_jax.convert import core as convert_core
+
+    steps_per_epoch, epochs = 4, 3
+    config = load_config("configs/torchvision_fcos_r50_fpn.py")
+    config.train.epochs, config.train.lr_steps = epochs, (1, 2)
+    model = pretrained_layout_fcos(seed=3)
+    state_dict = model.state_dict()
+    names = list(state_dict)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    # Which torch tensor each of our leaves holds: tag every tensor with its index, convert.
+    tags = {
+        k: np.full(tuple(v.shape), i, np.float32) for i, (k, v) in enumerate(state_dict.items())
+    }
+    tagged = flatten(convert_core.convert_state_dict(tags, "torchvision", config).params)
+    source = {path: names[int(np.asarray(leaf).flat[0])] for path, leaf in tagged.items()}
+    labels = flatten(optim.param_labels(nest(tagged), config))
+    assert {source[p] for p in tagged if labels[p] != "frozen"} == trainable
+
+    # SGD over a slice of the model with every group in it (stem, a frozen and a trained stage,
+    # FPN, head convs, GroupNorm, biases): each leaf's update depends on its own gradient only.
+    prefixes = (
+        "backbone/conv1",
+        "backbone/bn1",
+        "backbone/layer1_0/",
+        "backbone/layer2_0/",
+        "neck/lateral_convs_0/",
+        "bbox_head/cls_convs_0/",
+        "bbox_head/conv_cls/",
+    )
+    paths = [p for p in tagged if p.startswith(prefixes)]
+    to_ours = lambda a: np.transpose(a, (2, 3, 1, 0)) if a.ndim == 4 else a  # noqa: E731
+    initial = {p: to_ours(state_dict[source[p]].numpy()).copy() for p in paths}
+    params = {source[p]: model.get_parameter(source[p]) for p in paths if source[p] in trainable}
+    rng = np.random.default_rng(0)
+    grads = [
+        {n: rng.standard_normal(tuple(t.shape)).astype(np.float32) for n, t in params.items()}
+        for _ in range(steps_per_epoch * epochs)
+    ]
+
+    reference = torch.optim.SGD(list(params.values()), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    decay = torch.optim.lr_scheduler.MultiStepLR(reference, milestones=[1, 2], gamma=0.1)
+    step = 0
+    for epoch in range(epochs):
+        warmup = None
+        if epoch == 0:
+            warmup = torch.optim.lr_scheduler.LinearLR(
+                reference, start_factor=1.0 / 1000, total_iters=min(1000, steps_per_epoch - 1)
+            )
+        for _ in range(steps_per_epoch):
+            for name, param in params.items():
+                param.grad = torch.from_numpy(grads[step][name])
+            reference.step()
+            if warmup is not None:
+                warmup.step()
+            step += 1
+        decay.step()
+
+    ours = nest({p: jax.numpy.asarray(v) for p, v in initial.items()})
+    tx = optim.make_optimizer(config, ours, steps_per_epoch)
+    opt_state = tx.init(ours)
+
+    @jax.jit
+    def update(p, s, g):
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    zero = {p: np.zeros_like(v) for p, v in initial.items()}
+    for g in grads:
+        ours, opt_state = update(
+            ours,
+            opt_state,
+            nest({**zero, **{p: to_ours(g[source[p]]) for p in paths if source[p] in g}}),
+        )
+    for path, value in flatten(ours).items():
+        if labels[path] == "frozen":
+            assert np.array_equal(np.asarray(value), initial[path]), path
+        else:
+            expected = to_ours(params[source[path]].detach().numpy())
+            np.testing.assert_allclose(
+                np.asarray(value), expected, rtol=1e-5, atol=1e-7, err_msg=path
+            )
+            assert not np.allclose(expected, initial[path]), path
+
+
+def test_steps_unit_places_decays_at_steps_whatever_the_epoch_length():
+    config = config_base.get_base_config()  # lr 0.01 @ 16 images
+    train = config.train
+    train.schedule_unit, train.epochs, train.num_steps = "steps", 0, 100
+    train.lr_steps, train.warmup = (60, 90), "none"
+    for steps_per_epoch in (7, 50):
+        lr = optim.learning_rate_schedule(config, steps_per_epoch)
+        got = [float(lr(s)) for s in (0, 59, 60, 89, 90, 99)]
+        np.testing.assert_allclose(got, [0.01, 0.01, 0.001, 0.001, 1e-4, 1e-4], rtol=1e-6)
+        assert optim.total_steps(config, steps_per_epoch) == 100
+
+
+def test_a_run_length_in_the_other_unit_is_refused_naming_the_fields():
+    config = config_base.get_base_config()  # schedule_unit epochs, epochs 12, lr_steps (8, 11)
+    config.train.num_steps = 800
+    with pytest.raises(ValueError, match="num_steps=800 but schedule_unit='epochs'"):
+        optim.total_steps(config, 100)
+    config.train.schedule_unit = "steps"
+    with pytest.raises(ValueError, match="epochs=12 but schedule_unit='steps'"):
+        optim.learning_rate_schedule(config, 100)
+    config.train.epochs, config.train.num_steps = 0, 0
+    with pytest.raises(ValueError, match="num_steps must be > 0"):
+        optim.total_steps(config, 100)
+    config.train.schedule_unit = "iterations"
+    with pytest.raises(ValueError, match="schedule_unit must be one of"):
+        optim.total_steps(config, 100)

@@ -61,3 +61,19 @@ def random_fcos(seed: int, calibration_rgb: np.ndarray, **kwargs) -> nn.Module:
         reg_head.bbox_ctrness.weight.copy_(normal(reg_head.bbox_ctrness.weight.shape, 0.01))
         reg_head.bbox_ctrness.bias.copy_(uniform((1,), -0.5, 0.5))
     return model
+
+
+def pretrained_layout_fcos(seed: int) -> nn.Module:
+    """torchvision's FCOS as `fcos_resnet50_fpn` builds it with ImageNet or COCO weights (its
+    training setting): FrozenBatchNorm2d, `trainable_backbone_layers=3`; random weights."""
+    from torchvision.models import resnet50
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.fcos import FCOS
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(seed)
+    backbone = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    extra = LastLevelP6P7(256, 256)
+    backbone = _resnet_fpn_extractor(backbone, 3, returned_layers=[2, 3, 4], extra_blocks=extra)
+    return FCOS(backbone, num_classes=91)
