@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from fcos_jax import sharding as mesh_lib
-from fcos_jax.classes import class_list
+from fcos_jax.classes import ClassList, class_list, from_meta, resolve_num_classes
 from fcos_jax.models import build_model
 
 FORMAT_VERSION = 1
@@ -57,15 +57,28 @@ def abstract_variables(model_config: ml_collections.ConfigDict) -> dict[str, PyT
 
 
 def make_meta(
-    config: ml_collections.ConfigDict, source: str, parts: tuple[str, ...] = MODEL_PARTS
+    config: ml_collections.ConfigDict,
+    source: str,
+    parts: tuple[str, ...] = MODEL_PARTS,
+    classes: ClassList | None = None,
 ) -> dict[str, Any]:
-    """The `meta` item: format version, config name, source description, parts, class list."""
-    classes = class_list(config.data.classes)
-    if len(classes) != config.model.head.num_classes:
-        raise CheckpointError(
-            f"config {config.name!r}: data.classes {config.data.classes!r} has {len(classes)} "
-            f"classes but model.head.num_classes is {config.model.head.num_classes}"
-        )
+    """The `meta` item: format version, config name, source description, parts, class list.
+
+    classes: channel -> (category id, name) of the model (default: the named list
+    `config.data.classes`; a dataset's own list must be given). The head must fit it
+    (`model.head.num_classes`, or 0 for any number).
+    """
+    if classes is None:
+        if config.data.classes == "dataset":
+            raise CheckpointError(
+                f"config {config.name!r}: data.classes='dataset' takes the class list from the "
+                "data, and none was given"
+            )
+        classes = class_list(config.data.classes)
+    try:
+        resolve_num_classes(config, classes, f"config {config.name!r}: data.classes")
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
     return {
         "format_version": FORMAT_VERSION,
         "config_name": config.name,
@@ -190,8 +203,9 @@ def restore_inference(
 
     `path`: a converted directory or a training workdir (either holds `checkpoints/<step>`), or
     the `checkpoints` directory itself. Arrays are placed with `sharding` (default: replicated
-    over all devices). Raises CheckpointError naming the path and the mismatching keys and shapes
-    when the checkpoint does not fit `config.model`.
+    over all devices). `model.head.num_classes = 0` takes the class count of the checkpoint's
+    meta. Raises CheckpointError naming the path and the mismatching keys and shapes when the
+    checkpoint does not fit `config.model`.
     """
     root = resolve_checkpoint_root(path)
     manager = ocp.CheckpointManager(root, item_handlers=_handlers())
@@ -201,6 +215,9 @@ def restore_inference(
     _check_items(manager, step, root, ("params", "batch_stats", "meta"))
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     _check_meta(meta, root / str(step))
+    if int(config.model.head.num_classes) == 0:  # the head takes the checkpoint's class count
+        where = str(root / str(step))
+        config = resolve_num_classes(config, from_meta(meta, where), where)
     expected = abstract_variables(config.model)
     _check_fits(
         manager,

@@ -51,3 +51,35 @@ def class_list(name: str) -> ClassList:
     if name not in NAMED_CLASS_LISTS:
         raise ValueError(f"data.classes: unknown class list {name!r} ({sorted(NAMED_CLASS_LISTS)})")
     return NAMED_CLASS_LISTS[name]()
+
+
+def from_meta(meta: dict, where: str) -> ClassList:
+    """The class list a checkpoint's `meta` carries ([[category_id, name], ...], channel order)."""
+    raw = meta.get("classes")
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{where}: the checkpoint's meta holds no class list")
+    try:
+        return [(int(cid), str(name)) for cid, name in raw]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: malformed class list in the checkpoint's meta") from None
+
+
+def resolve_num_classes(config, classes: ClassList, where: str):
+    """`config` with `model.head.num_classes` fitting `classes` (a copy; the input is unchanged).
+
+    `model.head.num_classes = 0` means "as many as the data has": it becomes len(classes).
+    A fixed head must match: otherwise ValueError naming `where` (the classes' origin, e.g.
+    the dataset or checkpoint) and both numbers.
+    """
+    num_classes = int(config.model.head.num_classes)
+    if num_classes == 0:
+        resolved = config.copy_and_resolve_references()
+        resolved.model.head.num_classes = len(classes)
+        return resolved
+    if num_classes != len(classes):
+        raise ValueError(
+            f"{where} has {len(classes)} classes, but model.head.num_classes is {num_classes} "
+            f"(data.classes={config.data.classes!r}; model.head.num_classes=0 takes the number "
+            "from the data)"
+        )
+    return config

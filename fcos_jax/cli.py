@@ -79,10 +79,19 @@ def run(main) -> None:
 
     from absl import app
 
+    from fcos_jax.sharding import LeaderFailedError
+
     def guarded(argv):
         try:
             return main(argv)
-        except (FileNotFoundError, ValueError, KeyError, AttributeError, OSError) as error:
+        except (
+            FileNotFoundError,
+            ValueError,
+            KeyError,
+            AttributeError,
+            OSError,
+            LeaderFailedError,
+        ) as error:
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
 

@@ -2,8 +2,9 @@
 
 Every process runs the jitted predict step on its share of each global batch; the detections
 come back replicated (gathered), so process 0 holds every image's detections once and writes the
-COCO results and the AP table. Dummy rows that fill the last batch of a shape are dropped by
-their `example_valid` mask: no image is lost or counted twice.
+COCO results and the AP table. `test.batch_size` is the global batch, rounded up to a multiple of
+the device count; dummy rows that fill a batch are dropped by their `example_valid` mask: no image
+is lost or counted twice, on any number of devices and processes.
 """
 
 import json
@@ -17,7 +18,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from fcos_jax import evaluation, jsonio, postprocess, sharding
+from fcos_jax import classes as class_lists
+from fcos_jax import compile_cache, evaluation, jsonio, postprocess, sharding
 from fcos_jax.models import build_model
 
 log = logging.getLogger(__name__)
@@ -86,19 +88,43 @@ def predict_dataset(
     return results
 
 
+def eval_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
+    """`test.batch_size` (the global evaluation batch) rounded up to a multiple of the mesh's
+    devices; the rows added are masked dummies (`example_valid` False), so every image is
+    predicted exactly once whatever the device and process count."""
+    requested = int(config.test.batch_size)
+    if requested < 1:
+        raise ValueError(f"test.batch_size: expected >= 1, got {requested}")
+    rounded = -(-requested // mesh.size) * mesh.size
+    if rounded != requested and jax.process_index() == 0:
+        log.info(
+            "test.batch_size %d rounded up to %d for %d devices (the %d extra rows of each batch "
+            "are masked dummies)",
+            requested,
+            rounded,
+            mesh.size,
+            rounded - requested,
+        )
+    return rounded
+
+
 def evaluate(
     config: ml_collections.ConfigDict,
     variables: PyTree,
     mesh: Mesh,
     *,
+    classes: list[tuple[int, str]] | None = None,
     pipeline: Any = None,
     annotations: str | Path | None = None,
     per_class: bool = False,
     results_path: str | Path | None = None,
     predict_step: Callable | None = None,
 ) -> tuple[dict[str, float], str]:
-    """Box AP of `variables` on the validation split (`data.val_split`).
+    """Box AP of `variables` on the validation split (`data.val_split`), on every device of
+    every process (`test.batch_size` is the global batch, see `eval_batch_size`).
 
+    classes: the model's class list (channel -> category id, name), e.g. from the checkpoint's
+      meta; the validation data's own list must equal it (default: the data's).
     annotations: an instances JSON for the ground truth (default: built from the dataset).
     results_path: where process 0 writes the COCO results json (optional).
     Returns ({AP, AP50, ...}, the COCOeval report); on processes other than 0, ({}, "").
@@ -106,8 +132,16 @@ def evaluate(
     from fcos_jax.data import pipeline as data_pipeline  # TensorFlow only where data is read
 
     pipeline = pipeline or data_pipeline.EvalPipeline(
-        config, process_index=jax.process_index(), process_count=jax.process_count()
+        config,
+        batch_size=eval_batch_size(config, mesh),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
+    if classes is not None and [tuple(c) for c in classes] != [tuple(c) for c in pipeline.classes]:
+        raise ValueError(
+            f"{pipeline.source}: the validation data's classes {_short(pipeline.classes)} differ "
+            f"from the model's {_short(classes)} (channel -> category id, name)"
+        )
     class_list = pipeline.classes
     results = predict_dataset(config, variables, mesh, pipeline, class_list, predict_step)
     if jax.process_index() != 0:
@@ -125,6 +159,11 @@ def evaluate(
     return evaluation.coco_evaluate(ground_truth, results, image_ids, per_class=per_class)
 
 
+def _short(classes: list[tuple[int, str]], limit: int = 5) -> str:
+    shown = ", ".join(f"{int(cid)}:{name}" for cid, name in list(classes)[:limit])
+    return f"[{shown}{', ...' if len(classes) > limit else ''}] ({len(classes)})"
+
+
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict,
     checkpoint_path: str | Path,
@@ -134,17 +173,25 @@ def evaluate_checkpoint(
     per_class: bool = False,
 ) -> dict[str, float]:
     """`eval.py`: restores params and BN statistics (converted or trained) and evaluates them on
-    every device of every process; process 0 prints the AP table. Returns the stats."""
+    every device of every process; process 0 prints the AP table. The class list (and, with
+    `model.head.num_classes = 0`, the head's size) comes from the checkpoint's meta. Returns the
+    stats."""
     from fcos_jax import checkpoint
 
+    compile_cache.enable_from_config(config)
     mesh = sharding.make_mesh()
     variables, meta = checkpoint.restore_inference(
         checkpoint_path, config, sharding.replicated(mesh)
     )
+    classes = None
+    if "classes" in meta:
+        classes = class_lists.from_meta(meta, str(checkpoint_path))
+        config = class_lists.resolve_num_classes(config, classes, str(checkpoint_path))
     stats, report = evaluate(
         config,
         variables,
         mesh,
+        classes=classes,
         annotations=annotations,
         per_class=per_class,
         results_path=results_path,

@@ -20,28 +20,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental.compilation_cache import compilation_cache
 
-from fcos_jax import checkpoint, postprocess, preprocess, sharding
-from fcos_jax.classes import ClassList, class_list
+from fcos_jax import checkpoint, compile_cache, postprocess, preprocess, sharding
+from fcos_jax.classes import ClassList, class_list, from_meta, resolve_num_classes
 from fcos_jax.config_io import load_config
 from fcos_jax.models import build_model
 
 PyTree = Any
 ImageSource = preprocess.ImageSource
-
-
-def enable_compilation_cache(directory: str | Path) -> None:
-    """Turns on JAX's persistent compilation cache in `directory` (created if needed)."""
-    directory = Path(directory).expanduser().absolute()
-    directory.mkdir(parents=True, exist_ok=True)
-    if jax.config.jax_compilation_cache_dir == str(directory):
-        return
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    # Cache every program (the default skips compilations under 1 s).
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    # JAX fixes its cache at the first compilation; start over so the new directory is used.
-    compilation_cache.reset_cache()
 
 
 @functools.lru_cache(maxsize=8)
@@ -79,18 +65,21 @@ class Detector:
         variables: dict[str, PyTree],
         classes: ClassList | None = None,
     ):
+        if classes is None:
+            if config.data.classes == "dataset":
+                raise ValueError(
+                    "classes: data.classes='dataset' takes the class list from the data; pass the "
+                    "checkpoint's (Detector.from_config reads it from the checkpoint's meta)"
+                )
+            classes = class_list(config.data.classes)
+        self.classes = list(classes)
+        # model.head.num_classes = 0 takes the class count; a fixed head must match it.
+        config = resolve_num_classes(config, self.classes, "classes")
         self.config = config
         self.model, self._forward = _model_and_forward(config.model.to_json(sort_keys=True))
         # Replicated over all devices, as `checkpoint.restore_inference` places them: the same
         # compiled programs (and persistent-cache entries) whatever the variables came from.
         self.variables = sharding.replicate(variables, sharding.make_mesh())
-        self.classes = list(classes) if classes is not None else class_list(config.data.classes)
-        num_classes = config.model.head.num_classes
-        if len(self.classes) != num_classes:
-            raise ValueError(
-                f"classes: {len(self.classes)} classes for a head with {num_classes} channels "
-                f"(model.head.num_classes)"
-            )
         self._category_ids = np.array([cid for cid, _ in self.classes], dtype=np.int64)
         self._names = np.array([name for _, name in self.classes], dtype=object)
         self.mode = config.test.postprocess
@@ -112,13 +101,9 @@ class Detector:
             config = load_config(config_or_path)
         else:
             config = config_or_path
-        cache_dir = compilation_cache_dir or config.test.get("compilation_cache_dir", "")
-        if cache_dir:
-            enable_compilation_cache(cache_dir)
+        compile_cache.enable_from_config(config, compilation_cache_dir)
         variables, meta = checkpoint.restore_inference(checkpoint_path, config)
-        classes = (
-            [(int(cid), str(name)) for cid, name in meta["classes"]] if "classes" in meta else None
-        )
+        classes = from_meta(meta, str(checkpoint_path)) if "classes" in meta else None
         return cls(config, variables, classes)
 
     # ----------------------------------------------------------------------------------------

@@ -1,16 +1,32 @@
-"""Device mesh, multi-process start-up and host -> global arrays (DESIGN.md, Parallelism).
+"""Device mesh, multi-process start-up and coordination, host -> global arrays.
 
 One mesh axis `data` over every device of every process. Parameters and optimizer state are
-replicated; batches are sharded on their leading axis.
+replicated; batches are sharded on their leading axis. Work that must happen once per directory
+(writing a dataset, preparing it, caching its index) runs in one process per directory while the
+others wait (`run_once_per_directory`).
 """
 
+import itertools
+import logging
 import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+# Followers wait this long for a directory's leader (preparing a large COCO folder takes a while).
+WAIT_FOR_LEADER_S = 12 * 3600
+_COORDINATION_ROUND = itertools.count()
+
+log = logging.getLogger(__name__)
+
+
+class LeaderFailedError(RuntimeError):
+    """The process doing shared work for this one (`run_once_per_directory`) failed."""
 
 
 def initialize_distributed(
@@ -78,3 +94,68 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
 def replicate(tree, mesh: Mesh):
     """Places a pytree replicated on every device of the mesh."""
     return jax.device_put(tree, replicated(mesh))
+
+
+def _client():
+    """The `jax.distributed` coordination client (key-value store and barriers)."""
+    from jax._src import distributed  # orbax reaches the same client this way
+
+    client = distributed.global_state.client
+    if client is None:
+        raise RuntimeError("several processes but jax.distributed is not initialised")
+    return client
+
+
+def _directory_leader(directory: Path, key: str, timeout_ms: int) -> int:
+    """The lowest process index that sees the same `directory` as this process.
+
+    Every process writes a marker file into its `directory`; the markers a process can see tell
+    which processes share its disk (one shared file system: process 0 leads everyone; local disks:
+    the first process of each host leads that host).
+    """
+    client, me, count = _client(), jax.process_index(), jax.process_count()
+    if me == 0:
+        client.key_value_set(f"{key}/token", uuid.uuid4().hex)
+    token = client.blocking_key_value_get(f"{key}/token", timeout_ms)
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / f".fcos_jax_probe-{token}-{me}"
+    marker.touch()
+    client.wait_at_barrier(f"{key}/written", timeout_ms)
+    sharing = [p for p in range(count) if (directory / f".fcos_jax_probe-{token}-{p}").exists()]
+    client.wait_at_barrier(f"{key}/seen", timeout_ms)
+    marker.unlink()
+    return min(sharing)
+
+
+def run_once_per_directory(
+    work: Callable[[], None], directory: str | Path, what: str, timeout_s: int = WAIT_FOR_LEADER_S
+) -> None:
+    """Runs `work` (which writes under `directory`) in one process per distinct `directory`.
+
+    With one process it just runs. With several, every process calls this in the same order: the
+    lowest process that sees the same directory runs `work` (process 0 when `directory` is on a
+    shared file system; the first process of each host with local disks) and the processes sharing
+    its directory wait for it. A failure in the leader is raised in its followers too.
+    `what` names the work in messages.
+    """
+    if jax.process_count() == 1:
+        work()
+        return
+    key = f"fcos_jax/once/{next(_COORDINATION_ROUND)}"
+    timeout_ms = int(timeout_s * 1000)
+    leader = _directory_leader(Path(directory).expanduser().absolute(), key, 600_000)
+    client, me = _client(), jax.process_index()
+    if me == leader:
+        status = "ok"
+        try:
+            work()
+        except BaseException as error:
+            status = f"{type(error).__name__}: {error}"
+            raise
+        finally:
+            client.key_value_set(f"{key}/status/{leader}", status)
+        return
+    log.info("process %d waits for process %d: %s", me, leader, what)
+    status = client.blocking_key_value_get(f"{key}/status/{leader}", timeout_ms)
+    if status != "ok":
+        raise LeaderFailedError(f"process {leader} failed at {what}: {status}")

@@ -16,6 +16,7 @@
     the latest (a checkpoint is written only after its step's loss was checked).
 """
 
+import functools
 import logging
 import math
 import time
@@ -28,8 +29,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from fcos_jax import checkpoint, eval_lib, optim, sharding, train_lib
+from fcos_jax import checkpoint, compile_cache, eval_lib, optim, sharding, train_lib
+from fcos_jax import classes as class_lists
 from fcos_jax.data import pipeline as data_pipeline
+from fcos_jax.data import sources as data_sources
 from fcos_jax.models import build_model
 
 log = logging.getLogger(__name__)
@@ -154,6 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
+    compile_cache.enable_from_config(config)
     mesh = sharding.make_mesh()
     t = config.train
     sharding.local_batch_size(int(t.batch_size), mesh)  # validates divisibility
@@ -162,9 +166,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             f"train.batch_size {t.batch_size} must divide into train.accumulate_steps "
             f"{t.accumulate_steps} micro-batches over {mesh.size} devices"
         )
+    evaluates = int(t.eval_every) > 0 or bool(t.get("eval_at_end", True))
+    data_sources.prepare_splits(
+        config, [config.data.train_split] + ([config.data.val_split] if evaluates else [])
+    )
 
     pipeline = data_pipeline.TrainPipeline(
         config, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    # model.head.num_classes = 0: as many classes as the training data has.
+    config = class_lists.resolve_num_classes(
+        config, pipeline.classes, f"data.classes of {pipeline.source}"
     )
     steps_per_epoch = pipeline.steps_per_epoch
     num_steps = optim.total_steps(config, steps_per_epoch)
@@ -175,13 +187,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     )
     optimizer, schedule = train_lib.build_optimizer(config, variables["params"], steps_per_epoch)
 
-    meta = checkpoint.make_meta(config, source="fcos_jax train.py")
-    meta["classes"] = [[int(cid), name] for cid, name in pipeline.classes]
+    meta = checkpoint.make_meta(config, source="fcos_jax train.py", classes=pipeline.classes)
     manager = checkpoint.checkpoint_manager(workdir, max_to_keep=int(t.keep_checkpoints))
     start_step = 0
     restored = None
     if manager.latest_step() is not None:
-        restored = _resume(manager, config, variables, optimizer)
+        restored = _resume(manager, config, variables, optimizer, mesh, pipeline.classes)
     if restored is not None:
         start_step, variables, opt_state, data_state = restored
         pipeline.restore(data_state)
@@ -208,6 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     step_fn = train_lib.jit_train_step(
         train_lib.make_train_step(config, model, optimizer, schedule), mesh
     )
+    evaluate = functools.partial(_evaluate, config, mesh, pipeline.classes)
 
     writer = _MetricWriter(workdir, enabled=lead)
     progress = _Progress(num_steps, start_step, enabled=lead and bool(t.get("progress_bar", True)))
@@ -269,7 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 last_checkpoint = done
             if eval_now:
                 predict_step = predict_step or eval_lib.make_predict_step(config, mesh)
-                stats = _evaluate(config, state, mesh, predict_step, writer, done, lead)
+                stats = evaluate(state, predict_step, writer, done, lead)
         if pending is not None:
             report(pending[0], read(pending))
         manager.wait_until_finished()
@@ -278,21 +290,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         manager.close()
     if t.get("eval_at_end", True):
         predict_step = predict_step or eval_lib.make_predict_step(config, mesh)
-        stats = _evaluate(config, state, mesh, predict_step, writer, num_steps, lead)
+        stats = evaluate(state, predict_step, writer, num_steps, lead)
     return stats
 
 
-def _evaluate(config, state, mesh, predict_step, writer, step, lead) -> dict[str, float]:
+def _evaluate(config, mesh, classes, state, predict_step, writer, step, lead) -> dict[str, float]:
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    stats, report = eval_lib.evaluate(config, variables, mesh, predict_step=predict_step)
+    stats, report = eval_lib.evaluate(
+        config, variables, mesh, classes=classes, predict_step=predict_step
+    )
     if lead:
         print(f"evaluation at step {step}:\n{report}", flush=True)
         writer.scalars(step, {f"eval/{k}": v for k, v in stats.items()})
     return stats
 
 
-def _resume(manager, config, variables, optimizer):
-    """(step, variables, opt_state, data_state) of the workdir's latest checkpoint."""
+def _resume(manager, config, variables, optimizer, mesh, classes):
+    """(step, variables, opt_state, data_state) of the workdir's latest checkpoint, restored onto
+    this run's mesh (replicated), whatever process and device count wrote it."""
     step_dir = Path(manager.directory) / str(manager.latest_step())
     meta = manager.restore(
         manager.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore())
@@ -302,11 +317,21 @@ def _resume(manager, config, variables, optimizer):
             f"{step_dir}: the workdir holds a checkpoint of config {meta.get('config_name')!r}, "
             f"not {config.name!r}; use another --workdir (or the same config) to go on"
         )
+    if "classes" in meta and class_lists.from_meta(meta, str(step_dir)) != list(classes):
+        raise checkpoint.CheckpointError(
+            f"{step_dir}: the workdir was trained on other classes than the data has now "
+            f"({len(meta['classes'])} vs {len(classes)}: channel -> category id, name); use "
+            "another --workdir for this data"
+        )
+    replicated = sharding.replicated(mesh)
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
         (variables["params"], variables.get("batch_stats", {})),
     )
-    abstract_opt = jax.eval_shape(optimizer.init, abstract[0])
+    abstract_opt = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        jax.eval_shape(optimizer.init, abstract[0]),
+    )
     step, items = checkpoint.restore_latest(manager, abstract[0], abstract[1], abstract_opt)
     restored_vars = {"params": items["params"], "batch_stats": items["batch_stats"] or {}}
     return step, restored_vars, items["opt_state"], items["data_state"]

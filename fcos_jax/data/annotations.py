@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import logging
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +233,7 @@ class SplitIndex:
         """Writes the index to an .npz file (atomically)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
+        tmp = path.with_name(f"{path.stem}.tmp-{uuid.uuid4().hex}.npz")  # unique per process
         np.savez(tmp, **dataclasses.asdict(self))
         tmp.replace(path)
 

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from fcos_jax import classes as class_lists
 from fcos_jax import preprocess
 from fcos_jax.data import annotations, sources, transforms
 
@@ -315,14 +316,6 @@ def _parallel_calls(config: Any) -> int:
     return tf.data.AUTOTUNE if n < 0 else max(n, 1)
 
 
-def _check_classes(config: Any, class_list: Sequence[tuple[int, str]]) -> None:
-    num_classes = config.model.head.num_classes
-    if len(class_list) != num_classes:
-        raise ValueError(
-            f"data.classes: {len(class_list)} classes, but model.head.num_classes is {num_classes}"
-        )
-
-
 class _Batches:
     """A tf.data iterator giving NumPy batches. TensorFlow aborts or hangs at interpreter exit when
     an iterator over a Python generator is still alive, so every open one is closed by `atexit`
@@ -385,7 +378,7 @@ class TrainPipeline:
         t = config.train
         self.source = source or sources.open_source(config, config.data.train_split)
         self.classes = sources.resolve_classes(config, self.source)
-        _check_classes(config, self.classes)
+        class_lists.resolve_num_classes(config, self.classes, f"data.classes of {self.source}")
         self.global_batch_size = int(t.batch_size)
         self.process_index, self.process_count, self.local_batch_size = _process_slice(
             self.global_batch_size, process_index, process_count, "train.batch_size"
@@ -654,7 +647,7 @@ class EvalPipeline:
         self.config = config
         self.source = source or sources.open_source(config, config.data.val_split)
         self.classes = sources.resolve_classes(config, self.source)
-        _check_classes(config, self.classes)
+        class_lists.resolve_num_classes(config, self.classes, f"data.classes of {self.source}")
         self.global_batch_size = int(batch_size or config.test.batch_size)
         self.process_index, self.process_count, self.local_batch_size = _process_slice(
             self.global_batch_size, process_index, process_count, "test.batch_size"

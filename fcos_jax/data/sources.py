@@ -19,6 +19,8 @@ import logging
 import os
 import re
 import shutil
+import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from fcos_jax import classes as class_lists
+from fcos_jax import sharding
 from fcos_jax.data import annotations, coco_folder, shapes, tfrecord_access
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,9 @@ class Source(abc.ABC):
 
     def __len__(self) -> int:
         return len(self._records)
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.split} ({self.location})"
 
     @abc.abstractmethod
     def _convert(self, record: dict[str, Any], position: int) -> Example:
@@ -123,7 +129,8 @@ class FolderSource(Source):
         cats = [(int(i), str(n)) for i, n in builder.info.metadata["categories"]]
         records = builder.as_data_source(split)
         name = builder.builder_config.name
-        super().__init__(name, split, records, cats, cache_dir, str(builder.data_dir))
+        json_path = builder.builder_config.splits.get(split, (str(builder.data_dir),))[0]
+        super().__init__(name, split, records, cats, cache_dir, json_path)
         self.report = builder.info.metadata.get("report", {}).get(split, {})
 
     def _convert(self, record: dict[str, Any], position: int) -> Example:
@@ -214,7 +221,7 @@ def ensure_shapes(config: Any) -> dict[str, tuple[Path, Path]]:
     }
     if all(j.is_file() for j, _ in splits.values()):
         return splits
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    tmp = root.with_name(f"{root.name}.tmp-{uuid.uuid4().hex}")  # unique across hosts
     s = config.data.shapes
     log.info("writing the shapes dataset to %s", root)
     shapes.write_shapes_dataset(
@@ -275,3 +282,21 @@ def resolve_classes(config: Any, source: Source) -> list[tuple[int, str]]:
     if config.data.classes == "dataset":
         return list(source.classes)
     return class_lists.class_list(config.data.classes)
+
+
+def prepare_splits(config: Any, splits: Sequence[str]) -> None:
+    """Makes `splits` ready to read: the shapes dataset written, a COCO-format folder prepared as
+    a TFDS dataset, each split's annotation index cached under `data_dir`.
+
+    Several processes: one process per distinct `data_dir` does it (process 0 on a shared file
+    system, the first process of each host on local disks) while the others wait
+    (`sharding.run_once_per_directory`); then every process reads the prepared data.
+    """
+
+    def work() -> None:
+        for split in dict.fromkeys(splits):
+            open_source(config, split).index()
+
+    data_dir = data_dir_of(config)
+    what = f"preparing the {config.data.source} data ({', '.join(splits)}) under {data_dir}"
+    sharding.run_once_per_directory(work, data_dir, what)
