@@ -87,6 +87,7 @@ def jax_worker(args) -> dict:
 
     config = load_config(REPO / args.config)
     config.train.batch_size = args.batch  # only scales the learning rate
+    config.train.accumulate_steps = args.accumulate
     model = build_model(config.model)
     mesh = sharding.make_mesh()
     init_hw = (64, 64)  # parameters do not depend on the image size
@@ -137,6 +138,8 @@ def jax_worker(args) -> dict:
     encode = jax.jit(functools.partial(train_lib.encode_batch, config))
 
     start = time.perf_counter()
+    step = step.lower(state, batch).compile()  # the executable itself: compiled once
+    compiled_memory = step.memory_analysis()
     state, metrics = jax.block_until_ready(step(state, batch))
     compile_step = time.perf_counter() - start
     for _ in range(args.warmup - 1):
@@ -168,6 +171,9 @@ def jax_worker(args) -> dict:
         "num_pos": float(metrics["num_pos"]),
         "trainable_params": labels,
         "versions": {"jax": jax.__version__},
+        # XLA's buffer assignment of the compiled step (arguments, outputs, temporaries).
+        "xla_temp_gib": compiled_memory.temp_size_in_bytes / 2**30,
+        "accumulate_steps": args.accumulate,
     }
 
 
@@ -261,7 +267,7 @@ def run_worker(side: str, args) -> dict:
         sys.executable, __file__, "--worker", side, "--config", args.config,
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
         "--height", str(args.height), "--width", str(args.width),
-        "--torch-threads", str(args.torch_threads),
+        "--torch-threads", str(args.torch_threads), "--accumulate", str(args.accumulate),
     ]  # fmt: skip
     load = os.getloadavg()[0]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
@@ -336,6 +342,24 @@ def report(ours: dict, theirs: dict, args) -> None:
         print(f"step times {side}: {times}")
 
 
+def sweep(args) -> None:
+    """Our step at each `--accumulate-sweep` value: time, peak RSS and XLA temporaries."""
+    print(
+        f"FCOS train step ({args.config}), global batch {args.batch}, {args.height}x"
+        f"{args.width}, float32, {os.cpu_count()} cores; median of {args.steps} steps after "
+        f"{args.warmup} warm-up; peak RSS includes XLA's compilation"
+    )
+    print("| accumulate_steps | step (s) | peak RSS (GiB) | XLA temporaries (GiB) | load |")
+    print("|---|---|---|---|---|")
+    for k in (int(v) for v in args.accumulate_sweep.split(",")):
+        args.accumulate = k
+        r = run_worker("jax", args)
+        print(
+            f"| {k} | {r['step']['median']:.2f} | {r['max_rss_gib']:.2f} | "
+            f"{r['xla_temp_gib']:.2f} | {r['load'][0]:.1f} -> {r['load'][1]:.1f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/fcos_r50_caffe_fpn_gn_1x.py")
@@ -347,6 +371,15 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1344)
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--xla-flags", default="", help="XLA_FLAGS for our side only")
+    parser.add_argument(
+        "--accumulate", type=int, default=1, help="our train.accumulate_steps (micro-batches)"
+    )
+    parser.add_argument(
+        "--accumulate-sweep",
+        default="",
+        help="e.g. 1,4: our step only, once per accumulate_steps value; peak RSS and XLA's "
+        "temporary memory of each (no torchvision side)",
+    )
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.warmup < 1:
@@ -358,6 +391,9 @@ def main() -> None:
         print(MARK + json.dumps(result), flush=True)
         return
 
+    if args.accumulate_sweep:
+        sweep(args)
+        return
     results = {"torch": [], "jax": []}
     for _ in range(args.rounds):  # alternate the sides so a change of load hits both
         for side in ("torch", "jax"):

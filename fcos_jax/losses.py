@@ -30,6 +30,7 @@ from fcos_jax import boxes as box_ops
 BBOX_LOSSES = ("iou", "giou")
 NORMALIZERS = ("global", "v1", "torchvision")
 LOSS_TERMS = ("loss", "loss_cls", "loss_bbox", "loss_centerness", "num_pos")  # fcos_loss's keys
+NORMALIZER_TERMS = ("num_pos", "centerness_sum", "num_images")  # batch_normalizers's keys
 IOU_LOSS_EPS = 1e-6  # mmdet IoULoss: IoU clamped to at least this before -log
 GIOU_EPS = 1e-7  # torchvision generalized_box_iou_loss eps
 

@@ -3,10 +3,13 @@
 One step = forward -> targets (pure, vmapped) -> losses -> gradients -> optax update, all in one
 `jax.jit` over a global batch sharded on the mesh axis `data`; XLA inserts the gradient
 all-reduce. Loss normalisers are sums over the global batch, so the update does not depend on
-the device count. With `train.accumulate_steps = k` the batch is split into k micro-batches whose
-gradients are summed against the normalisers of the whole batch: the update of one k-times-larger
-batch (BatchNorm trained on batch statistics sees micro-batch statistics, as it would on k
-devices with per-device BN).
+the device count. With `train.accumulate_steps = k` the batch is split into k micro-batches and
+only one micro-batch's activations and targets are alive at a time: a first pass sums the
+normalisers' counts of every micro-batch (targets encoded and dropped), a second sums each
+micro-batch's gradients against those whole-batch normalisers, so the update is the one of the
+whole batch. BatchNorm trained on batch statistics normalises each micro-batch with its own
+statistics (global-batch statistics would need another forward pass), and its running averages
+are updated once per step with the mean of the micro-batch statistics.
 """
 
 import functools
@@ -145,29 +148,47 @@ def make_train_step(
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        batch_targets = encode_batch(config, batch)
-        normalizers = losses.batch_normalizers(batch_targets)
         if accumulate == 1:
+            batch_targets = encode_batch(config, batch)
+            normalizers = losses.batch_normalizers(batch_targets)
             grads, (terms, batch_stats) = grad_fn(
                 state.params, state.batch_stats, batch, batch_targets, normalizers
             )
         else:
-            micro = _split_micro_batches((batch, batch_targets), accumulate)
+            micro = _split_micro_batches(batch, accumulate)
 
+            # Pass 1: the whole batch's normalisers, summed from each micro-batch's counts (its
+            # targets are encoded and dropped: only one micro-batch's targets live at a time).
+            def count(total, micro_batch):
+                counts = losses.batch_normalizers(encode_batch(config, micro_batch))
+                return jax.tree.map(jnp.add, total, counts), None
+
+            zero_counts = {k: jnp.zeros((), jnp.float32) for k in losses.NORMALIZER_TERMS}
+            normalizers, _ = jax.lax.scan(count, zero_counts, micro)
+
+            # Pass 2: each micro-batch's gradients against those normalisers. Every micro-batch
+            # starts from the step's BN running averages; their mean below is one update with
+            # the mean of the micro-batch statistics (not k updates).
             def body(carry, micro_batch):
-                grads_sum, terms_sum, batch_stats = carry
-                g, (t, batch_stats) = grad_fn(state.params, batch_stats, *micro_batch, normalizers)
+                grads_sum, terms_sum, stats_sum = carry
+                micro_targets = encode_batch(config, micro_batch)
+                g, (t, stats) = grad_fn(
+                    state.params, state.batch_stats, micro_batch, micro_targets, normalizers
+                )
                 return (
                     jax.tree.map(jnp.add, grads_sum, g),
                     jax.tree.map(jnp.add, terms_sum, t),
-                    batch_stats,
+                    jax.tree.map(jnp.add, stats_sum, stats),
                 ), None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            zeros = jax.tree.map(jnp.zeros_like, (state.params, state.batch_stats))
             zero_terms = {k: jnp.zeros((), jnp.float32) for k in losses.LOSS_TERMS}
-            (grads, terms, batch_stats), _ = jax.lax.scan(
-                body, (zeros, zero_terms, state.batch_stats), micro
+            (grads, terms, stats_sum), _ = jax.lax.scan(
+                body, (zeros[0], zero_terms, zeros[1]), micro
             )
+            batch_stats = state.batch_stats
+            if mutable_stats:
+                batch_stats = jax.tree.map(lambda x: x / accumulate, stats_sum)
             terms = dict(terms, num_pos=normalizers["num_pos"])
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -270,6 +270,50 @@ def test_two_micro_batches_give_the_update_of_one_batch():
     assert_same_step(one_step("frozen_bn", accumulate_steps=2), one_step("frozen_bn"))
 
 
+def test_micro_batches_update_batch_statistics_once_with_their_mean():
+    """batch_stats_bn, accumulate_steps=2: each micro-batch (images 0, 2 and 1, 3: rows are
+    interleaved) normalises with its own statistics, and the running averages move once:
+    ra <- 0.9 ra + 0.1 mean_i(stat_i), with the micro-batch mean and (biased, as flax) variance.
+    Checked on the stem BN, whose input is conv1 of the images, computed here with torch."""
+    import torch
+
+    step = one_step("batch_stats_bn", accumulate_steps=2)
+    images = synthetic_batch((0, 1, 2, 3))["image"].astype(np.float64)
+    kernel = step["params0/backbone/conv1/kernel"].astype(np.float64)  # [7, 7, 3, C] HWIO
+    features = torch.nn.functional.conv2d(
+        torch.from_numpy(images).permute(0, 3, 1, 2),
+        torch.from_numpy(kernel).permute(3, 2, 0, 1),
+        stride=2,
+        padding=3,
+    ).numpy()  # [4, C, H, W]
+    micro = [features[[0, 2]], features[[1, 3]]]
+    mean = np.mean([m.mean(axis=(0, 2, 3)) for m in micro], axis=0)
+    var = np.mean([m.var(axis=(0, 2, 3)) for m in micro], axis=0)
+    for stat, value in (("mean", mean), ("var", var)):
+        start = step[f"batch_stats0/backbone/bn1/{stat}"]
+        np.testing.assert_allclose(
+            step[f"batch_stats/backbone/bn1/{stat}"],
+            0.9 * start + 0.1 * value,
+            rtol=2e-5,
+            atol=1e-6,
+            err_msg=stat,
+        )
+    whole = features.var(axis=(0, 2, 3))  # one 4-image update would differ from the above
+    assert np.abs(whole - var).max() > 1e-3 * np.abs(var).max()
+
+
+def test_accumulation_shrinks_the_compiled_steps_working_memory():
+    """XLA's buffer assignment of the step: with 2 micro-batches (activations and targets of one
+    micro-batch alive at a time) the temporary memory is smaller than with one whole batch."""
+    temp = {}
+    for k in (1, 2):
+        t = trainer("frozen_bn", k)
+        state, batch = t.fresh_state(), t.put(synthetic_batch((0, 1, 2, 3)))
+        stats = t.step.lower(state, batch).compile().memory_analysis()
+        temp[k] = stats.temp_size_in_bytes
+    assert temp[2] < 0.8 * temp[1], temp
+
+
 # --------------------------------------------------------------------------------------------
 # Learning
 
