@@ -118,3 +118,55 @@ def folder_config(data_dir: Path, train=None, val=None, **train_overrides):
     for key, value in train_overrides.items():
         setattr(c.train, key, value)
     return c
+
+
+FOLDER_CLASSES = ((1, "rectangle"), (2, "ellipse"), (3, "triangle"), (4, "cross"))
+
+
+def user_folder(root: Path, num_train: int, num_val: int, seed: int = 0) -> dict[str, Path]:
+    """A COCO-format folder as users bring one: `root/{train,val}/` images and
+    `root/annotations/{train,val}.json`, 96-128 px images of the shapes renderer, 4 classes
+    (ids 1-4). Per split: every 3rd image a grayscale PNG, the others JPEGs, image 1 empty (no
+    annotations), image 2 with a crowd box over its first object. Returns the four paths as
+    {train_json, train_images, val_json, val_images}."""
+    from fcos_jax.data import shapes
+
+    paths = {}
+    for split, count in (("train", num_train), ("val", num_val)):
+        rng = np.random.default_rng([seed, len(split)])
+        images = []
+        for i in range(count):
+            h, w = (int(v) for v in rng.integers(96, 129, 2))
+            bgr, objects = shapes.render_image(rng, h, w)
+            if i == 1:
+                bgr, objects = np.full_like(bgr, 128), []
+            anns = [
+                {"id": 1000 * i + k + 1, "category_id": kind + 1, "bbox": box, "area": area}
+                for k, (kind, box, area) in enumerate(objects)
+            ]
+            if i == 2 and anns:
+                crowd = dict(anns[0], id=1000 * i + 999, iscrowd=1)
+                crowd["bbox"] = [max(v - 2.0, 0.0) for v in crowd["bbox"][:2]] + [
+                    v + 4.0 for v in crowd["bbox"][2:]
+                ]
+                anns.append(crowd)
+            if i % 3 == 0:
+                name, data = f"{i:04d}.png", encode(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), "PNG")
+            else:
+                name, data = f"{i:04d}.jpg", encode(bgr[..., ::-1].copy(), "JPEG", quality=92)
+            images.append(
+                {
+                    "id": 1 + i,
+                    "file_name": name,
+                    "data": data,
+                    "height": h,
+                    "width": w,
+                    "annotations": anns,
+                }
+            )
+        json_path, image_dir = write_coco_folder(root, images, list(FOLDER_CLASSES), split)
+        final_json = root / "annotations" / f"{split}.json"
+        final_json.parent.mkdir(parents=True, exist_ok=True)
+        json_path.rename(final_json)
+        paths[f"{split}_json"], paths[f"{split}_images"] = final_json, image_dir
+    return paths

@@ -10,6 +10,8 @@ import io
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_helpers import FOLDER_CLASSES, user_folder
 from flax import traverse_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -27,7 +30,8 @@ from fcos_jax import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny.py"
-NUM_STEPS = 6
+NUM_STEPS = 10
+EVAL_EVERY = 4
 
 
 def _env(**extra):
@@ -37,19 +41,47 @@ def _env(**extra):
     return env
 
 
-def _train_command(workdir, data_dir, *overrides):
-    return [
-        sys.executable,
-        "train.py",
-        f"--config={TINY}",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        "--config.train.progress_bar=False",
-        *overrides,
-    ]
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The tiny model's data: a user's COCO-format folder (grayscale PNGs, JPEGs, a crowd box and
+    an empty image per split), 16 training images, a validation split of prime size (7)."""
+    return user_folder(tmp_path_factory.mktemp("folder"), num_train=16, num_val=7)
 
 
-def _run(command, timeout=600, **env):
+@pytest.fixture(scope="module")
+def folder_overrides(folder):
+    """configs/tiny.py on `folder`, classes and head size from the data."""
+    return {
+        "data.source": "coco_folder",
+        "data.classes": "dataset",
+        "model.head.num_classes": 0,
+        "data.folder.name": "tinyfolder",
+        **{f"data.folder.{k}": str(v) for k, v in folder.items()},
+    }
+
+
+def _flags(overrides):
+    return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+@pytest.fixture(scope="module")
+def train_command(folder_overrides):
+    def command(workdir, data_dir, *overrides):
+        return [
+            sys.executable,
+            "train.py",
+            f"--config={TINY}",
+            f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}",
+            "--config.train.progress_bar=False",
+            *_flags(folder_overrides),
+            *overrides,
+        ]
+
+    return command
+
+
+def _run(command, timeout=900, **env):
     return subprocess.run(
         command, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=timeout
     )
@@ -67,16 +99,34 @@ def _assert_params_close(a, b, rtol):
         np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=rtol, err_msg=key)
 
 
+def _evaluations(log: str) -> dict[int, list[float]]:
+    """{step: the 12 COCOeval stats} of the evaluations a train.py log printed."""
+    found = {}
+    for block in log.split("evaluation at step ")[1:]:
+        step = int(block.split(":", 1)[0])
+        found[step] = [float(x) for x in re.findall(r"\] = (-?[0-9.]+)", block)[:12]]
+    return found
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny_data")
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, data_dir):
-    """An uninterrupted 6-step run with a checkpoint after every step."""
+def reference_run(tmp_path_factory, data_dir, train_command):
+    """An uninterrupted run on one device with a checkpoint after every step, evaluating every
+    EVAL_EVERY steps and at the end."""
     workdir = tmp_path_factory.mktemp("reference")
-    result = _run(_train_command(workdir, data_dir, "--config.train.checkpoint_every=1"))
+    result = _run(
+        train_command(
+            workdir,
+            data_dir,
+            "--config.train.checkpoint_every=1",
+            f"--config.train.eval_every={EVAL_EVERY}",
+            "--config.train.eval_at_end=True",
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir, result
 
@@ -84,16 +134,21 @@ def reference_run(tmp_path_factory, data_dir):
 def test_training_writes_checkpoints_events_and_logs(reference_run):
     workdir, result = reference_run
     manager = checkpoint.checkpoint_manager(workdir, create=False)
-    assert manager.all_steps() == [2, 3, 4, 5, 6]  # keep_checkpoints = 5
+    assert manager.all_steps() == [6, 7, 8, 9, 10]  # keep_checkpoints = 5
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
-    assert "step 6/6" in result.stderr and "img/s" in result.stderr
-    meta = json.loads((workdir / "checkpoints" / "6" / "meta" / "metadata").read_text())
-    assert meta["config_name"] == "tiny" and len(meta["classes"]) == 4
+    assert f"step {NUM_STEPS}/{NUM_STEPS}" in result.stderr and "img/s" in result.stderr
+    meta = json.loads((workdir / "checkpoints" / "10" / "meta" / "metadata").read_text())
+    # classes and their names from the folder's JSON (model.head.num_classes = 0)
+    assert meta["config_name"] == "tiny" and meta["classes"] == [list(c) for c in FOLDER_CLASSES]
+    assert sorted(_evaluations(result.stdout)) == [4, 8, 10]
 
 
-def test_eval_cli_prints_the_coco_table_for_a_trained_workdir(reference_run, data_dir, tmp_path):
+def test_eval_cli_prints_the_coco_table_for_a_trained_workdir(
+    reference_run, data_dir, folder_overrides, tmp_path
+):
     workdir, _ = reference_run
     results = tmp_path / "results.json"
+    cache = tmp_path / "compilation_cache"
     run = _run(
         [
             sys.executable,
@@ -101,6 +156,8 @@ def test_eval_cli_prints_the_coco_table_for_a_trained_workdir(reference_run, dat
             f"--config={TINY}",
             f"--checkpoint={workdir}",
             f"--config.data.data_dir={data_dir}",
+            f"--config.test.compilation_cache_dir={cache}",
+            *_flags(folder_overrides),
             f"--results={results}",
             "--per_class",
         ]
@@ -110,16 +167,46 @@ def test_eval_cli_prints_the_coco_table_for_a_trained_workdir(reference_run, dat
     assert "rectangle" in run.stdout and "cross" in run.stdout  # per-class lines
     detections = json.loads(results.read_text())
     assert {d["category_id"] for d in detections} <= {1, 2, 3, 4}
+    assert any(cache.iterdir())  # test.compilation_cache_dir is honoured by eval.py
+
+
+def test_predict_shows_the_datasets_class_names_without_the_dataset(
+    reference_run, folder, tmp_path
+):
+    """A head sized from the data (num_classes = 0) and the class names come from the
+    checkpoint's meta: prediction needs no dataset paths."""
+    workdir, _ = reference_run
+    output = tmp_path / "detections.json"
+    image = sorted(folder["val_images"].iterdir())[0]  # a grayscale PNG
+    run = _run(
+        [
+            sys.executable,
+            "-m",
+            "fcos_jax.predict",
+            f"--config={TINY}",
+            "--config.model.head.num_classes=0",
+            "--config.data.classes=dataset",
+            "--config.test.score_thr=0.0",
+            f"--checkpoint={workdir}",
+            f"--output={output}",
+            str(image),
+        ]
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (detections,) = json.loads(output.read_text())
+    assert detections["names"] and set(detections["names"]) <= {n for _, n in FOLDER_CLASSES}
+    for name, category_id in zip(detections["names"], detections["category_ids"], strict=True):
+        assert (category_id, name) in FOLDER_CLASSES
 
 
 def test_sigkill_at_a_random_step_then_restart_equals_the_uninterrupted_run(
-    reference_run, data_dir, tmp_path
+    reference_run, data_dir, train_command, tmp_path
 ):
     reference_workdir, _ = reference_run
     workdir = tmp_path / "killed"
-    kill_after = random.Random(os.getpid()).choice([1, 2, 3, 4])
+    kill_after = random.Random(os.getpid()).choice([1, 2, 3, 4, 5, 6])
     process = subprocess.Popen(
-        _train_command(workdir, data_dir, "--config.train.checkpoint_every=1"),
+        train_command(workdir, data_dir, "--config.train.checkpoint_every=1"),
         cwd=REPO,
         env=_env(),
         stdout=subprocess.DEVNULL,
@@ -133,7 +220,7 @@ def test_sigkill_at_a_random_step_then_restart_equals_the_uninterrupted_run(
     process.wait()
     # Whatever the kill interrupted, the latest checkpoint is readable.
     checkpoint.restore_weights(workdir)
-    resumed = _run(_train_command(workdir, data_dir, "--config.train.checkpoint_every=1"))
+    resumed = _run(train_command(workdir, data_dir, "--config.train.checkpoint_every=1"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed" in resumed.stderr
     _assert_params_close(
@@ -145,28 +232,28 @@ def test_a_kill_while_writing_a_checkpoint_leaves_a_readable_latest(reference_ru
     reference_workdir, _ = reference_run
     workdir = tmp_path / "partial"
     (workdir / "checkpoints").mkdir(parents=True)
-    for step in (2, 3):
+    for step in (7, 8):
         os.symlink(
             reference_workdir / "checkpoints" / str(step), workdir / "checkpoints" / str(step)
         )
     # What orbax leaves when killed mid-save: an unfinished temporary step directory.
-    partial = workdir / "checkpoints" / "4.orbax-checkpoint-tmp-1234"
+    partial = workdir / "checkpoints" / "9.orbax-checkpoint-tmp-1234"
     (partial / "params").mkdir(parents=True)
     (partial / "params" / "garbage").write_bytes(b"\0" * 100)
     variables, _ = checkpoint.restore_weights(workdir)
-    assert checkpoint.checkpoint_manager(workdir, create=False).latest_step() == 3
-    expected = _params_at(reference_workdir, 3)
+    assert checkpoint.checkpoint_manager(workdir, create=False).latest_step() == 8
+    expected = _params_at(reference_workdir, 8)
     restored = traverse_util.flatten_dict(variables["params"], sep="/")
     _assert_params_close(restored, expected, rtol=0)
 
 
-def test_a_workdir_of_another_model_is_refused(reference_run, data_dir):
+def test_a_workdir_of_another_model_is_refused(reference_run, data_dir, train_command):
     workdir, _ = reference_run
-    renamed = _run(_train_command(workdir, data_dir, "--config.name=other"))
+    renamed = _run(train_command(workdir, data_dir, "--config.name=other"))
     assert renamed.returncode == 2
     assert "holds a checkpoint of config 'tiny', not 'other'" in renamed.stderr
     reshaped = _run(
-        _train_command(
+        train_command(
             workdir,
             data_dir,
             "--config.model.head.feat_channels=16",
@@ -177,16 +264,16 @@ def test_a_workdir_of_another_model_is_refused(reference_run, data_dir):
     assert "does not fit" in reshaped.stderr and "bbox_head" in reshaped.stderr
 
 
-def test_a_bad_config_field_is_named(data_dir, tmp_path):
-    run = _run(_train_command(tmp_path / "w", data_dir, "--config.train.no_such_field=3"))
+def test_a_bad_config_field_is_named(data_dir, train_command, tmp_path):
+    run = _run(train_command(tmp_path / "w", data_dir, "--config.train.no_such_field=3"))
     assert run.returncode != 0
     assert "no_such_field" in run.stderr
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step(data_dir, tmp_path):
+def test_a_non_finite_loss_stops_the_run_naming_the_step(data_dir, train_command, tmp_path):
     workdir = tmp_path / "nan"
     run = _run(
-        _train_command(
+        train_command(
             workdir,
             data_dir,
             "--config.train.base_lr=1e30",
@@ -206,35 +293,6 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def test_two_processes_train_like_one(reference_run, data_dir, tmp_path):
-    reference_workdir, _ = reference_run
-    workdir = tmp_path / "two_processes"
-    port = _free_port()
-    processes = [
-        subprocess.Popen(
-            _train_command(
-                workdir,
-                data_dir,
-                "--config.train.num_steps=3",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ),
-            cwd=REPO,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=900)[0] for p in processes]
-    for p, out in zip(processes, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
-    assert "process 0/2" in outputs[0] and "process 1/2" in outputs[1]
-    _assert_params_close(_params_at(workdir, 3), _params_at(reference_workdir, 3), rtol=1e-5)
 
 
 def test_eval_cli_on_a_detections_file_equals_pycocotools(tmp_path):
@@ -292,3 +350,196 @@ def test_eval_cli_on_a_detections_file_equals_pycocotools(tmp_path):
         reference.summarize()
     printed = [float(line.rsplit("=", 1)[1]) for line in run.stdout.splitlines() if "] =" in line]
     np.testing.assert_allclose(printed, np.round(reference.stats, 3), atol=5e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many devices and processes: 2 processes x 2 host devices (gloo on 127.0.0.1) from an empty
+# data_dir, killed as a whole, resumed on 1 process x 1 device; 1 -> 4 devices; evaluation on
+# every topology.
+
+HOST_DEVICES = "--xla_force_host_platform_device_count={}"
+
+
+def _launch_processes(commands, logs, env):
+    handles = [log.open("w") for log in logs]
+    processes = [
+        subprocess.Popen(c, cwd=REPO, env=env, stdout=h, stderr=subprocess.STDOUT)
+        for c, h in zip(commands, handles, strict=True)
+    ]
+    return processes, handles
+
+
+@pytest.fixture(scope="module")
+def killed_multihost_run(tmp_path_factory, train_command):
+    """2 processes x 2 devices, evaluating every EVAL_EVERY steps, SIGKILLed (both processes: a
+    surviving peer would wait in a collective) once checkpoint 6 exists."""
+    root = tmp_path_factory.mktemp("multihost")
+    workdir, data_dir = root / "workdir", root / "data"  # data_dir does not exist yet
+    port = _free_port()
+    commands = [
+        train_command(
+            workdir,
+            data_dir,
+            "--config.train.checkpoint_every=1",
+            f"--config.train.eval_every={EVAL_EVERY}",
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+        )
+        for i in range(2)
+    ]
+    logs = [root / f"process{i}.log" for i in range(2)]
+    processes, handles = _launch_processes(commands, logs, _env(XLA_FLAGS=HOST_DEVICES.format(2)))
+    deadline = time.time() + 900
+    try:
+        while not (workdir / "checkpoints" / "6").is_dir():
+            ended = [p.poll() for p in processes]
+            assert ended == [None, None] and time.time() < deadline, (
+                f"run ended before the kill ({ended}):\n{logs[0].read_text()[-3000:]}"
+            )
+            time.sleep(0.05)
+    finally:
+        for p in processes:
+            p.send_signal(signal.SIGKILL)
+        for p, h in zip(processes, handles, strict=True):
+            p.wait()
+            h.close()
+    return workdir, data_dir, [log.read_text() for log in logs]
+
+
+def test_two_processes_prepare_an_empty_data_dir_once(killed_multihost_run):
+    _, data_dir, logs = killed_multihost_run
+    assert "process 0/2" in logs[0] and "process 1/2" in logs[1]
+    assert "process 1 waits for process 0" in logs[1]
+    assert len(list((data_dir / "fcos_coco_folder").iterdir())) == 1
+    assert len(list((data_dir / "fcos_jax_index").glob("*.npz"))) == 2  # train and val
+    leftovers = [p for p in data_dir.rglob("*") if "tmp-" in p.name or "fcos_jax_probe" in p.name]
+    assert not leftovers
+
+
+def test_evaluation_during_multihost_training_equals_one_device(
+    killed_multihost_run, reference_run
+):
+    _, _, logs = killed_multihost_run
+    multihost, single = _evaluations(logs[0]), _evaluations(reference_run[1].stdout)
+    assert EVAL_EVERY in multihost and not _evaluations(logs[1])  # process 0 reports
+    np.testing.assert_allclose(multihost[EVAL_EVERY], single[EVAL_EVERY], atol=1e-4)
+
+
+def test_a_killed_multihost_run_resumes_on_one_device(
+    killed_multihost_run, reference_run, train_command
+):
+    workdir, data_dir, _ = killed_multihost_run
+    resumed = _run(
+        train_command(
+            workdir,
+            data_dir,
+            "--config.train.checkpoint_every=1",
+            "--config.train.eval_at_end=True",
+        )
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stderr and "process 0/1" in resumed.stderr
+    _assert_params_close(
+        _params_at(workdir, NUM_STEPS), _params_at(reference_run[0], NUM_STEPS), rtol=1e-5
+    )
+    final, expected = _evaluations(resumed.stdout), _evaluations(reference_run[1].stdout)
+    np.testing.assert_allclose(final[NUM_STEPS], expected[NUM_STEPS], atol=1e-4)
+
+
+def test_a_one_device_checkpoint_resumes_on_four_devices(
+    reference_run, data_dir, train_command, tmp_path
+):
+    reference_workdir, _ = reference_run
+    workdir = tmp_path / "to_four"
+    (workdir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(reference_workdir / "checkpoints" / "6", workdir / "checkpoints" / "6")
+    env = {"XLA_FLAGS": HOST_DEVICES.format(4)}
+    other_batch = _run(train_command(workdir, data_dir, "--config.train.batch_size=8"), **env)
+    assert other_batch.returncode == 2
+    assert "global_batch_size=4 but this pipeline has 8" in other_batch.stderr
+    resumed = _run(train_command(workdir, data_dir), **env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "global devices 4" in resumed.stderr and "resumed" in resumed.stderr
+    _assert_params_close(
+        _params_at(workdir, NUM_STEPS), _params_at(reference_workdir, NUM_STEPS), rtol=1e-5
+    )
+
+
+EVAL_BATCH_SIZES = (1, 3, 8)
+TOPOLOGIES = ("1x1", "1x4", "2x2")  # processes x devices per process
+
+
+@pytest.fixture(scope="module")
+def evaluations_per_topology(reference_run, data_dir, folder_overrides, tmp_path_factory):
+    """{topology: {batch size: (stats, COCO results)}} of the reference's final checkpoint,
+    evaluated as eval.py does on every topology at every batch size. The two processes of 2x2
+    each start from an empty data_dir of their own (local disks: each prepares its copy)."""
+    root = tmp_path_factory.mktemp("eval_topologies")
+    found = {}
+    for topology in TOPOLOGIES:
+        processes, devices = (int(n) for n in topology.split("x"))
+        settings = {
+            "config": TINY,
+            "overrides": {**folder_overrides, "data.data_dir": str(data_dir)},
+            "checkpoint": str(reference_run[0]),
+            "batch_sizes": list(EVAL_BATCH_SIZES),
+            "out": str(root / topology),
+        }
+        if processes > 1:
+            settings["coordinator"] = f"127.0.0.1:{_free_port()}"
+            settings["num_processes"] = processes
+            settings["data_dirs"] = [str(root / f"local_disk{i}") for i in range(processes)]
+        settings_path = root / f"{topology}.json"
+        settings_path.write_text(json.dumps(settings))
+        driver = [sys.executable, "tests/eval_topology_driver.py", str(settings_path)]
+        commands = [[*driver, str(i)] for i in range(processes)]
+        logs = [root / f"{topology}_{i}.log" for i in range(processes)]
+        env = _env(XLA_FLAGS=HOST_DEVICES.format(devices))
+        launched, handles = _launch_processes(commands, logs, env)
+        for p, h, log in zip(launched, handles, logs, strict=True):
+            assert p.wait(timeout=900) == 0, log.read_text()[-3000:]
+            h.close()
+        found[topology] = {
+            b: (
+                json.loads((root / topology / f"stats_{b}.json").read_text()),
+                json.loads((root / topology / f"results_{b}.json").read_text()),
+            )
+            for b in EVAL_BATCH_SIZES
+        }
+        if processes > 1:
+            for i in range(processes):  # each local disk prepared by its own process
+                assert len(list((root / f"local_disk{i}" / "fcos_coco_folder").iterdir())) == 1
+    return found
+
+
+def _by_image(results):
+    out = {}
+    for d in results:
+        x, y, w, h = d["bbox"]
+        entry = out.setdefault(d["image_id"], {"boxes": [], "scores": [], "labels": []})
+        entry["boxes"].append([x, y, x + w, y + h])
+        entry["scores"].append(d["score"])
+        entry["labels"].append(d["category_id"])
+    return {k: {n: np.asarray(v) for n, v in e.items()} for k, e in out.items()}
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_evaluation_is_the_same_on_every_topology_and_batch_size(
+    evaluations_per_topology, topology
+):
+    from fcos_jax.compare import match_detections
+
+    base_stats, base_results = evaluations_per_topology["1x1"][1]
+    base = _by_image(base_results)
+    assert len(base) == 7  # every validation image (a prime number of them) has detections
+    for batch_size, (stats, results) in evaluations_per_topology[topology].items():
+        where = f"{topology} batch {batch_size}"
+        assert stats.keys() == base_stats.keys()
+        np.testing.assert_allclose(
+            [stats[k] for k in base_stats], list(base_stats.values()), atol=1e-4, err_msg=where
+        )
+        ours = _by_image(results)
+        assert ours.keys() == base.keys(), where
+        for image_id in base:
+            assert not match_detections(ours[image_id], base[image_id]), (where, image_id)
