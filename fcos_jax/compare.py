@@ -1,23 +1,31 @@
-"""Compare our FCOS with the PyTorch reference on one image, from the same PyTorch checkpoint.
+"""Compare our FCOS with a PyTorch reference on one image, from the same PyTorch checkpoint.
 
+  python -m fcos_jax.compare --format mmdet --config configs/fcos_r50_caffe_fpn_gn_1x.py \
+      --input fcos_r50_caffe_fpn_gn_1x_4gpu_20190516-9f253a93.pth image.jpg
   python -m fcos_jax.compare --format torchvision --config configs/torchvision_fcos_r50_fpn.py \
       --input fcos_resnet50_fpn_coco-99b0c9b7.pth image.jpg
 
-torchvision: converts `--input` in memory, builds torchvision's `fcos_resnet50_fpn` with the
-same weights (its transform sized by `config.preprocess.scale`), and runs both heads on the SAME
-input tensor (torchvision's transformed batch, NCHW -> NHWC). Prints, per level, the max and mean
-|difference| of cls_logits, bbox_reg (torchvision's relu'd output x stride) and centerness, then
-whether the final detections agree (count, labels, boxes within 0.01 px, scores within 1e-4).
+Our side converts `--input` in memory, or restores `--checkpoint DIR` (a converted checkpoint or
+training workdir) to check what is on disk against the original file. The reference:
+  mmdet        `fcos_jax.mmdet_reference`: mmdetection's FCOS test path written in torch from
+               mmdetection's semantics (no mmdetection needed), on the file's tensors, with the
+               architecture, preprocessing and post-processing (`test.postprocess` mmdet_v1 or
+               mmdet_v3) the config states.
+  torchvision  torchvision's `fcos_resnet50_fpn` with the file's weights, its transform sized by
+               `config.preprocess.scale`.
+Both heads run on the SAME input tensor (the reference's preprocessed image, NCHW -> NHWC), and
+our preprocessing is checked against it. Prints, per level, the max and mean |difference| of
+cls_logits, bbox_reg (l, t, r, b in input pixels) and centerness, then whether the final
+detections agree (count, labels, boxes within 0.01 px, scores within 1e-4).
 Exit status 0 when everything is within tolerance (per level max|diff| <= 1e-4 * max|ref|),
-1 otherwise, 2 when the comparison cannot run (bad input, reference library not importable).
-
-mmdet: needs mmdetection itself as the reference; when `import mmdet` fails it says so and exits
-2 (no reference of our own stands in for it).
+1 otherwise, 2 with one line `error: ...` when the comparison cannot run (bad input).
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -25,15 +33,42 @@ from ml_collections import config_flags
 _FORMAT = flags.DEFINE_enum("format", None, ["mmdet", "torchvision"], "Reference to compare with.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config of our model.")
 _INPUT = flags.DEFINE_string("input", None, "The PyTorch checkpoint (.pth) of the reference.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "Our side from this converted checkpoint or workdir (default: --input converted in memory).",
+)
 
 HEAD_RTOL = 1e-4  # per level: max|ours - ref| <= HEAD_RTOL * max|ref|
 BOX_ATOL = 0.01  # pixels
 SCORE_ATOL = 1e-4
 INPUT_ATOL = 1e-5  # our preprocessing vs the reference transform (reported, and checked)
+OUTPUT_KEYS = ("cls_logits", "bbox_reg", "centerness")
 
 
 class CompareError(Exception):
     """The comparison cannot run (exit status 2)."""
+
+
+class ReferenceWeightsError(CompareError):
+    """The reference cannot run the checkpoint's tensors (the message lacks the file name)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceRun:
+    """What a reference computed on one image.
+
+    image: [1, Hp, Wp, 3] float32 network input (NHWC); image_hw: (h, w) resized, unpadded;
+    scale: (y, x) factors, original pixels = resized pixels / scale; original_hw: (h, w);
+    levels: per level {cls_logits [1, H, W, K], bbox_reg [1, H, W, 4] pixels, centerness
+    [1, H, W, 1]} float32; detections: boxes [N, 4] xyxy original pixels, scores [N], labels [N]."""
+
+    image: np.ndarray
+    image_hw: tuple[int, int]
+    scale: tuple[float, float]
+    original_hw: tuple[int, int]
+    levels: list[dict[str, np.ndarray]]
+    detections: dict[str, np.ndarray]
 
 
 def level_differences(
@@ -81,16 +116,21 @@ def match_detections(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray]) ->
     return problems
 
 
-def _torchvision_reference(config, checkpoint: str, image_rgb: np.ndarray):
-    """torchvision FCOS on one RGB image: (input NHWC, image_hw, head outputs, detections)."""
-    import torch
-    from torchvision.models.detection import fcos_resnet50_fpn
+# --------------------------------------------------------------------------------------------
+# References
 
-    from fcos_jax.convert import read_state_dict
 
-    state_dict = {
-        k: torch.from_numpy(np.asarray(v)) for k, v in read_state_dict(checkpoint).items()
-    }
+def _torchvision_reference(config, state_dict, image_path: str) -> ReferenceRun:
+    """torchvision FCOS on one image file, its head outputs captured by hooks."""
+    try:
+        import torch
+        from torchvision.models.detection import fcos_resnet50_fpn
+    except ImportError as error:
+        raise CompareError(f"torchvision is not importable: {error}") from None
+
+    from fcos_jax import preprocess
+
+    image_rgb = preprocess.load_rgb(image_path, image_path)
     long_side, short_side = max(config.preprocess.scale), min(config.preprocess.scale)
     model = fcos_resnet50_fpn(
         weights=None,
@@ -106,9 +146,9 @@ def _torchvision_reference(config, checkpoint: str, image_rgb: np.ndarray):
         topk_candidates=config.test.nms_pre,
     )
     try:
-        model.load_state_dict(state_dict)
+        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()})
     except RuntimeError as error:
-        raise CompareError(f"{checkpoint}: does not load into torchvision FCOS: {error}") from None
+        raise ReferenceWeightsError(f"does not load into torchvision FCOS: {error}") from None
     model.eval()
     tensor = torch.from_numpy(image_rgb).permute(2, 0, 1).float() / 255
     # One full-model call; its transformed input, features and head outputs are captured by hooks.
@@ -142,59 +182,131 @@ def _torchvision_reference(config, checkpoint: str, image_rgb: np.ndarray):
                 "centerness": per_key["centerness"][level].reshape(1, h, w, 1),
             }
         )
-    image = batch.tensors.permute(0, 2, 3, 1).numpy()
-    dets = {
-        "boxes": detections["boxes"].numpy(),
-        "scores": detections["scores"].numpy(),
-        "labels": detections["labels"].numpy(),
-    }
-    return image, tuple(batch.image_sizes[0]), levels, dets
-
-
-def compare_torchvision(config, checkpoint: str, image_path: str) -> bool:
-    """Prints the comparison; returns True when everything is within tolerance."""
-    from fcos_jax import inference, preprocess
-    from fcos_jax.convert import convert_file
-
-    converted = convert_file(checkpoint, "torchvision", config)
-    detector = inference.Detector(
-        config, {"params": converted.params, "batch_stats": converted.batch_stats}
+    image_hw = tuple(int(v) for v in batch.image_sizes[0])
+    original_hw = image_rgb.shape[:2]
+    return ReferenceRun(
+        image=batch.tensors.permute(0, 2, 3, 1).numpy(),
+        image_hw=image_hw,
+        scale=(image_hw[0] / original_hw[0], image_hw[1] / original_hw[1]),
+        original_hw=original_hw,
+        levels=levels,
+        detections={k: detections[k].numpy() for k in ("boxes", "scores", "labels")},
     )
-    image_rgb = preprocess.load_rgb(image_path, image_path)
-    ref_input, ref_hw, ref_levels, ref_dets = _torchvision_reference(config, checkpoint, image_rgb)
-    ok = True
 
-    ours_input = detector.preprocess(image_rgb, image_path)
-    if ours_input["image"].shape != ref_input.shape[1:]:
-        print(f"input: our shape {ours_input['image'].shape} vs reference {ref_input.shape[1:]}")
+
+def mmdet_settings(config: ml_collections.ConfigDict):
+    """The mmdet config fields (`mmdet_reference.MmdetFcos`) our config stands for.
+
+    Raises CompareError for a config with no mmdetection counterpart."""
+    from fcos_jax import mmdet_reference
+
+    b, h, p, t = config.model.backbone, config.model.head, config.preprocess, config.test
+    unsupported = [
+        (p.resize != "mmdet", f"preprocess.resize {p.resize!r} (mmdetection resizes as 'mmdet')"),
+        (p.unit_range, "preprocess.unit_range (mmdetection never divides pixels by 255)"),
+        (
+            h.regression == "relu_stride",
+            "model.head.regression 'relu_stride' (torchvision's; mmdetection's head has Scale)",
+        ),
+        (
+            t.postprocess not in ("mmdet_v1", "mmdet_v3"),
+            f"test.postprocess {t.postprocess!r} (mmdetection's are mmdet_v1 and mmdet_v3)",
+        ),
+    ]
+    problems = [message for bad, message in unsupported if bad]
+    if problems:
+        raise CompareError(f"--format mmdet: {'; '.join(problems)}")
+    return mmdet_reference.MmdetFcos(
+        depth=b.depth,
+        style=b.style,
+        groups=b.groups,
+        head_norm=h.norm,
+        gn_groups=h.gn_groups,
+        stacked_convs=h.stacked_convs,
+        centerness_on_reg=h.centerness_on_reg,
+        norm_on_bbox=h.regression == "scale_relu_stride",
+        strides=tuple(h.strides),
+        img_scale=tuple(p.scale),
+        mean=tuple(p.mean),
+        std=tuple(p.std),
+        to_rgb=p.to_rgb,
+        size_divisor=p.size_divisor,
+        postprocess=t.postprocess.removeprefix("mmdet_"),
+        nms_pre=t.nms_pre,
+        score_thr=t.score_thr,
+        nms_iou=t.nms_iou,
+        max_per_img=t.max_per_img,
+    )
+
+
+def _mmdet_reference(config, state_dict, image_path: str) -> ReferenceRun:
+    """`fcos_jax.mmdet_reference` on one image file."""
+    from fcos_jax import mmdet_reference
+
+    settings = mmdet_settings(config)
+    try:
+        run = mmdet_reference.run(state_dict, settings, image_path)
+    except mmdet_reference.MmdetReferenceError as error:
+        raise ReferenceWeightsError(str(error)) from None
+    prepared = run.prepared
+    nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()  # noqa: E731
+    if settings.postprocess == "v1":  # v1 divides by the one float scale factor
+        scale = (prepared.factor, prepared.factor)
+    else:
+        w_scale, h_scale = prepared.scale_factor_wh
+        scale = (h_scale, w_scale)
+    return ReferenceRun(
+        image=nhwc(prepared.image),
+        image_hw=prepared.img_shape,
+        scale=scale,
+        original_hw=prepared.ori_shape,
+        levels=[dict(zip(OUTPUT_KEYS, map(nhwc, level), strict=True)) for level in run.outputs],
+        detections=run.detections,
+    )
+
+
+REFERENCES = {"mmdet": _mmdet_reference, "torchvision": _torchvision_reference}
+
+
+# --------------------------------------------------------------------------------------------
+# The comparison
+
+
+def report(detector, ours_input: dict[str, np.ndarray], ref: ReferenceRun) -> bool:
+    """Prints the comparison of `detector` (an `inference.Detector`) and its preprocessed input
+    (`detector.preprocess` output) with `ref`; returns True when everything is within
+    tolerance."""
+    ok = True
+    if ours_input["image"].shape != ref.image.shape[1:]:
+        print(f"input: our shape {ours_input['image'].shape} vs reference {ref.image.shape[1:]}")
         ok = False
     else:
-        input_diff = float(np.abs(ours_input["image"] - ref_input[0]).max())
-        ok &= input_diff <= INPUT_ATOL and tuple(ours_input["image_hw"]) == ref_hw
+        input_diff = float(np.abs(ours_input["image"] - ref.image[0]).max())
+        same_geometry = tuple(ours_input["image_hw"]) == ref.image_hw and np.allclose(
+            ours_input["scale"], ref.scale, rtol=1e-12, atol=0
+        )
+        ok &= input_diff <= INPUT_ATOL and same_geometry
         print(
-            f"input {ref_input.shape[1]}x{ref_input.shape[2]} (image {ref_hw[0]}x{ref_hw[1]}): "
-            f"our preprocessing max|diff| {input_diff:.2e} (tolerance {INPUT_ATOL:.0e})"
+            f"input {ref.image.shape[1]}x{ref.image.shape[2]} (image {ref.image_hw[0]}x"
+            f"{ref.image_hw[1]}): our preprocessing max|diff| {input_diff:.2e} (tolerance "
+            f"{INPUT_ATOL:.0e})" + ("" if same_geometry else "; size or scale DIFFER")
         )
 
-    ours_levels = detector.forward(ref_input)
+    ours_levels = detector.forward(ref.image)
     print(f"{'level':>5} {'output':<11} {'max|diff|':>10} {'mean|diff|':>10} {'max|ref|':>10}")
-    for level, row in enumerate(level_differences(ours_levels, ref_levels)):
+    for level, row in enumerate(level_differences(ours_levels, ref.levels)):
         for key, (max_diff, mean_diff, ref_max) in row.items():
             within = max_diff <= HEAD_RTOL * ref_max
             ok &= within
             flag = "" if within else "  <-- above tolerance"
             print(f"{level:>5} {key:<11} {max_diff:10.3e} {mean_diff:10.3e} {ref_max:10.3e}{flag}")
 
-    h, w = image_rgb.shape[:2]
     dets = detector.detect_batch(
-        ref_input,
-        np.array([ref_hw]),
-        np.array([[ref_hw[0] / h, ref_hw[1] / w]]),
-        np.array([[h, w]]),
+        ref.image, np.array([ref.image_hw]), np.array([ref.scale]), np.array([ref.original_hw])
     )
     valid = dets["valid"][0]
     ours = {k: dets[k][0][valid] for k in ("boxes", "scores", "labels")}
-    problems = match_detections(ours, ref_dets)
+    problems = match_detections(ours, ref.detections)
     if problems:
         ok = False
         print(f"detections DIFFER ({len(problems)} problem(s)):")
@@ -202,37 +314,63 @@ def compare_torchvision(config, checkpoint: str, image_path: str) -> bool:
             print(f"  {line}")
     else:
         print(
-            f"detections agree: {len(ref_dets['scores'])} (labels equal, boxes within "
+            f"detections agree: {len(ref.detections['scores'])} (labels equal, boxes within "
             f"{BOX_ATOL} px, scores within {SCORE_ATOL:.0e})"
         )
     print("PASS" if ok else "FAIL")
     return ok
 
 
+def compare(
+    fmt: str,
+    config: ml_collections.ConfigDict,
+    checkpoint: str,
+    image_path: str,
+    converted_dir: str | None = None,
+) -> bool:
+    """Runs `checkpoint` (a PyTorch file of `fmt`) through the reference and our model (converted
+    in memory, or restored from `converted_dir`), prints the comparison, returns True when
+    everything is within tolerance."""
+    if not Path(image_path).is_file():
+        raise FileNotFoundError(f"image file not found: {image_path}")
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {checkpoint}")
+    if fmt == "mmdet":
+        mmdet_settings(config)  # a config with no mmdetection counterpart fails first
+    from fcos_jax import checkpoint as checkpoint_lib
+    from fcos_jax import inference
+    from fcos_jax.convert import convert_state_dict, read_state_dict
+
+    state_dict = read_state_dict(checkpoint)
+    # Converting also checks that the file fits the config (one line naming the keys if not).
+    converted = convert_state_dict(state_dict, fmt, config, source=checkpoint)
+    if converted_dir:
+        variables, meta = checkpoint_lib.restore_inference(converted_dir, config)
+        classes = [(int(cid), str(name)) for cid, name in meta.get("classes", [])] or None
+    else:
+        variables = {"params": converted.params, "batch_stats": converted.batch_stats}
+        classes = None
+    detector = inference.Detector(config, variables, classes)
+    ours_input = detector.preprocess(image_path, image_path)  # a bad image fails here
+    try:
+        ref = REFERENCES[fmt](config, state_dict, image_path)
+    except ReferenceWeightsError as error:
+        raise CompareError(f"{checkpoint}: {error}") from None
+    return report(detector, ours_input, ref)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise app.UsageError("give exactly one IMAGE file")
-    image_path = argv[1]
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    if _FORMAT.value == "mmdet":
-        try:
-            import mmdet  # noqa: F401
-        except ImportError:
-            print("compare: mmdetection is not importable here; the mmdet comparison needs it")
-            sys.exit(2)
-        print("compare: --format mmdet against an installed mmdetection is not implemented")
-        sys.exit(2)
     from fcos_jax.cli import config_from_flag
-    from fcos_jax.convert import ConversionError
 
     try:
-        if not Path(image_path).is_file():
-            raise FileNotFoundError(f"image file not found: {image_path}")
         config = config_from_flag()
-        ok = compare_torchvision(config, _INPUT.value, image_path)
-    except (CompareError, ConversionError, FileNotFoundError, ValueError, OSError) as error:
-        print(f"compare: error: {error}", file=sys.stderr)
+        ok = compare(_FORMAT.value, config, _INPUT.value, argv[1], _CHECKPOINT.value)
+    except (CompareError, FileNotFoundError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     sys.exit(0 if ok else 1)
 

@@ -4,8 +4,39 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch  # noqa: F401  (must precede tensorflow; see stack_notes.md)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@pytest.fixture(scope="session")
+def mmdet_r50_gn_v1(tmp_path_factory):
+    """A random mmdet v1 R-50 caffe GN checkpoint as the 2019 files are (legacy pickle
+    container, meta, num_batches_tracked), the image its BN statistics were measured on, and
+    the convert CLI's run on it (shared by the convert and compare tests)."""
+    from mmdet_random import COMPARE_SCALE, mmdet_checkpoint, mmdet_fcos_shapes, write_test_image
+    from subprocess_cli import run_module
+
+    from fcos_jax.compare import mmdet_settings
+    from fcos_jax.config_io import load_config
+
+    tmp = tmp_path_factory.mktemp("mmdet_r50_gn_v1")
+    config_path = REPO / "configs" / "fcos_r50_caffe_fpn_gn_1x.py"
+    config = load_config(config_path)
+    config.preprocess.scale = COMPARE_SCALE
+    image = write_test_image(tmp / "image.png")
+    shapes = mmdet_fcos_shapes(50, gn=True, names="v1")
+    sd = mmdet_checkpoint(shapes, mmdet_settings(config), image, seed=1)
+    path = tmp / "fcos_r50_caffe_fpn_gn_1x_4gpu.pth"
+    meta = {"mmcv_version": "0.2.7", "mmdet_version": "0.6.0+4bbb4a2", "epoch": 12, "iter": 1}
+    # The 2019 files predate torch's zip format: save in the legacy pickle container (spec 9).
+    torch.save({"meta": meta, "state_dict": sd}, path, _use_new_zipfile_serialization=False)
+    output = tmp / "converted"
+    proc = run_module(
+        "fcos_jax.convert", "--format", "mmdet", "--config", config_path, "--input", path,
+        "--output", output,
+    )  # fmt: skip
+    return dict(sd=sd, config=config_path, image=image, path=path, output=output, proc=proc)

@@ -1,286 +1,32 @@
 """fcos_jax.convert: mmdet / torchvision / backbone state dicts -> our variables, and its errors.
 
-The parity tests build random state dicts from the spec's key/shape list (spec 1, 9; written here,
-not taken from the converter's tables), run an independent float64 forward written with
-torch.nn.functional (spec 1-3) and compare it per level with our converted model.
+Random state dicts come from the spec's key/shape list (tests/mmdet_random.py; written there, not
+taken from the converter's tables).
 """
 
 import os
 import pickle
-import subprocess
-import sys
-from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
 import torch
-import torch.nn.functional as F
 import torchvision
+from mmdet_random import mmdet_fcos_shapes, random_state_dict, resnet_shapes
+from subprocess_cli import REPO, run_module
 
 from fcos_jax import checkpoint
 from fcos_jax.config_io import load_config
-from fcos_jax.convert import (
-    ConversionError,
-    convert_file,
-    convert_state_dict,
-    describe,
-    read_state_dict,
-)
-from fcos_jax.models import build_model
+from fcos_jax.convert import ConversionError, convert_state_dict, describe, read_state_dict
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 R50_GN = CONFIGS / "fcos_r50_caffe_fpn_gn_1x.py"
 R50_NO_GN = CONFIGS / "fcos_r50_caffe_fpn_1x.py"
 X101 = CONFIGS / "fcos_mstrain_640_800_x101_64x4d_fpn_gn_2x.py"
 TORCHVISION = CONFIGS / "torchvision_fcos_r50_fpn.py"
 
-# Spec 7: caffe BGR mean (std 1); ImageNet RGB mean/std on 0-255 for X-101.
-CAFFE_MEAN_BGR = np.array([102.9801, 115.9465, 122.7717])
-IMAGENET_MEAN = np.array([123.675, 116.28, 103.53])
-IMAGENET_STD = np.array([58.395, 57.12, 57.375])
-STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
-BN_LEAVES = ("weight", "bias", "running_mean", "running_var")
-
-
-# --- spec-driven key/shape generator (spec 1 and 9) --------------------------------------------
-
-
-def resnet_shapes(prefix: str, depth: int, groups: int = 1, base_width: int = 64, counter=True):
-    """ResNet/ResNeXt state-dict keys and shapes in mmdet/torchvision naming."""
-    shapes = {}
-
-    def bn(name, channels):
-        shapes.update({f"{name}.{leaf}": (channels,) for leaf in BN_LEAVES})
-        if counter:
-            shapes[f"{name}.num_batches_tracked"] = ()
-
-    shapes[f"{prefix}conv1.weight"] = (64, 3, 7, 7)
-    bn(f"{prefix}bn1", 64)
-    inplanes = 64
-    for i, blocks in enumerate(STAGE_BLOCKS[depth]):
-        planes = 64 * 2**i
-        width = planes * base_width // 64 * groups
-        for j in range(blocks):
-            p = f"{prefix}layer{i + 1}.{j}."
-            shapes[p + "conv1.weight"] = (width, inplanes, 1, 1)
-            bn(p + "bn1", width)
-            shapes[p + "conv2.weight"] = (width, width // groups, 3, 3)
-            bn(p + "bn2", width)
-            shapes[p + "conv3.weight"] = (planes * 4, width, 1, 1)
-            bn(p + "bn3", planes * 4)
-            if j == 0:
-                shapes[p + "downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
-                bn(p + "downsample.1", planes * 4)
-            inplanes = planes * 4
-    return shapes
-
-
-def mmdet_fcos_shapes(depth, groups=1, base_width=64, gn=True, names="v1", num_classes=80):
-    """mmdet FCOS keys: v1 predictors `fcos_*`, v2/v3 `conv_*`; spec 9 list."""
-    shapes = resnet_shapes("backbone.", depth, groups, base_width)
-    for i, channels in enumerate((512, 1024, 2048)):
-        shapes[f"neck.lateral_convs.{i}.conv.weight"] = (256, channels, 1, 1)
-        shapes[f"neck.lateral_convs.{i}.conv.bias"] = (256,)
-    for i in range(5):
-        shapes[f"neck.fpn_convs.{i}.conv.weight"] = (256, 256, 3, 3)
-        shapes[f"neck.fpn_convs.{i}.conv.bias"] = (256,)
-    for branch in ("cls_convs", "reg_convs"):
-        for i in range(4):
-            shapes[f"bbox_head.{branch}.{i}.conv.weight"] = (256, 256, 3, 3)
-            if gn:
-                shapes[f"bbox_head.{branch}.{i}.gn.weight"] = (256,)
-                shapes[f"bbox_head.{branch}.{i}.gn.bias"] = (256,)
-            else:
-                shapes[f"bbox_head.{branch}.{i}.conv.bias"] = (256,)
-    prefix = "bbox_head.fcos_" if names == "v1" else "bbox_head.conv_"
-    for name, out in (("cls", num_classes), ("reg", 4), ("centerness", 1)):
-        shapes[f"{prefix}{name}.weight"] = (out, 256, 3, 3)
-        shapes[f"{prefix}{name}.bias"] = (out,)
-    for level in range(5):
-        shapes[f"bbox_head.scales.{level}.scale"] = ()
-    return shapes
-
-
-def random_state_dict(shapes: dict, seed: int) -> dict[str, torch.Tensor]:
-    """Random values with natural magnitudes; nothing is an identity (BN stats set later)."""
-    rng = np.random.default_rng(seed)
-    sd = {}
-    for key, shape in shapes.items():
-        if key.endswith("num_batches_tracked"):
-            value = np.array(rng.integers(1, 100000), np.int64)
-        elif key.endswith(".scale"):
-            value = np.array(rng.uniform(0.6, 1.4), np.float32)
-        elif len(shape) == 4:
-            fan_in = np.prod(shape[1:])
-            predictor = "_cls." in key or "_reg." in key or "_centerness." in key
-            std = 0.01 if predictor else np.sqrt(2.0 / fan_in)
-            value = rng.standard_normal(shape, np.float32) * np.float32(std)
-        elif key.endswith("running_var"):
-            value = rng.uniform(0.5, 2.0, shape)
-        elif key.endswith("bn3.weight"):  # small residual branches, as in trained ResNets
-            value = rng.uniform(0.1, 0.3, shape)
-        elif key.endswith("weight"):  # BN / GN affine
-            value = rng.uniform(0.5, 1.5, shape)
-        else:  # conv, BN, GN biases and running means
-            value = rng.normal(0.0, 0.2, shape)
-        sd[key] = torch.from_numpy(
-            np.asarray(value, np.int64 if value.dtype == np.int64 else np.float32)
-        )
-    return sd
-
-
-# --- independent reference forward, NCHW (spec 1-3) ------------------------------------
-
-
-class Reference:
-    """FCOS forward with torch.nn.functional on a state dict, in float32 (float64 is much slower
-    on CPU; with these weights a float32 forward stays within ~1e-5 of a float64 one).
-
-    With `calibrate`, each BN first sets its running stats from this input's batch statistics,
-    perturbed (like trained stats on natural images), then applies them: activations keep
-    natural magnitudes through 100 layers and exp() in the head stays finite.
-    """
-
-    def __init__(self, sd, calibrate: bool, seed: int = 0):
-        self.sd, self.calibrate = sd, calibrate
-        self.rng = torch.Generator().manual_seed(seed)
-
-    def w(self, key):
-        return self.sd[key].float()
-
-    def conv(self, x, name, stride=1, padding=0, groups=1):
-        bias = self.w(f"{name}.bias") if f"{name}.bias" in self.sd else None
-        return F.conv2d(x, self.w(f"{name}.weight"), bias, stride, padding, groups=groups)
-
-    def bn(self, x, name):
-        if self.calibrate:
-            mean = x.mean(dim=(0, 2, 3))
-            var = x.var(dim=(0, 2, 3), unbiased=False).clamp(min=1e-2)
-            noise = torch.randn(mean.shape, generator=self.rng, dtype=torch.float64)
-            factor = torch.empty(var.shape, dtype=torch.float64).uniform_(
-                0.7, 1.4, generator=self.rng
-            )
-            self.sd[f"{name}.running_mean"] = (mean + 0.1 * var.sqrt() * noise).float()
-            self.sd[f"{name}.running_var"] = (var * factor).float()
-        return F.batch_norm(
-            x,
-            self.w(f"{name}.running_mean"),
-            self.w(f"{name}.running_var"),
-            self.w(f"{name}.weight"),
-            self.w(f"{name}.bias"),
-            training=False,
-            eps=1e-5,
-        )
-
-    def resnet(self, x, prefix, depth, style, groups):
-        """Spec 1: stem, bottlenecks (caffe: stride on conv1 1x1; pytorch: on conv2 3x3)."""
-        x = F.relu(self.bn(self.conv(x, f"{prefix}conv1", 2, 3), f"{prefix}bn1"))
-        x = F.max_pool2d(x, 3, 2, 1)
-        outs = []
-        for i, blocks in enumerate(STAGE_BLOCKS[depth]):
-            for j in range(blocks):
-                stride = 2 if i > 0 and j == 0 else 1
-                s1, s2 = (stride, 1) if style == "caffe" else (1, stride)
-                p = f"{prefix}layer{i + 1}.{j}."
-                out = F.relu(self.bn(self.conv(x, p + "conv1", s1), p + "bn1"))
-                out = F.relu(self.bn(self.conv(out, p + "conv2", s2, 1, groups), p + "bn2"))
-                out = self.bn(self.conv(out, p + "conv3"), p + "bn3")
-                if j == 0:
-                    x = self.bn(self.conv(x, p + "downsample.0", stride), p + "downsample.1")
-                x = F.relu(out + x)
-            outs.append(x)
-        return outs
-
-    def fpn(self, c3, c4, c5):
-        """Spec 2: laterals, nearest x2 top-down, 3x3 outputs, P6 on P5 out, ReLU before P7."""
-        laterals = [
-            self.conv(c, f"neck.lateral_convs.{i}.conv") for i, c in enumerate((c3, c4, c5))
-        ]
-        for i in (2, 1):
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(
-                laterals[i], scale_factor=2, mode="nearest"
-            )
-        outs = [self.conv(x, f"neck.fpn_convs.{i}.conv", 1, 1) for i, x in enumerate(laterals)]
-        p6 = self.conv(outs[2], "neck.fpn_convs.3.conv", 2, 1)
-        p7 = self.conv(F.relu(p6), "neck.fpn_convs.4.conv", 2, 1)
-        return [*outs, p6, p7]
-
-    def head(self, features, gn, predictor_prefix):
-        """Spec 3: towers (conv [+GN] + ReLU), centerness on the cls tower, exp(scale * reg)."""
-        outputs = []
-        for level, x in enumerate(features):
-            towers = {}
-            for branch in ("cls_convs", "reg_convs"):
-                y = x
-                for i in range(4):
-                    y = self.conv(y, f"bbox_head.{branch}.{i}.conv", 1, 1)
-                    if gn:
-                        name = f"bbox_head.{branch}.{i}.gn"
-                        y = F.group_norm(
-                            y, 32, self.w(f"{name}.weight"), self.w(f"{name}.bias"), 1e-5
-                        )
-                    y = F.relu(y)
-                towers[branch] = y
-            scale = self.w(f"bbox_head.scales.{level}.scale")
-            reg = self.conv(towers["reg_convs"], f"{predictor_prefix}reg", 1, 1)
-            outputs.append(
-                {
-                    "cls_logits": self.conv(towers["cls_convs"], f"{predictor_prefix}cls", 1, 1),
-                    "bbox_reg": torch.exp(scale * reg),
-                    "centerness": self.conv(
-                        towers["cls_convs"], f"{predictor_prefix}centerness", 1, 1
-                    ),
-                }
-            )
-        return outputs
-
-    def fcos(self, image_nchw, depth, style, groups, gn, predictor_prefix):
-        c2, c3, c4, c5 = self.resnet(image_nchw, "backbone.", depth, style, groups)
-        return self.head(self.fpn(c3, c4, c5), gn, predictor_prefix)
-
-
-def natural_image(h: int, w: int, seed: int) -> np.ndarray:
-    """[h, w, 3] float64 in 0..255: smooth random colour regions, a gradient and texture."""
-    rng = np.random.default_rng(seed)
-    coarse = torch.from_numpy(rng.uniform(0, 255, (1, 3, h // 16 + 2, w // 16 + 2)))
-    image = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0]
-    image = image.permute(1, 2, 0).numpy()
-    image = image + np.linspace(-30, 30, w)[None, :, None] + rng.normal(0, 8, (h, w, 3))
-    return np.clip(image, 0, 255)
-
-
-def run_case(sd, image_nhwc, depth, style, groups, gn, predictor_prefix):
-    """Calibrates BN stats on the image and returns the reference outputs, NHWC float64."""
-    ref = Reference(sd, calibrate=True)
-    x = torch.from_numpy(image_nhwc).permute(0, 3, 1, 2).float()
-    with torch.no_grad():
-        outputs = ref.fcos(x, depth, style, groups, gn, predictor_prefix)
-    return [
-        {k: v.permute(0, 2, 3, 1).double().numpy() for k, v in level.items()} for level in outputs
-    ]
-
-
-def assert_levels_match(config, variables, image_nhwc, reference):
-    """Per level and output: max |ours - ref| <= 1e-4 * max |ref|.
-
-    Runs op by op (no jit): the compiled ops are cached by shape, so the R-50 models at the same
-    image size and X-101's repeated blocks reuse them; much faster than compiling each program.
-    """
-    model = build_model(config.model)
-    variables = jax.tree.map(np.asarray, variables)  # same placement in every case: shared cache
-    outputs = model.apply(variables, jnp.asarray(image_nhwc, jnp.float32))
-    assert len(outputs) == len(reference) == 5
-    for level, (ours, ref) in enumerate(zip(outputs, reference, strict=True)):
-        for name in ("cls_logits", "bbox_reg", "centerness"):
-            got = np.asarray(ours[name], np.float64)
-            assert got.shape == ref[name].shape, (level, name)
-            assert np.all(np.isfinite(ref[name])) and np.abs(ref[name]).max() > 1e-3
-            err = np.abs(got - ref[name]).max()
-            assert err <= 1e-4 * np.abs(ref[name]).max(), (level, name, err)
+# --- mmdet --------------------------------------------------------------------------------------
+# The numerical parity of converted mmdet checkpoints (v1 R-50 GN, no-GN, v3-keyed X-101) with
+# the mmdet reference is tested through the compare CLI in test_compare.py.
 
 
 def numpy_dict(sd):
@@ -288,54 +34,20 @@ def numpy_dict(sd):
 
 
 def run_cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", "fcos_jax.convert", *map(str, args)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_module("fcos_jax.convert", *args)
 
 
-# --- mmdet parity ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def r50_gn_v1(tmp_path_factory):
-    """mmdet v1 R-50 GN file (with num_batches_tracked), converted once with the CLI."""
-    tmp = tmp_path_factory.mktemp("r50_gn")
-    sd = random_state_dict(mmdet_fcos_shapes(50, gn=True, names="v1"), seed=1)
-    bgr = natural_image(128, 160, seed=2)
-    image = (bgr - CAFFE_MEAN_BGR)[None]
-    reference = run_case(sd, image, 50, "caffe", 1, True, "bbox_head.fcos_")
-    path = tmp / "fcos_r50_caffe_fpn_gn_1x_4gpu.pth"
-    meta = {"mmcv_version": "0.2.7", "mmdet_version": "0.6.0+4bbb4a2", "epoch": 12, "iter": 1}
-    # The 2019 files predate torch's zip format: save in the legacy pickle container (spec 9).
-    torch.save({"meta": meta, "state_dict": sd}, path, _use_new_zipfile_serialization=False)
-    output = tmp / "converted"
-    proc = run_cli("--format", "mmdet", "--config", R50_GN, "--input", path, "--output", output)
-    return dict(sd=sd, image=image, reference=reference, path=path, output=output, proc=proc)
-
-
-def test_cli_converts_mmdet_v1_file_and_ignores_only_num_batches_tracked(r50_gn_v1):
-    proc = r50_gn_v1["proc"]
+def test_cli_converts_mmdet_v1_file_and_ignores_only_num_batches_tracked(mmdet_r50_gn_v1):
+    proc = mmdet_r50_gn_v1["proc"]
     assert proc.returncode == 0, proc.stderr
     assert "backbone, bbox_head, neck" in proc.stdout
     assert "num_batches_tracked" in proc.stdout
     assert "left at their initialisation" not in proc.stdout
-    assert (r50_gn_v1["output"] / "checkpoints" / "0" / "params").is_dir()
+    assert (mmdet_r50_gn_v1["output"] / "checkpoints" / "0" / "params").is_dir()
 
 
-def test_mmdet_v1_r50_gn_matches_torch_reference_per_level(r50_gn_v1):
-    config = load_config(R50_GN)
-    variables, _ = checkpoint.restore_inference(r50_gn_v1["output"], config)
-    assert_levels_match(config, variables, r50_gn_v1["image"], r50_gn_v1["reference"])
-
-
-def test_converted_meta_holds_coco_class_list_in_channel_order(r50_gn_v1):
-    _, meta = checkpoint.restore_inference(r50_gn_v1["output"], load_config(R50_GN))
+def test_converted_meta_holds_coco_class_list_in_channel_order(mmdet_r50_gn_v1):
+    _, meta = checkpoint.restore_inference(mmdet_r50_gn_v1["output"], load_config(R50_GN))
     assert meta["config_name"] == "fcos_r50_caffe_fpn_gn_1x"
     assert "fcos_r50_caffe_fpn_gn_1x_4gpu.pth" in meta["source"]
     assert len(meta["classes"]) == 80
@@ -344,38 +56,25 @@ def test_converted_meta_holds_coco_class_list_in_channel_order(r50_gn_v1):
     assert meta["classes"][-1] == [90, "toothbrush"]
 
 
-def test_classifier_bias_is_not_rotated(r50_gn_v1):
+def test_classifier_bias_is_not_rotated(mmdet_r50_gn_v1):
     # spec 9: mmdet's upgrade_model_version rotates the 1-D cls bias by one; we must not.
-    variables, _ = checkpoint.restore_inference(r50_gn_v1["output"], load_config(R50_GN))
+    variables, _ = checkpoint.restore_inference(mmdet_r50_gn_v1["output"], load_config(R50_GN))
     bias = np.asarray(variables["params"]["bbox_head"]["conv_cls"]["bias"])
-    np.testing.assert_array_equal(bias, r50_gn_v1["sd"]["bbox_head.fcos_cls.bias"].numpy())
+    np.testing.assert_array_equal(bias, mmdet_r50_gn_v1["sd"]["bbox_head.fcos_cls.bias"].numpy())
 
 
-def test_mmdet_v1_no_gn_from_safetensors_matches_reference(tmp_path):
-    sd = random_state_dict(mmdet_fcos_shapes(50, gn=False, names="v1"), seed=3)
-    sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-    image = (natural_image(128, 160, seed=4) - CAFFE_MEAN_BGR)[None]
-    reference = run_case(sd, image, 50, "caffe", 1, False, "bbox_head.fcos_")
-    path = tmp_path / "fcos_r50_caffe_fpn_1x.safetensors"
-    safetensors.numpy.save_file(numpy_dict(sd), str(path))
-    config = load_config(R50_NO_GN)
-    converted = convert_file(path, "mmdet", config)
-    assert converted.ignored == ()
-    variables = {"params": converted.params, "batch_stats": converted.batch_stats}
-    assert_levels_match(config, variables, image, reference)
-
-
-def test_mmdet_v3_names_x101_64x4d_grouped_conv_matches_reference():
-    config = load_config(X101)
+def test_mmdet_v3_names_and_x101_grouped_convs_convert():
     shapes = mmdet_fcos_shapes(101, groups=64, base_width=4, gn=True, names="v3")
     assert shapes["backbone.layer4.0.conv2.weight"] == (2048, 32, 3, 3)  # spec 1
-    sd = random_state_dict(shapes, seed=5)
-    rgb = natural_image(64, 96, seed=6)
-    image = ((rgb - IMAGENET_MEAN) / IMAGENET_STD)[None]
-    reference = run_case(sd, image, 101, "pytorch", 64, True, "bbox_head.conv_")
-    converted = convert_state_dict(numpy_dict(sd), "mmdet", config)
-    variables = {"params": converted.params, "batch_stats": converted.batch_stats}
-    assert_levels_match(config, variables, image, reference)
+    sd = numpy_dict(random_state_dict(shapes, seed=5))
+    converted = convert_state_dict(sd, "mmdet", load_config(X101))
+    assert len(converted.ignored) == sum(k.endswith("num_batches_tracked") for k in sd)
+    head = converted.params["bbox_head"]
+    np.testing.assert_array_equal(head["conv_reg"]["bias"], sd["bbox_head.conv_reg.bias"])
+    kernel = converted.params["backbone"]["layer3_22"]["conv2"]["kernel"]
+    np.testing.assert_array_equal(
+        kernel, sd["backbone.layer3.22.conv2.weight"].transpose(2, 3, 1, 0)
+    )
 
 
 # --- torchvision -------------------------------------------------------------------------------
@@ -493,8 +192,8 @@ def test_resnext101_64x4d_backbone_converts():
 
 
 @pytest.fixture(scope="module")
-def r50_gn_arrays(r50_gn_v1):
-    return numpy_dict(r50_gn_v1["sd"])
+def r50_gn_arrays(mmdet_r50_gn_v1):
+    return numpy_dict(mmdet_r50_gn_v1["sd"])
 
 
 def conversion_error(sd, fmt="mmdet", config_path=R50_GN) -> str:
@@ -596,8 +295,8 @@ def test_cli_refuses_code_running_pickle_with_exit_2(tmp_path):
     assert not marker.exists() and not (tmp_path / "o").exists()
 
 
-def test_cli_wrong_format_names_keys_and_suggests_the_right_one(r50_gn_v1, tmp_path):
-    path = r50_gn_v1["path"]
+def test_cli_wrong_format_names_keys_and_suggests_the_right_one(mmdet_r50_gn_v1, tmp_path):
+    path = mmdet_r50_gn_v1["path"]
     proc = run_cli(
         "--format",
         "torchvision",

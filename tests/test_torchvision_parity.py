@@ -286,19 +286,3 @@ def test_compare_flags_head_differences_and_unmatched_detections(setup):
         else:
             changed = {k: v[:-1] for k, v in changed.items()}
         assert compare.match_detections(changed, ref_dets), change
-
-
-def test_compare_cli_mmdet_without_mmdetection_exits_2(setup, tmp_path):
-    proc = _run(
-        [
-            "fcos_jax.compare",
-            "--format=mmdet",
-            f"--config={os.path.join(REPO, 'configs', 'fcos_r50_caffe_fpn_gn_1x.py')}",
-            f"--input={setup['pth']}",
-            str(setup["paths"]["wide"]),
-        ],
-        setup["cache_dir"],
-        check=False,
-    )
-    assert proc.returncode == 2
-    assert "mmdetection is not importable" in proc.stdout

@@ -14,29 +14,28 @@ from torchvision.models.detection import fcos_resnet50_fpn
 ACTIVE_CLASSES = (1, 3, 18, 44, 62)  # person, car, dog, bottle, chair: the channels that fire
 
 
-def random_fcos(seed: int, calibration_rgb: np.ndarray, **kwargs) -> nn.Module:
-    """`fcos_resnet50_fpn(weights=None, weights_backbone=None, **kwargs)` randomised, in eval
-    mode. calibration_rgb: [H, W, 3] uint8 RGB image for the BN statistics."""
-    torch.manual_seed(seed)
-    model = fcos_resnet50_fpn(weights=None, weights_backbone=None, **kwargs)
-    generator = torch.Generator().manual_seed(seed + 1)
-
+def _samplers(generator: torch.Generator):
     def uniform(shape, low, high):
         return low + (high - low) * torch.rand(shape, generator=generator)
 
     def normal(shape, std):
         return std * torch.randn(shape, generator=generator)
 
+    return uniform, normal
+
+
+def calibrate_batch_norms(model: nn.Module, forward, generator: torch.Generator) -> None:
+    """Every BatchNorm2d of `model` gets the running statistics of one `forward()` call in
+    training mode (cumulative average), perturbed, and a random affine; `model` ends in eval
+    mode."""
+    uniform, normal = _samplers(generator)
     batch_norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     with torch.no_grad():
-        # Running statistics from a forward pass in training mode (cumulative average).
         for bn in batch_norms:
             bn.reset_running_stats()
             bn.momentum = None
         model.train()
-        image = torch.from_numpy(calibration_rgb).permute(2, 0, 1).float() / 255
-        batch, _ = model.transform([image])
-        model.backbone(batch.tensors)
+        forward()
         model.eval()
         for bn in batch_norms:
             bn.momentum = 0.1
@@ -44,6 +43,19 @@ def random_fcos(seed: int, calibration_rgb: np.ndarray, **kwargs) -> nn.Module:
             bn.bias.copy_(normal(bn.bias.shape, 0.1))
             bn.running_mean.add_(normal(bn.running_mean.shape, 0.1) * bn.running_var.sqrt())
             bn.running_var.mul_(uniform(bn.running_var.shape, 0.8, 1.25))
+
+
+def random_fcos(seed: int, calibration_rgb: np.ndarray, **kwargs) -> nn.Module:
+    """`fcos_resnet50_fpn(weights=None, weights_backbone=None, **kwargs)` randomised, in eval
+    mode. calibration_rgb: [H, W, 3] uint8 RGB image for the BN statistics."""
+    torch.manual_seed(seed)
+    model = fcos_resnet50_fpn(weights=None, weights_backbone=None, **kwargs)
+    generator = torch.Generator().manual_seed(seed + 1)
+    uniform, normal = _samplers(generator)
+    image = torch.from_numpy(calibration_rgb).permute(2, 0, 1).float() / 255
+    batch, _ = model.transform([image])
+    calibrate_batch_norms(model, lambda: model.backbone(batch.tensors), generator)
+    with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.GroupNorm):
                 module.weight.copy_(uniform(module.weight.shape, 0.7, 1.3))
