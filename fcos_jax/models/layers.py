@@ -58,19 +58,13 @@ def _conv2d_fwd(x, kernel, stride, padding, groups):
 
 
 def _tap_kernel_gradient(patch: jax.Array, dy_rows: jax.Array, groups: int) -> jax.Array:
-    """One tap's kernel gradient: patch [N, Cin] (input pixels under the tap), dy_rows [N, Cout]
-    -> [Cin / groups, Cout], the sum over N of patch^T dy within each group."""
+    """One tap's kernel gradient -> [Cin / G, Cout]: ungrouped, patch [N, Cin] (input pixels under
+    the tap) and dy_rows [N, Cout] give patch^T dy_rows; grouped, patch [G, N, Cin / G] and
+    dy_rows [G, N, Cout / G] give per group g patch[g]^T dy_rows[g]."""
     if groups == 1:
         return jnp.matmul(patch.T, dy_rows, preferred_element_type=jnp.float32)
-    n, cin = patch.shape
-    cout = dy_rows.shape[1]
-    product = jnp.einsum(
-        "ngc,ngd->cgd",
-        patch.reshape(n, groups, cin // groups),
-        dy_rows.reshape(n, groups, cout // groups),
-        preferred_element_type=jnp.float32,
-    )
-    return product.reshape(cin // groups, cout)
+    product = jnp.einsum("gnc,gnd->cgd", patch, dy_rows, preferred_element_type=jnp.float32)
+    return product.reshape(patch.shape[-1], -1)
 
 
 def _conv2d_bwd(stride, padding, groups, residuals, dy):
@@ -78,19 +72,28 @@ def _conv2d_bwd(stride, padding, groups, residuals, dy):
     _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding, groups), x)
     (dx,) = input_vjp(dy)
     kh, kw, cin_per_group, cout = kernel.shape
-    cin = x.shape[-1]
-    out_h, out_w = dy.shape[1:3]
+    batch, out_h, out_w = dy.shape[:3]
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     dy_rows = dy.reshape(-1, cout)
+    lead = ()  # leading group axis of x and dy_rows: none, or G (group-major copies)
+    if groups > 1:
+        # Made once outside the loop ([G, B, H, W, Cin / G] and [G, N, Cout / G]), so that the
+        # batched products need no transposes per tap.
+        x = jnp.moveaxis(x.reshape(*x.shape[:3], groups, cin_per_group), 3, 0)
+        dy_rows = jnp.moveaxis(dy_rows.reshape(-1, groups, cout // groups), 1, 0)
+        lead = (groups,)
     span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
+    every = (slice(None),) * len(lead)
 
     def tap(t: jax.Array, dkernel: jax.Array) -> jax.Array:
         """dkernel[t] = sum over (b, h, w) of x_pad[b, s*h + i, s*w + j, :]^T dy[b, h, w, :]
         within each group, (i, j) = divmod(t, kw)."""
         i, j = t // kw, t % kw
-        window = lax.dynamic_slice(x, (0, i, j, 0), (x.shape[0], span_h, span_w, cin))
-        patch = window[:, ::stride, ::stride].reshape(-1, cin)
-        product = _tap_kernel_gradient(patch, dy_rows, groups)
+        window = lax.dynamic_slice(
+            x, (0,) * len(lead) + (0, i, j, 0), lead + (batch, span_h, span_w, cin_per_group)
+        )
+        patch = window[every + (slice(None), slice(None, None, stride), slice(None, None, stride))]
+        product = _tap_kernel_gradient(patch.reshape(*lead, -1, cin_per_group), dy_rows, groups)
         return lax.dynamic_update_index_in_dim(dkernel, product, t, 0)
 
     # A loop, not kh * kw independent products: each tap's slice of x is a copy the size of x, and
