@@ -39,22 +39,97 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups
     )
 
 
+# Narrow groups (at most this many input and output channels each) take the tap-sum path.
+TAP_SUM_MAX_GROUP_WIDTH = 8
+
+
+def _grouped_tap_sum(x: jax.Array, weights: jax.Array, stride: int, out_hw: tuple[int, int]):
+    """Grouped correlation as one elementwise sum over taps and input channels, groups minor.
+
+    x: [B, Hp, Wp, Cin/G, G] (already padded), weights: [kh, kw, Cin/G, Cout/G, G]
+    -> [B, H', W', Cout/G, G]. Each of the kh * kw * Cin/G terms multiplies a strided window of one
+    input channel of every group by the matching kernel column of every group; with the groups as
+    the minor axis XLA:CPU vectorises the sum over them (about 5x faster than its grouped
+    convolution for 64 groups of 4 or 8 channels, where its per-group products are too small).
+    """
+    kh, kw, cin_per_group = weights.shape[:3]
+    out_h, out_w = out_hw
+    span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
+    y = 0.0
+    for i in range(kh):
+        for j in range(kw):
+            window = x[:, i : i + span_h : stride, j : j + span_w : stride]
+            for c in range(cin_per_group):
+                y = y + window[:, :, :, c : c + 1, :] * weights[i, j, c]
+    return y
+
+
+def _groups_minor(x: jax.Array, groups: int) -> jax.Array:
+    """[B, H, W, C] (channel g * C/G + c) -> [B, H, W, C/G, G]."""
+    return x.reshape(*x.shape[:3], groups, -1).swapaxes(3, 4)
+
+
+def _groups_major(x: jax.Array) -> jax.Array:
+    """[B, H, W, C/G, G] -> [B, H, W, C] (channel g * C/G + c)."""
+    return x.swapaxes(3, 4).reshape(*x.shape[:3], -1)
+
+
+def _uses_tap_sum(kernel_shape: tuple[int, ...], groups: int) -> bool:
+    _, _, cin_per_group, cout = kernel_shape
+    width = max(cin_per_group, cout // groups)
+    return groups > 1 and width <= TAP_SUM_MAX_GROUP_WIDTH
+
+
+def _tap_sum_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int):
+    """The grouped convolution `conv2d` computes, as `_grouped_tap_sum` (same values up to the
+    order of float sums)."""
+    kh, kw, cin_per_group, cout = kernel.shape
+    out_h = (x.shape[1] + 2 * padding - kh) // stride + 1
+    out_w = (x.shape[2] + 2 * padding - kw) // stride + 1
+    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0), (0, 0))
+    x = jnp.pad(_groups_minor(x, groups), pad)
+    weights = kernel.reshape(kh, kw, cin_per_group, groups, -1).swapaxes(3, 4)
+    return _groups_major(_grouped_tap_sum(x, weights, stride, (out_h, out_w)))
+
+
+def _tap_sum_input_gradient(dy, kernel, stride, padding, groups, in_hw):
+    """dx of `_tap_sum_conv`: the transposed convolution, as a stride-1 tap sum over dy dilated by
+    the stride and padded (kernel flipped, input and output channels of each group swapped)."""
+    kh, kw, cin_per_group, cout = kernel.shape
+    out_h, out_w = dy.shape[1:3]
+    pads = []
+    for size, out, k in ((in_hw[0], out_h, kh), (in_hw[1], out_w, kw)):
+        low = k - 1 - padding
+        pads.append((low, size + k - 1 - low - (stride * (out - 1) + 1), stride - 1))
+    zero = jnp.zeros((), dy.dtype)
+    dy = lax.pad(_groups_minor(dy, groups), zero, ((0, 0, 0), *pads, (0, 0, 0), (0, 0, 0)))
+    weights = kernel.reshape(kh, kw, cin_per_group, groups, -1).transpose(0, 1, 4, 2, 3)
+    return _groups_major(_grouped_tap_sum(dy, weights[::-1, ::-1], 1, in_hw))
+
+
+def _conv_forward(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int):
+    if _uses_tap_sum(kernel.shape, groups):
+        return _tap_sum_conv(x, kernel, stride, padding, groups)
+    return _xla_conv(x, kernel, stride, padding, groups)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv2d(
     x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int = 1
 ) -> jax.Array:
     """NHWC x HWIO convolution, symmetric zero padding, `groups` feature groups; forward and input
-    gradient are XLA's, the kernel gradient is a sum of per-tap matrix products (module docstring).
+    gradient are XLA's (narrow groups: `_grouped_tap_sum`), the kernel gradient is a sum of per-tap
+    matrix products (module docstring).
 
     x: [B, H, W, Cin], kernel: [k, k, Cin / groups, Cout] -> [B, H', W', Cout],
     H' = (H + 2p - k) // s + 1; output channels [g * Cout / groups, (g + 1) * Cout / groups) see
     only input channels [g * Cin / groups, (g + 1) * Cin / groups).
     """
-    return _xla_conv(x, kernel, stride, padding, groups)
+    return _conv_forward(x, kernel, stride, padding, groups)
 
 
 def _conv2d_fwd(x, kernel, stride, padding, groups):
-    return _xla_conv(x, kernel, stride, padding, groups), (x, kernel)
+    return _conv_forward(x, kernel, stride, padding, groups), (x, kernel)
 
 
 def _tap_kernel_gradient(patch: jax.Array, dy_rows: jax.Array, groups: int) -> jax.Array:
@@ -69,8 +144,11 @@ def _tap_kernel_gradient(patch: jax.Array, dy_rows: jax.Array, groups: int) -> j
 
 def _conv2d_bwd(stride, padding, groups, residuals, dy):
     x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding, groups), x)
-    (dx,) = input_vjp(dy)
+    if _uses_tap_sum(kernel.shape, groups):
+        dx = _tap_sum_input_gradient(dy, kernel, stride, padding, groups, x.shape[1:3])
+    else:
+        _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding, groups), x)
+        (dx,) = input_vjp(dy)
     kh, kw, cin_per_group, cout = kernel.shape
     batch, out_h, out_w = dy.shape[:3]
     x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
