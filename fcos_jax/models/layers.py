@@ -9,7 +9,10 @@ XLA:CPU than its weight-gradient convolution (3x3, 256->256 at 2x100x168: 0.35 s
 the same temporary memory. Grouped kernels (ResNeXt's 64 groups) take the same per-tap loop, each
 tap one matrix product per group batched over the groups: XLA:CPU's grouped weight-gradient
 convolution is about 200x slower (64 groups of 4 channels at 2x80x80: 47 s vs 0.23 s of CPU
-time). Forward values are XLA's convolution, unchanged.
+time). Narrow groups (at most 8 channels: ResNeXt-64x4d's stages 1 and 2) also run forward and
+input gradient as an elementwise sum over taps and channels with the groups as the minor axis
+(`_grouped_tap_sum`), about 5x faster there than XLA:CPU's grouped convolution. Other forward
+values are XLA's convolution, unchanged.
 """
 
 import functools
