@@ -11,7 +11,8 @@ from fcos_jax.models.layers import Conv, max_pool
 # (height, width, in channels, out channels, kernel, stride, padding, groups): odd sizes so strided
 # outputs drop border rows; 1x1 takes the einsum path, larger kernels the custom kernel gradient;
 # grouped cases have ResNeXt's 3x3 shape at group widths 4, 8 and 2 -> 3 (output width unequal
-# to input width, so a transposed group layout would show): the tap-sum path; at 16 XLA's.
+# to input width, so a transposed group layout would show): 4 and 2 -> 3 take the tap-sum path,
+# 8 and 16 XLA's.
 CASES = [
     (9, 12, 5, 7, 3, 1, 1, 1),
     (10, 13, 4, 6, 3, 2, 1, 1),

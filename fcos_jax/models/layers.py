@@ -9,10 +9,10 @@ XLA:CPU than its weight-gradient convolution (3x3, 256->256 at 2x100x168: 0.35 s
 the same temporary memory. Grouped kernels (ResNeXt's 64 groups) take the same per-tap loop, each
 tap one matrix product per group batched over the groups: XLA:CPU's grouped weight-gradient
 convolution is about 200x slower (64 groups of 4 channels at 2x80x80: 47 s vs 0.23 s of CPU
-time). Narrow groups (at most 8 channels: ResNeXt-64x4d's stages 1 and 2) also run forward and
-input gradient as an elementwise sum over taps and channels with the groups as the minor axis
-(`_grouped_tap_sum`), about 5x faster there than XLA:CPU's grouped convolution. Other forward
-values are XLA's convolution, unchanged.
+time). Narrow groups (at most 4 channels: ResNeXt-64x4d's stage 1) also run forward and input
+gradient as an elementwise sum over taps and channels with the groups as the minor axis
+(`_grouped_tap_sum`), about 2x faster there than XLA:CPU's grouped convolution inside the
+backbone. Other forward values are XLA's convolution, unchanged.
 """
 
 import functools
@@ -42,8 +42,11 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups
     )
 
 
-# Narrow groups (at most this many input and output channels each) take the tap-sum path.
-TAP_SUM_MAX_GROUP_WIDTH = 8
+# Narrow groups (at most this many input and output channels each) take the tap-sum path. In the
+# X-101 backbone forward at 1x256x448 it halved stage 1's grouped convolutions (64 groups of 4) but
+# made stage 2's (64 of 8) 2.5x slower: there the transpose back to channel order, fused into the
+# following BN + ReLU, turns the groups-minor loads into strided ones.
+TAP_SUM_MAX_GROUP_WIDTH = 4
 
 
 def _grouped_tap_sum(x: jax.Array, weights: jax.Array, stride: int, out_hw: tuple[int, int]):
@@ -52,7 +55,7 @@ def _grouped_tap_sum(x: jax.Array, weights: jax.Array, stride: int, out_hw: tupl
     x: [B, Hp, Wp, Cin/G, G] (already padded), weights: [kh, kw, Cin/G, Cout/G, G]
     -> [B, H', W', Cout/G, G]. Each of the kh * kw * Cin/G terms multiplies a strided window of one
     input channel of every group by the matching kernel column of every group; with the groups as
-    the minor axis XLA:CPU vectorises the sum over them (about 5x faster than its grouped
+    the minor axis XLA:CPU vectorises the sum over them (alone about 5x faster than its grouped
     convolution for 64 groups of 4 or 8 channels, where its per-group products are too small).
     """
     kh, kw, cin_per_group = weights.shape[:3]
