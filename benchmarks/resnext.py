@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,10 +34,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import timed  # noqa: E402
+from train_step import MARK, run_command  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "fcos_mstrain_640_800_x101_64x4d_fpn_gn_2x.py"
-MARK = "RESULT "
 MODES = ("forward", "backward")
 
 
@@ -174,14 +173,7 @@ def run_worker(side: str, mode: str, size: str, args, weights: Path, output: Pat
         "--weights", str(weights), "--output", str(output), "--runs", str(args.runs),
         "--torch-threads", str(args.torch_threads),
     ]  # fmt: skip
-    load = os.getloadavg()[0]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{side} {mode} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[-1][len(MARK) :])
-    result["load"] = (load, os.getloadavg()[0])
-    return result
+    return run_command(command, env, f"{side} {mode}")
 
 
 def best_round(rounds: list[dict]) -> dict:

@@ -286,11 +286,17 @@ def run_worker(side: str, args) -> dict:
         "--height", str(args.height), "--width", str(args.width),
         "--torch-threads", str(args.torch_threads),
     ]  # fmt: skip
+    return run_command(command, env, side)
+
+
+def run_command(command: list[str], env: dict, label: str) -> dict:
+    """Runs a worker; returns its last `RESULT` json line, with the load average before and after
+    (`load`); exits naming `label` and the end of its stderr if it failed."""
     load = os.getloadavg()[0]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
     if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{side} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{label} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(lines[-1][len(MARK) :])
     result["load"] = (load, os.getloadavg()[0])
     return result
