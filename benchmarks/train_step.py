@@ -1,4 +1,4 @@
-"""Train-step speed on CPU: our FCOS R-50 train step (JAX, one jit) against torchvision's.
+"""Train-step speed on CPU: our FCOS train step (JAX, one jit) against torchvision's.
 
   .venv/bin/python benchmarks/train_step.py [--config configs/fcos_r50_caffe_fpn_gn_1x.py]
       [--steps 5] [--warmup 2] [--rounds 1] [--height 800] [--width 1344] [--batch 2]
@@ -15,6 +15,10 @@ speed is compared, not values.
                `resnet50(norm_layer=FrozenBatchNorm2d)`, `_resnet_fpn_extractor(...,
                trainable_layers=3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7)`, 91
                classes; `weights=None` alone would give trainable BatchNorm2d in every stage.
+               The trunk is the one `--config` names (`TORCH_TRUNKS`: resnet50, resnet101,
+               resnext101_64x4d for the X-101 row...), trainable from the stage after the config's
+               `frozen_stages`. FrozenBatchNorm2d has no trainable affine: for configs whose BN
+               affine trains (X-101) our step updates those few vectors too.
                `min_size=800, max_size=1344` so its transform keeps the 800x1344 input;
                channels_last, 2 threads; `model(images, targets)`, `loss.backward()`, `SGD.step()`.
 
@@ -189,22 +193,41 @@ def optimizer_labels(config, params) -> int:
     return int(np.sum(jax.tree.leaves(sizes)))
 
 
+# (depth, groups, base width) of our config -> torchvision's ImageNet builder of the same trunk
+TORCH_TRUNKS = {
+    (50, 1, 64): "resnet50",
+    (101, 1, 64): "resnet101",
+    (101, 32, 8): "resnext101_32x8d",
+    (101, 64, 4): "resnext101_64x4d",
+}
+
+
 def torch_worker(args) -> dict:
     import torch
     import torchvision
-    from torchvision.models import resnet50
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.models.detection.fcos import FCOS
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
     from torchvision.ops.misc import FrozenBatchNorm2d
 
+    sys.path.insert(0, str(REPO))
+    from fcos_jax.config_io import load_config
+
+    b = load_config(REPO / args.config).model.backbone
+    trunk = TORCH_TRUNKS.get((b.depth, b.groups, b.base_width))
+    if trunk is None:
+        raise SystemExit(f"{args.config}: no torchvision trunk for backbone {b.to_dict()}")
     torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
-    # fcos_resnet50_fpn(weights=COCO_V1) without the download: FrozenBatchNorm2d, 3 trainable
-    # stages (layer2..4), P6/P7 from P5, 91 classes.
-    backbone = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    # fcos_resnet50_fpn(weights=COCO_V1) without the download, on the config's trunk:
+    # FrozenBatchNorm2d, the stages our config trains (layer2..4 at frozen_stages=1), P6/P7 from
+    # P5, 91 classes.
+    backbone = getattr(torchvision.models, trunk)(weights=None, norm_layer=FrozenBatchNorm2d)
     backbone = _resnet_fpn_extractor(
-        backbone, 3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256)
+        backbone,
+        4 - b.frozen_stages,
+        returned_layers=[2, 3, 4],
+        extra_blocks=LastLevelP6P7(256, 256),
     )
     model = FCOS(backbone, 91, min_size=args.height, max_size=args.width)
     model = model.to(memory_format=torch.channels_last)
@@ -269,11 +292,17 @@ def run_worker(side: str, args) -> dict:
         "--height", str(args.height), "--width", str(args.width),
         "--torch-threads", str(args.torch_threads), "--accumulate", str(args.accumulate),
     ]  # fmt: skip
+    return run_command(command, env, side)
+
+
+def run_command(command: list[str], env: dict, label: str) -> dict:
+    """Runs a worker; returns its last `RESULT` json line, with the load average before and after
+    (`load`); exits naming `label` and the end of its stderr if it failed."""
     load = os.getloadavg()[0]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
     if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{side} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{label} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(lines[-1][len(MARK) :])
     result["load"] = (load, os.getloadavg()[0])
     return result
@@ -304,7 +333,7 @@ def report(ours: dict, theirs: dict, args) -> None:
         return {"median": t["step"]["median"] - t["forward+loss"]["median"], "min": float("nan")}
 
     print(
-        f"\nFCOS R-50 train step ({args.config}), global batch {args.batch}, "
+        f"\nFCOS train step ({args.config}), global batch {args.batch}, "
         f"{args.height}x{args.width}, float32, CPU ({os.cpu_count()} cores), median (min) of "
         f"{args.steps} steps after {args.warmup} warm-up (best of {args.rounds} round(s)), "
         "seconds; ratio = ours / torchvision"

@@ -8,23 +8,30 @@ import torch
 
 from fcos_jax.models.layers import Conv, max_pool
 
-# (height, width, in channels, out channels, kernel, stride, padding): odd sizes so strided
-# outputs drop border rows; 1x1 takes the einsum path, larger kernels the custom kernel gradient.
+# (height, width, in channels, out channels, kernel, stride, padding, groups): odd sizes so strided
+# outputs drop border rows; 1x1 takes the einsum path, larger kernels the custom kernel gradient;
+# grouped cases have ResNeXt's 3x3 shape at group widths 4, 8 and 2 -> 3 (output width unequal
+# to input width, so a transposed group layout would show): 4 and 2 -> 3 take the tap-sum path,
+# 8 and 16 XLA's.
 CASES = [
-    (9, 12, 5, 7, 3, 1, 1),
-    (10, 13, 4, 6, 3, 2, 1),
-    (17, 15, 3, 8, 7, 2, 3),
-    (8, 8, 4, 4, 3, 1, 0),
-    (11, 9, 6, 5, 1, 2, 0),
+    (9, 12, 5, 7, 3, 1, 1, 1),
+    (10, 13, 4, 6, 3, 2, 1, 1),
+    (17, 15, 3, 8, 7, 2, 3, 1),
+    (8, 8, 4, 4, 3, 1, 0, 1),
+    (11, 9, 6, 5, 1, 2, 0, 1),
+    (9, 12, 16, 16, 3, 1, 1, 4),
+    (10, 13, 32, 32, 3, 2, 1, 4),
+    (11, 10, 8, 12, 3, 2, 1, 4),
+    (7, 9, 32, 32, 3, 2, 1, 2),
 ]
 
 
-@pytest.mark.parametrize("h, w, cin, cout, k, stride, padding", CASES)
-def test_conv_value_and_gradients_match_torch(h, w, cin, cout, k, stride, padding):
-    rng = np.random.default_rng(k * 100 + stride)
+@pytest.mark.parametrize("h, w, cin, cout, k, stride, padding, groups", CASES)
+def test_conv_value_and_gradients_match_torch(h, w, cin, cout, k, stride, padding, groups):
+    rng = np.random.default_rng(k * 100 + stride * 10 + groups)
     x = rng.normal(size=(2, h, w, cin)).astype(np.float32)
-    kernel = rng.normal(size=(k, k, cin, cout)).astype(np.float32)
-    conv = Conv(cout, k, stride, padding)
+    kernel = rng.normal(size=(k, k, cin // groups, cout)).astype(np.float32)
+    conv = Conv(cout, k, stride, padding, groups)
 
     def apply(x_, kernel_):
         return conv.apply({"params": {"kernel": kernel_}}, x_)
@@ -37,7 +44,7 @@ def test_conv_value_and_gradients_match_torch(h, w, cin, cout, k, stride, paddin
 
     tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
     tk = torch.tensor(kernel.transpose(3, 2, 0, 1), requires_grad=True)
-    ty = torch.nn.functional.conv2d(tx, tk, stride=stride, padding=padding)
+    ty = torch.nn.functional.conv2d(tx, tk, stride=stride, padding=padding, groups=groups)
     (ty * torch.tensor(dy.transpose(0, 3, 1, 2))).sum().backward()
 
     def close(ours, theirs):
