@@ -93,15 +93,27 @@ def max_pool(x: jax.Array, kernel_size: int, stride: int, padding: int) -> jax.A
     return _max_pool_forward(x, kernel_size, stride, padding)
 
 
+def _padded_taps(x, kernel_size, stride, padding):
+    """x [B, H, W, C] padded with -inf, and its k*k window taps in row-major order: tap (i, j) is
+    [B, H', W', C], the element at row i, column j of every output's window."""
+    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    x_pad = jnp.pad(x, pad, constant_values=-jnp.inf)
+    out_h = (x_pad.shape[1] - kernel_size) // stride + 1
+    out_w = (x_pad.shape[2] - kernel_size) // stride + 1
+    span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
+    taps = [
+        x_pad[:, i : i + span_h : stride, j : j + span_w : stride]
+        for i in range(kernel_size)
+        for j in range(kernel_size)
+    ]
+    return x_pad, taps
+
+
 def _max_pool_forward(x, kernel_size, stride, padding):
-    return lax.reduce_window(
-        x,
-        -jnp.inf,
-        lax.max,
-        (1, kernel_size, kernel_size, 1),
-        (1, stride, stride, 1),
-        ((0, 0), (padding, padding), (padding, padding), (0, 0)),
-    )
+    # The maximum of the k*k strided taps, not `lax.reduce_window`: the same values, and ONNX
+    # export (jax2onnx) turns an NHWC reduce_window into a 4-d MaxPool that onnxruntime rejects.
+    _, taps = _padded_taps(x, kernel_size, stride, padding)
+    return functools.reduce(jnp.maximum, taps)
 
 
 def _max_pool_fwd(x, kernel_size, stride, padding):
@@ -109,21 +121,18 @@ def _max_pool_fwd(x, kernel_size, stride, padding):
 
 
 def _max_pool_bwd(kernel_size, stride, padding, x, dy):
-    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-    x_pad = jnp.pad(x, pad, constant_values=-jnp.inf)
+    x_pad, taps = _padded_taps(x, kernel_size, stride, padding)
     out_h, out_w = dy.shape[1:3]
     span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
-    taps = [(i, j) for i in range(kernel_size) for j in range(kernel_size)]
     # The winning tap is chosen here from x alone, not by comparing with the forward's output:
     # XLA may recompute x inside different fusions with different rounding, and an equality test
     # against the forward's maximum could then drop or move a gradient.
-    windows = jnp.stack(
-        [x_pad[:, i : i + span_h : stride, j : j + span_w : stride] for i, j in taps]
-    )
+    windows = jnp.stack(taps)
     first = jnp.argmax(windows, axis=0)  # first maximum in row-major window order
     zero = jnp.zeros((), dy.dtype)
     dx_pad = jnp.zeros(x_pad.shape, dy.dtype)
-    for t, (i, j) in enumerate(taps):
+    for t in range(kernel_size * kernel_size):
+        i, j = divmod(t, kernel_size)
         placed = lax.pad(
             jnp.where(first == t, dy, zero),
             zero,
