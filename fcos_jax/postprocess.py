@@ -186,7 +186,10 @@ def _pair_candidates(
         pairs = _top_pairs(
             jnp.where(passes, select, -jnp.inf), min(nms_pre, select.shape[0]), sort_top_k
         )
-        point, label = pairs // num_classes, pairs % num_classes
+        # Truncating division and a product, not // and %: the same for these non-negative
+        # indices, and jax2onnx cannot convert an integer remainder with a symbolic batch.
+        point = lax.div(pairs, jnp.int32(num_classes))
+        label = pairs - point * num_classes
         if mode == "torchvision":
             pair_score = select[pairs]
         else:
