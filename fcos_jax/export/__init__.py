@@ -12,6 +12,7 @@ imports neither TensorFlow nor jax2onnx.
 from fcos_jax.export.serving import (
     INPUT_NAMES,
     OUTPUT_NAMES,
+    check_canvas,
     default_canvas,
     serving_function,
     serving_inputs,
@@ -23,6 +24,7 @@ __all__ = [
     "FORMATS",
     "INPUT_NAMES",
     "OUTPUT_NAMES",
+    "check_canvas",
     "default_canvas",
     "export_detector",
     "serving_function",

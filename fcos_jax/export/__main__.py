@@ -43,6 +43,7 @@ def main(argv: list[str]) -> None:
         raise FileExistsError(f"--output: {_OUTPUT.value} exists (remove it or choose another)")
     default_h, default_w = export.default_canvas(config)
     canvas_hw = (_HEIGHT.value or default_h, _WIDTH.value or default_w)
+    export.check_canvas(config, canvas_hw)  # before the (slow) restore
     detector = inference.Detector.from_config(config, _CHECKPOINT.value)  # CheckpointError
     output = export.export_detector(detector, _FORMAT.value, _OUTPUT.value, canvas_hw, _BATCH.value)
     batch = "symbolic" if _BATCH.value is None else _BATCH.value

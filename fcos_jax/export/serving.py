@@ -47,6 +47,16 @@ def default_canvas(config: Any) -> tuple[int, int]:
     return canvas.default_canvases([(max(scale), min(scale))], divisor)[0]
 
 
+def check_canvas(config: Any, canvas_hw: tuple[int, int]) -> None:
+    """ValueError unless both canvas sides are positive multiples of preprocess.size_divisor."""
+    divisor = int(config.preprocess.size_divisor)
+    if len(canvas_hw) != 2 or any(int(side) < 1 or int(side) % divisor for side in canvas_hw):
+        raise ValueError(
+            f"canvas: height and width must be positive multiples of preprocess.size_divisor "
+            f"({divisor}), got {tuple(canvas_hw)}"
+        )
+
+
 def _divide(x: jax.Array, divisor: jax.Array) -> jax.Array:
     """x / divisor as a true IEEE division, as NumPy does in `preprocess` (without the barrier
     XLA may multiply by the reciprocal instead, 1 ulp off for some values)."""

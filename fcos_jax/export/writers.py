@@ -18,7 +18,13 @@ from pathlib import Path
 
 import jax
 
-from fcos_jax.export.serving import INPUT_NAMES, OUTPUT_NAMES, input_specs, serving_function
+from fcos_jax.export.serving import (
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    check_canvas,
+    input_specs,
+    serving_function,
+)
 from fcos_jax.inference import Detector
 
 FORMATS = ("stablehlo", "savedmodel", "onnx")
@@ -111,12 +117,7 @@ def export_detector(
     directory for savedmodel) for images on the canvas (H, W); batch None = symbolic."""
     if fmt not in WRITERS:
         raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
-    divisor = int(detector.config.preprocess.size_divisor)
-    if any(int(side) < 1 or int(side) % divisor for side in canvas_hw):
-        raise ValueError(
-            f"canvas: height and width must be positive multiples of preprocess.size_divisor "
-            f"({divisor}), got {tuple(canvas_hw)}"
-        )
+    check_canvas(detector.config, canvas_hw)
     if batch is not None and batch < 1:
         raise ValueError(f"batch: expected >= 1 (or none for a symbolic batch), got {batch}")
     output = Path(output)
