@@ -26,6 +26,7 @@ from fcos_jax.export.serving import (
     serving_function,
 )
 from fcos_jax.inference import Detector
+from fcos_jax.models import layers
 
 FORMATS = ("stablehlo", "savedmodel", "onnx")
 PLATFORMS = ("cpu", "cuda")
@@ -92,14 +93,15 @@ def write_onnx(
         jax.ShapeDtypeStruct((BATCH_DIM if batch is None else batch, *spec.shape[1:]), spec.dtype)
         for spec in input_specs(detector.config, canvas_hw, 1)
     ]
-    model = to_onnx(
-        serving_function(detector, weights_barrier=False),
-        specs,
-        model_name="fcos",
-        opset=ONNX_OPSET,
-        input_names=list(INPUT_NAMES),
-        output_names=list(OUTPUT_NAMES),
-    )
+    with layers.max_pool_as_taps():
+        model = to_onnx(
+            serving_function(detector, weights_barrier=False),
+            specs,
+            model_name="fcos",
+            opset=ONNX_OPSET,
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+        )
     onnx.save_model(model, str(output))
 
 

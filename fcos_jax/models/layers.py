@@ -9,6 +9,8 @@ XLA:CPU than its weight-gradient convolution (3x3, 256->256 at 2x100x168: 0.35 s
 the same temporary memory. Forward values are XLA's convolution, unchanged.
 """
 
+import contextlib
+import contextvars
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -78,7 +80,6 @@ def _conv2d_bwd(stride, padding, residuals, dy):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x: jax.Array, kernel_size: int, stride: int, padding: int) -> jax.Array:
     """Max pooling with PyTorch semantics: -inf padding, and the gradient of each output goes to
     the first maximum of its window in row-major order (torch.nn.functional.max_pool2d's index),
@@ -90,7 +91,7 @@ def max_pool(x: jax.Array, kernel_size: int, stride: int, padding: int) -> jax.A
     padding; XLA's own max-pool gradient (a variadic reduce-window over index iotas, then a
     scatter) took about a fifth of a from-scratch ResNet-18 training step on XLA:CPU.
     """
-    return _max_pool_forward(x, kernel_size, stride, padding)
+    return _max_pool(x, kernel_size, stride, padding, _POOL_AS_TAPS.get())
 
 
 def _padded_taps(x, kernel_size, stride, padding):
@@ -109,18 +110,49 @@ def _padded_taps(x, kernel_size, stride, padding):
     return x_pad, taps
 
 
-def _max_pool_forward(x, kernel_size, stride, padding):
-    # The maximum of the k*k strided taps, not `lax.reduce_window`: the same values, and ONNX
-    # export (jax2onnx) turns an NHWC reduce_window into a 4-d MaxPool that onnxruntime rejects.
-    _, taps = _padded_taps(x, kernel_size, stride, padding)
-    return functools.reduce(jnp.maximum, taps)
+# Set (at trace time) by `max_pool_as_taps`: the ONNX export's forward formulation.
+_POOL_AS_TAPS = contextvars.ContextVar("max_pool_as_taps", default=False)
 
 
-def _max_pool_fwd(x, kernel_size, stride, padding):
-    return _max_pool_forward(x, kernel_size, stride, padding), x
+@contextlib.contextmanager
+def max_pool_as_taps():
+    """Within this context, `max_pool` traces its forward as the maximum of the k*k strided
+    taps instead of `lax.reduce_window`: the same values, and what ONNX export needs (jax2onnx
+    turns an NHWC reduce_window into a 4-d MaxPool that onnxruntime rejects). Not the default:
+    on XLA:CPU the taps took ~1.8x the time of reduce_window (a padded copy per call)."""
+    token = _POOL_AS_TAPS.set(True)
+    try:
+        yield
+    finally:
+        _POOL_AS_TAPS.reset(token)
 
 
-def _max_pool_bwd(kernel_size, stride, padding, x, dy):
+def _max_pool_forward(x, kernel_size, stride, padding, as_taps):
+    if as_taps:
+        _, taps = _padded_taps(x, kernel_size, stride, padding)
+        return functools.reduce(jnp.maximum, taps)
+    return lax.reduce_window(
+        x,
+        -jnp.inf,
+        lax.max,
+        (1, kernel_size, kernel_size, 1),
+        (1, stride, stride, 1),
+        ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+    )
+
+
+# as_taps is a static argument, not read from the context in here: JAX caches the trace of a
+# custom_vjp function per static arguments, so a switch read inside could be ignored.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool(x, kernel_size, stride, padding, as_taps):
+    return _max_pool_forward(x, kernel_size, stride, padding, as_taps)
+
+
+def _max_pool_fwd(x, kernel_size, stride, padding, as_taps):
+    return _max_pool_forward(x, kernel_size, stride, padding, as_taps), x
+
+
+def _max_pool_bwd(kernel_size, stride, padding, as_taps, x, dy):
     x_pad, taps = _padded_taps(x, kernel_size, stride, padding)
     out_h, out_w = dy.shape[1:3]
     span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
@@ -148,7 +180,7 @@ def _max_pool_bwd(kernel_size, stride, padding, x, dy):
     return (dx_pad[:, padding : padding + h, padding : padding + w],)
 
 
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class Conv(nn.Module):
