@@ -1,11 +1,12 @@
 # Quick start: `make demo` trains and evaluates the built-in shapes detector; `make test` runs the
 # tests. Both create or update .venv first (runtime requirements for the demo, plus the
-# development requirements — torch, pytest — for the tests).
+# development requirements — torch, pytest — and the ONNX export requirements for the tests).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
+EXPORT_STAMP := $(VENV)/.export-installed
 DEMO_WORKDIR := workdirs/shapes
 DEMO_OUT := outputs/shapes_demo
 DEMO_IMAGES := $(addprefix .data/fcos_shapes/seed0_n1000-200_side256-320/validation/,000001.jpg 000002.jpg 000003.jpg 000004.jpg)
@@ -22,7 +23,13 @@ $(DEV_STAMP): requirements-dev.txt $(RUNTIME_STAMP)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-venv: $(DEV_STAMP)
+# jax2onnx's declared dependencies conflict with our orbax pin and are not what it imports:
+# installed from the pinned list without resolution (requirements-export.txt says why).
+$(EXPORT_STAMP): requirements-export.txt $(RUNTIME_STAMP)
+	$(PY) -m pip install --quiet --no-deps -r requirements-export.txt
+	touch $@
+
+venv: $(DEV_STAMP) $(EXPORT_STAMP)
 
 demo: $(RUNTIME_STAMP)
 	$(PY) train.py --config configs/shapes.py --workdir $(DEMO_WORKDIR)
@@ -30,7 +37,7 @@ demo: $(RUNTIME_STAMP)
 		--output $(DEMO_OUT)/detections.json --draw $(DEMO_OUT) $(DEMO_IMAGES)
 	@echo "drawn detections: $(DEMO_OUT)/*.png"
 
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) $(EXPORT_STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(DEV_STAMP)

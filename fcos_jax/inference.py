@@ -5,9 +5,11 @@
         dets["boxes"], dets["scores"], dets["names"]  # boxes: [N, 4] xyxy, original pixels
 
 Images go through `fcos_jax.preprocess` (the mode's reference transform, padded to a multiple of
-32), images of equal padded shape are batched, and the forward pass and the post-processing run
-as two jitted programs per padded shape (compiled once; `test.compilation_cache_dir` or JAX's own
-`JAX_COMPILATION_CACHE_DIR` keeps compilations across runs). Never imports TensorFlow or torch.
+32, or with `data.eval_pad = 'canvas'` into the smallest canvas that holds them, as evaluation
+pads: `fcos_jax.canvas`), images of equal padded shape are batched, and the forward pass and the
+post-processing run as two jitted programs per padded shape (compiled once;
+`test.compilation_cache_dir` or JAX's own `JAX_COMPILATION_CACHE_DIR` keeps compilations across
+runs). Never imports TensorFlow or torch.
 """
 
 import functools
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fcos_jax import checkpoint, compile_cache, postprocess, preprocess, sharding
+from fcos_jax import canvas, checkpoint, compile_cache, postprocess, preprocess, sharding
 from fcos_jax.classes import ClassList, class_list, from_meta, resolve_num_classes
 from fcos_jax.config_io import load_config
 from fcos_jax.models import build_model
@@ -83,6 +85,7 @@ class Detector:
         self._category_ids = np.array([cid for cid, _ in self.classes], dtype=np.int64)
         self._names = np.array([name for _, name in self.classes], dtype=object)
         self.mode = config.test.postprocess
+        self.canvases = canvas.eval_canvases(config)  # None: pad to a multiple of size_divisor
         self._detect = functools.partial(
             postprocess.detect, **postprocess.options_from_config(config)
         )
@@ -109,8 +112,14 @@ class Detector:
     # ----------------------------------------------------------------------------------------
 
     def preprocess(self, image: ImageSource, name: str = "image") -> dict[str, np.ndarray]:
-        """One image -> `fcos_jax.preprocess.preprocess` output for this detector's config."""
-        return preprocess.preprocess(image, self.config.preprocess, self.mode, name=name)
+        """One image -> `fcos_jax.preprocess.preprocess` output for this detector's config, its
+        image zero padded into its canvas in canvas mode (`data.eval_pad = 'canvas'`)."""
+        item = preprocess.preprocess(image, self.config.preprocess, self.mode, name=name)
+        if self.canvases is not None:
+            padded_hw = np.asarray([item["image"].shape[:2]])
+            choice = int(canvas.assign_canvases(padded_hw, self.canvases, [name])[0])
+            item["image"] = canvas.pad_to(item["image"], self.canvases[choice], name)
+        return item
 
     def detect_batch(
         self,

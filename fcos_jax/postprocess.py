@@ -102,19 +102,24 @@ def _divide_boxes(boxes: jax.Array, divisor: jax.Array) -> jax.Array:
     return boxes / lax.optimization_barrier(jnp.broadcast_to(divisor, boxes.shape))
 
 
-def _top_k_indices(key: jax.Array, k: int) -> jax.Array:
+def _top_k_indices(key: jax.Array, k: int, sort_top_k: bool) -> jax.Array:
     """Indices [k] of the k largest entries of key [N], largest first, ties to the lower index.
 
     The optimization barrier keeps XLA from folding later slices of the result into the sort
     that top_k is written as; when that happens XLA:CPU no longer recognises the top-k and runs
-    a full sort (about 30x slower for 270k entries)."""
+    a full sort (about 30x slower for 270k entries). `sort_top_k`: take the same indices from a
+    full stable sort instead of `lax.top_k`, for runtimes that cannot read `chlo.top_k` (TF
+    2.21's reader of the StableHLO that jax 0.10 writes)."""
+    if sort_top_k:
+        index = jnp.arange(key.shape[0], dtype=jnp.int32)
+        return lax.sort((-key, index), num_keys=1, is_stable=True)[1][:k]
     return lax.optimization_barrier(lax.top_k(key, k)[1])
 
 
-def _top_pairs(pair_key: jax.Array, k: int) -> jax.Array:
+def _top_pairs(pair_key: jax.Array, k: int, sort_top_k: bool) -> jax.Array:
     """Flat (point*K + class) indices of the top-k keys, ties to the lower index, returned in
     ascending index order (so candidate order stays (point, class))."""
-    return jnp.sort(_top_k_indices(pair_key, k))
+    return jnp.sort(_top_k_indices(pair_key, k, sort_top_k))
 
 
 def _mmdet_v1_candidates(
@@ -124,6 +129,7 @@ def _mmdet_v1_candidates(
     strides: Sequence[int],
     nms_pre: int,
     score_thr: float,
+    sort_top_k: bool,
 ) -> _Candidates:
     box_table, box_index, scores, labels, valid = [], [], [], [], []
     rows_so_far = 0
@@ -134,7 +140,7 @@ def _mmdet_v1_candidates(
         num_points, num_classes = cls.shape
         if num_points > nms_pre:
             point_score = jnp.max(cls * ctr[:, None], axis=1)
-            keep = jnp.sort(_top_k_indices(point_score, nms_pre))
+            keep = jnp.sort(_top_k_indices(point_score, nms_pre, sort_top_k))
             cls, ctr, ltrb, points = cls[keep], ctr[keep], ltrb[keep], points[keep]
             num_points = nms_pre
         level_boxes = box_ops.decode_ltrb(points, ltrb)
@@ -161,6 +167,7 @@ def _pair_candidates(
     nms_pre: int,
     score_thr: float,
     mode: str,
+    sort_top_k: bool,
 ) -> _Candidates:
     """Per level: threshold the selection score of each (point, class) pair, keep the top nms_pre
     pairs by it, decode and clip to [0, w] x [0, h] (no +1). mmdet_v3 selects by raw cls and
@@ -176,8 +183,13 @@ def _pair_candidates(
         else:
             select = cls.reshape(-1)
         passes = select > score_thr
-        pairs = _top_pairs(jnp.where(passes, select, -jnp.inf), min(nms_pre, select.shape[0]))
-        point, label = pairs // num_classes, pairs % num_classes
+        pairs = _top_pairs(
+            jnp.where(passes, select, -jnp.inf), min(nms_pre, select.shape[0]), sort_top_k
+        )
+        # Truncating division and a product, not // and %: the same for these non-negative
+        # indices, and jax2onnx cannot convert an integer remainder with a symbolic batch.
+        point = lax.div(pairs, jnp.int32(num_classes))
+        label = pairs - point * num_classes
         if mode == "torchvision":
             pair_score = select[pairs]
         else:
@@ -218,6 +230,7 @@ def _greedy_nms(
     max_det: int,
     chunk_size: int,
     page_size: int,
+    sort_top_k: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact class-aware greedy NMS of one image's candidates.
 
@@ -256,23 +269,33 @@ def _greedy_nms(
         # it reaches the (unique) greedy answer, usually after a few passes.
         suppresses = overlaps(boxes, labels, boxes, labels) & later_in_chunk
 
+        # The loop carries int32, not bool: vmapped, the loop selects its carry per image, and
+        # onnxruntime has no bool `Where` for the ONNX export of that select.
         def step(carry):
             alive, _ = carry
-            new = alive0 & ~jnp.any(alive[:, None] & suppresses, axis=0)
-            return new, jnp.any(new != alive)
+            new = alive0 & ~jnp.any((alive > 0)[:, None] & suppresses, axis=0)
+            return new.astype(jnp.int32), jnp.any(new != (alive > 0)).astype(jnp.int32)
 
-        alive, _ = lax.while_loop(lambda c: c[1], step, (alive0, jnp.array(True)))
+        alive, _ = lax.while_loop(
+            lambda c: c[1] > 0, step, (alive0.astype(jnp.int32), jnp.int32(1))
+        )
+        alive = alive > 0
         rank = num_kept + jnp.cumsum(alive.astype(jnp.int32)) - 1
-        target = jnp.where(alive & (rank < max_det), rank, max_det)  # max_det: dropped
-        kept_idx = kept_idx.at[target].set(idx, mode="drop")
-        kept_boxes = kept_boxes.at[target].set(boxes, mode="drop")
-        kept_labels = kept_labels.at[target].set(labels, mode="drop")
+        # Slot s takes the survivor of rank s. Written as a one-hot select and a gather rather
+        # than a scatter: vmapped, a scatter carries batching dimensions that ONNX export
+        # (jax2onnx) cannot convert; the result is the same.
+        writes = (alive & (rank < max_det))[:, None] & (rank[:, None] == slots[None, :])
+        written = jnp.any(writes, axis=0)
+        writer = jnp.argmax(writes, axis=0)  # [max_det] the unique writer of each written slot
+        kept_idx = jnp.where(written, idx[writer], kept_idx)
+        kept_boxes = jnp.where(written[:, None], boxes[writer], kept_boxes)
+        kept_labels = jnp.where(written, labels[writer], kept_labels)
         num_kept = jnp.minimum(num_kept + jnp.sum(alive.astype(jnp.int32)), max_det)
         return num_kept, kept_idx, kept_boxes, kept_labels
 
     def walk(order, num_in_order, kept):
         """Visit order[:num_in_order] chunk by chunk until max_det are kept."""
-        order = jnp.pad(order, (0, -order.shape[0] % chunk))
+        last = order.shape[0] - 1
 
         def cond(carry):
             start, kept = carry
@@ -280,7 +303,10 @@ def _greedy_nms(
 
         def body(carry):
             start, kept = carry
-            idx = lax.dynamic_slice(order, (start,), (chunk,))
+            # A last partial chunk repeats the final entry; in_order masks the repeats. (No
+            # padded copy of the order: ONNX export cannot pad inside a loop with a symbolic
+            # batch.)
+            idx = order[jnp.minimum(start + in_chunk, last)]
             in_order = start + in_chunk < num_in_order
             return start + chunk, take_chunk(idx, in_order, kept)
 
@@ -297,7 +323,7 @@ def _greedy_nms(
             (cands.scores > last_score)
             | ((cands.scores == last_score) & (cand_index <= last_index))
         )
-        page_order = _top_k_indices(jnp.where(visited, -jnp.inf, select_key), page)
+        page_order = _top_k_indices(jnp.where(visited, -jnp.inf, select_key), page, sort_top_k)
         kept = walk(page_order, jnp.minimum(page, num_valid - num_visited), kept)
         last = page_order[page - 1]
         return num_visited + page, cands.scores[last], last, kept
@@ -369,13 +395,16 @@ def _detect_single(
     chunk_size: int,
     page_size: int,
     batched_nms_device: str,
+    sort_top_k: bool,
 ) -> dict[str, jax.Array]:
     image_hw = image_hw.astype(jnp.float32)
     scale = scale.astype(jnp.float32)
     if mode == "mmdet_v1":
-        cands = _mmdet_v1_candidates(levels, image_hw, scale, strides, nms_pre, score_thr)
+        cands = _mmdet_v1_candidates(
+            levels, image_hw, scale, strides, nms_pre, score_thr, sort_top_k
+        )
     else:
-        cands = _pair_candidates(levels, image_hw, strides, nms_pre, score_thr, mode)
+        cands = _pair_candidates(levels, image_hw, strides, nms_pre, score_thr, mode, sort_top_k)
     if mode == "mmdet_v3":
         # mmdet v3 rescales before NMS by multiplying with 1/scale_factor (= original / resized),
         # then drops empty boxes.
@@ -394,7 +423,13 @@ def _detect_single(
         nms_cands = cands
     threshold = _float32_threshold(nms_iou, compare_as_float64=mode == "torchvision")
     kept_idx, num_kept = _greedy_nms(
-        nms_cands, threshold, mode == "mmdet_v1", max_per_img, chunk_size, page_size
+        nms_cands,
+        threshold,
+        mode == "mmdet_v1",
+        max_per_img,
+        chunk_size,
+        page_size,
+        sort_top_k,
     )
     valid = jnp.arange(max_per_img) < num_kept
     det_boxes = cands.box_table[cands.box_index[kept_idx]]
@@ -424,6 +459,7 @@ def _detect_single(
         "chunk_size",
         "page_size",
         "batched_nms_device",
+        "sort_top_k",
     ),
 )
 def _detect_jit(head_outputs, image_hw, scale, original_hw, **static):
@@ -446,6 +482,7 @@ def detect(
     chunk_size: int = 64,
     page_size: int = 2048,
     batched_nms_device: str = "cpu",
+    sort_top_k: bool = False,
 ) -> dict[str, jax.Array]:
     """Detections of a batch (jitted, fixed shapes).
 
@@ -463,6 +500,8 @@ def detect(
       'exact' always compares unshifted boxes.
     chunk_size, page_size: how many candidates the NMS loop resolves per step and orders per
       top-k (speed only, never the result).
+    sort_top_k: order candidates with full stable sorts instead of `lax.top_k` (same result,
+      slower; for runtimes that cannot read `chlo.top_k`, see `_top_k_indices`).
 
     Returns dict with D = max_per_img rows per image, sorted by score descending, invalid rows 0:
       boxes [B, D, 4] float32 xyxy in original image pixels, scores [B, D] float32,
@@ -518,6 +557,7 @@ def detect(
         chunk_size=int(chunk_size),
         page_size=int(page_size),
         batched_nms_device=batched_nms_device,
+        sort_top_k=bool(sort_top_k),
     )
 
 

@@ -12,7 +12,8 @@ class channels (labels), category_ids and names, sorted by score.
 `bbox_reg_{l}` (l, t, r, b distances in network-input pixels), `centerness_{l}`, l = 0..4) as an
 .npz file.
 All logic lives in `fcos_jax.inference`; config fields can be overridden (`--config.test.score_thr
-=0.3`).
+=0.3`). `--config.data.eval_pad=canvas` pads every image into its canvas (as evaluation's canvas
+mode and the exported artifacts do) instead of to the next multiple of 32.
 """
 
 import json

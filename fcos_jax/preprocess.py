@@ -140,6 +140,25 @@ def mmdet_rescale_size(h: int, w: int, scale: Any) -> tuple[int, int, float]:
     return int(h * factor + 0.5), int(w * factor + 0.5), factor
 
 
+def resize_mmdet(image: np.ndarray, scale: Any) -> tuple[np.ndarray, float]:
+    """mmcv `imrescale` of one [H, W, C] uint8 image (any channel order: cv2 resizes each channel
+    alike): `cv2.resize` INTER_LINEAR to `mmdet_rescale_size`. Returns (resized [h, w, C] uint8,
+    the scale factor). The exported detectors (fcos_jax.export) take this image, RGB, as input.
+
+    Raises ValueError when the image resizes to nothing."""
+    h, w = image.shape[:2]
+    new_h, new_w, factor = mmdet_rescale_size(h, w, scale)
+    if new_h < 1 or new_w < 1:
+        raise ValueError(f"image of size {h}x{w} resizes to an empty {new_h}x{new_w} image")
+    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR), factor
+
+
+def _mmdet_scale_yx(original_hw, resized_hw, factor: float, single_scale: bool):
+    """mmdet v1 divides boxes by the float factor (single_scale), v2/v3 by each axis's ratio."""
+    (h, w), (new_h, new_w) = original_hw, resized_hw
+    return (factor, factor) if single_scale else (new_h / h, new_w / w)
+
+
 def preprocess_mmdet(
     image_bgr: np.ndarray,
     *,
@@ -159,10 +178,8 @@ def preprocess_mmdet(
     Returns image [Hp, Wp, 3] float32 (padded), image_hw [2] int32 (resized, unpadded),
     scale [2] float64 (y, x), original_hw [2] int32."""
     h, w = image_bgr.shape[:2]
-    new_h, new_w, factor = mmdet_rescale_size(h, w, scale)
-    if new_h < 1 or new_w < 1:
-        raise ValueError(f"image of size {h}x{w} resizes to an empty {new_h}x{new_w} image")
-    resized = cv2.resize(image_bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    resized, factor = resize_mmdet(image_bgr, scale)
+    new_h, new_w = resized.shape[:2]
     if to_rgb:
         resized = resized[:, :, ::-1]
     pixels = resized.astype(np.float32)
@@ -171,7 +188,7 @@ def preprocess_mmdet(
     mean = np.asarray(mean, dtype=np.float32)
     std = np.asarray(std, dtype=np.float32)
     normalised = (pixels - mean) / std
-    scale_yx = (factor, factor) if single_scale else (new_h / h, new_w / w)
+    scale_yx = _mmdet_scale_yx((h, w), (new_h, new_w), factor, single_scale)
     padded = pad_to_multiple(normalised, size_divisor)
     return _output(padded, (new_h, new_w), scale_yx, (h, w))
 
@@ -283,3 +300,32 @@ def preprocess(
             size_divisor=p.size_divisor,
         )
     raise ValueError(f"preprocess.resize: expected one of {RESIZE_MODES}, got {p.resize!r}")
+
+
+def serving_image(
+    image: ImageSource, preprocess_config: Any, postprocess_mode: str, name: str = "image"
+) -> dict[str, np.ndarray]:
+    """One image -> what the exported detectors (`fcos_jax.export`) take for it, before it is
+    placed on their canvas.
+
+    `mmdet` resize: image [h, w, 3] uint8 **RGB** resized by `resize_mmdet` (the artifact
+    normalises it, in BGR order for caffe configs). `torchvision` resize: image [h, w, 3] float32,
+    normalised and resized exactly as `preprocess_torchvision` does (torchvision normalises before
+    its float resize, which a resized uint8 image cannot reproduce).
+    image_hw [2] int32 = (h, w), scale [2] float64 (y, x) and original_hw [2] int32 as
+    `preprocess` gives them."""
+    p = preprocess_config
+    if p.resize == "torchvision":
+        out = preprocess(image, p, postprocess_mode, name)
+        new_h, new_w = (int(v) for v in out["image_hw"])
+        out["image"] = out["image"][:new_h, :new_w]
+        return out
+    if p.resize != "mmdet":
+        raise ValueError(f"preprocess.resize: expected one of {RESIZE_MODES}, got {p.resize!r}")
+    rgb = load_rgb(image, name)
+    resized, factor = resize_mmdet(rgb, p.scale)
+    original_hw, resized_hw = rgb.shape[:2], resized.shape[:2]
+    single = postprocess_mode in _SINGLE_SCALE_MODES
+    return _output(
+        resized, resized_hw, _mmdet_scale_yx(original_hw, resized_hw, factor, single), original_hw
+    )

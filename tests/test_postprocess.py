@@ -41,11 +41,15 @@ _nms = jax.jit(
 )
 
 
-@pytest.mark.parametrize("mode", ["mmdet_v1", "mmdet_v3", "torchvision"])
-def test_detect_matches_numpy_reference_on_random_heads(mode):
+@pytest.mark.parametrize(
+    "mode, sort_top_k",
+    [("mmdet_v1", False), ("mmdet_v3", False), ("torchvision", False), ("mmdet_v1", True)],
+)
+def test_detect_matches_numpy_reference_on_random_heads(mode, sort_top_k):
     # Small chunks and pages so that the NMS walks several of each (the hand-made cases below
-    # run the default sizes).
-    max_det, chunk_size, page_size = 10, 4, 16
+    # run the default sizes); chunks of 3 do not divide the pages. sort_top_k: every top-k as
+    # a full sort (the SavedModel export's formulation).
+    max_det, chunk_size, page_size = 10, 3, 16
     head = random_head(
         seed={"mmdet_v1": 1, "mmdet_v3": 2, "torchvision": 3}[mode], batch=3, num_classes=4
     )
@@ -70,6 +74,7 @@ def test_detect_matches_numpy_reference_on_random_heads(mode):
         original_hw=original_hw if use_original else None,
         chunk_size=chunk_size,
         page_size=page_size,
+        sort_top_k=sort_top_k,
         **settings,
     )
     out = jax.tree.map(np.asarray, out)
@@ -203,20 +208,21 @@ def test_boxes_crossing_the_image_border_are_clipped_to_the_unpadded_image(mode,
     np.testing.assert_array_equal(out["boxes"][0], F32(expected))
 
 
-def test_tied_scores_keep_the_lower_point_then_the_lower_class():
+@pytest.mark.parametrize("sort_top_k", [False, True])
+def test_tied_scores_keep_the_lower_point_then_the_lower_class(sort_top_k):
     # All 12 (point, class) logits equal: one score. Boxes of size 4 around each point never
     # overlap. Order must be (p0,c0), (p0,c1), (p1,c0), (p1,c1), (p2,c0), ...
     reg, logits = np.full((2, 3, 4), 2, F32), np.ones((2, 3, 2), F32)
-    out = run_hand("torchvision", logits, reg)
+    out = run_hand("torchvision", logits, reg, sort_top_k=sort_top_k)
     np.testing.assert_array_equal(out["labels"], [0, 1, 0, 1, 0])
     np.testing.assert_array_equal(out["boxes"][:, 0], [0, 0, 6, 6, 14])  # points x 0, 0, 8, 8, 16
     # Per-level top-k ties also go to the lower (point, class) index: the top 3 pairs.
-    out = run_hand("torchvision", logits, reg, nms_pre=3)
+    out = run_hand("torchvision", logits, reg, nms_pre=3, sort_top_k=sort_top_k)
     np.testing.assert_array_equal(out["valid"], [True, True, True, False, False])
     np.testing.assert_array_equal(out["labels"][:3], [0, 1, 0])
     np.testing.assert_array_equal(out["boxes"][:3, 0], [0, 0, 6])
     # mmdet_v1 keeps the top points (ties: lower point) before thresholding pairs.
-    out = run_hand("mmdet_v1", logits, reg, nms_pre=2)
+    out = run_hand("mmdet_v1", logits, reg, nms_pre=2, sort_top_k=sort_top_k)
     np.testing.assert_array_equal(out["valid"], [True, True, True, True, False])
     np.testing.assert_array_equal(out["labels"][:4], [0, 1, 0, 1])
     np.testing.assert_array_equal(out["boxes"][:4, 0], [2, 2, 10, 10])  # points x 4, 4, 12, 12

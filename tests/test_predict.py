@@ -171,6 +171,37 @@ def test_head_outputs_have_the_level_shapes_of_the_padded_input(detector, images
     assert all(np.all(lv["bbox_reg"] > 0) for lv in levels)  # exp(scale * x)
 
 
+def test_canvas_mode_pads_each_image_into_its_orientation_canvas(detector, images):
+    """data.eval_pad = 'canvas' (as evaluation pads): images of different padded sizes share a
+    canvas (one compiled program), landscape and portrait take their own, and the detections
+    are those of the reference input zero padded into the canvas by hand."""
+    config = tiny_config()
+    config.data.eval_pad = "canvas"  # scale (160, 96): canvases 96x160 and 160x96
+    canvas_detector = inference.Detector(config, detector.variables)
+    rgbs = [natural_image(90, 130, 1), natural_image(90, 100, 2), natural_image(140, 70, 3)]
+    assert [canvas_detector.preprocess(r)["image"].shape[:2] for r in rgbs] == [
+        (96, 160),
+        (96, 160),
+        (160, 96),
+    ]
+    assert detector.preprocess(rgbs[1])["image"].shape[:2] == (96, 128)  # next multiple of 32
+    found = canvas_detector(rgbs, batch_size=2)
+    for rgb, dets, canvas_hw in zip(rgbs, found, [(96, 160), (96, 160), (160, 96)], strict=True):
+        item = preprocess.preprocess(rgb, config.preprocess, "mmdet_v1")
+        h, w = item["image"].shape[:2]
+        padded = np.pad(item["image"], ((0, canvas_hw[0] - h), (0, canvas_hw[1] - w), (0, 0)))
+        ref = canvas_detector.detect_batch(
+            padded[None], item["image_hw"][None], item["scale"][None], item["original_hw"][None]
+        )
+        n = int(ref["valid"][0].sum())
+        assert n == len(dets["scores"]) > 0
+        np.testing.assert_allclose(dets["boxes"], ref["boxes"][0, :n], atol=1e-4)
+        np.testing.assert_allclose(dets["scores"], ref["scores"][0, :n], atol=1e-6)
+    config.data.canvases = ((96, 96),)
+    with pytest.raises(ValueError, match=r"data.canvases.*images\[0\]"):
+        inference.Detector(config, detector.variables)(rgbs[:1])
+
+
 def test_bad_inputs_raise_errors_naming_them(detector, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         detector([tmp_path / "missing.jpg"])

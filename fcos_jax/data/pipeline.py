@@ -45,6 +45,13 @@ import tensorflow as tf
 
 from fcos_jax import classes as class_lists
 from fcos_jax import preprocess
+from fcos_jax.canvas import (
+    assign_canvases,
+    check_canvases,
+    default_canvases,
+    eval_canvases,
+    round_up,
+)
 from fcos_jax.data import annotations, sources, transforms
 
 log = logging.getLogger(__name__)
@@ -163,31 +170,6 @@ def prepare_examples(
 # Canvases
 
 
-def _round_up(x: int, divisor: int) -> int:
-    return -(-int(x) // divisor) * divisor
-
-
-def default_canvases(scales: Sequence[tuple[int, int]], size_divisor: int) -> list[tuple[int, int]]:
-    """Landscape (short, long) and portrait (long, short) of the largest scale, rounded up to
-    `size_divisor`; one canvas when they coincide."""
-    long_side = _round_up(max(s[0] for s in scales), size_divisor)
-    short_side = _round_up(max(s[1] for s in scales), size_divisor)
-    canvases = [(short_side, long_side), (long_side, short_side)]
-    return sorted(set(canvases), key=canvases.index)
-
-
-def check_canvases(canvases: Any, size_divisor: int) -> list[tuple[int, int]]:
-    out = []
-    for c in canvases:
-        if len(c) != 2 or any(int(v) < 1 or int(v) % size_divisor for v in c):
-            raise ValueError(
-                f"data.canvases: expected (H, W) pairs of multiples of {size_divisor}, got "
-                f"{canvases}"
-            )
-        out.append((int(c[0]), int(c[1])))
-    return out
-
-
 def largest_resized_hw(
     original_hw: np.ndarray, scales: Sequence[tuple[int, int]], mode: str, resize_mode: str
 ) -> np.ndarray:
@@ -199,25 +181,6 @@ def largest_resized_hw(
             nh, nw, _ = transforms.resized_size(h, w, scale, resize_mode)
             out[i] = np.maximum(out[i], (nh, nw))
     return out
-
-
-def assign_canvases(
-    max_hw: np.ndarray, canvases: Sequence[tuple[int, int]], filenames: Sequence[str]
-) -> np.ndarray:
-    """[N] int: the smallest-area canvas (ties: the first listed) holding each image's max_hw."""
-    table = np.asarray(canvases, np.int64)  # [C, 2]
-    fits = (max_hw[:, None, :] <= table[None, :, :]).all(-1)  # [N, C]
-    area = table[:, 0] * table[:, 1]
-    cost = np.where(fits, area[None, :], np.iinfo(np.int64).max)
-    choice = np.argmin(cost, axis=1)
-    missing = ~fits.any(axis=1)
-    if missing.any():
-        i = int(np.flatnonzero(missing)[0])
-        raise ValueError(
-            f"data.canvases: no canvas in {list(canvases)} holds {filenames[i]} resized to "
-            f"{tuple(max_hw[i])}"
-        )
-    return choice
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,7 +577,7 @@ def plan_evaluation(
     padded = []
     for h, w in examples.original_hw.tolist():
         nh, nw, _ = transforms.resized_size(h, w, p.scale, p.resize)
-        padded.append((_round_up(nh, divisor), _round_up(nw, divisor)))
+        padded.append((round_up(nh, divisor), round_up(nw, divisor)))
     padded = np.asarray(padded, np.int64).reshape(-1, 2)
     if canvases:
         choice = assign_canvases(padded, canvases, examples.filenames)
@@ -662,17 +625,7 @@ class EvalPipeline:
             training=False,
             where=f"{self.source.name} {self.source.split}",
         )
-        canvases = None
-        if config.data.eval_pad == "canvas":
-            divisor = int(config.preprocess.size_divisor)
-            scale = tuple(int(v) for v in config.preprocess.scale)
-            canvases = check_canvases(config.data.canvases, divisor) or default_canvases(
-                [(max(scale), min(scale))], divisor
-            )
-        elif config.data.eval_pad != "multiple":
-            raise ValueError(
-                f"data.eval_pad: expected 'multiple' or 'canvas', got {config.data.eval_pad!r}"
-            )
+        canvases = eval_canvases(config)
         self.steps = plan_evaluation(self.examples, config, self.global_batch_size, canvases)
         self.num_steps = len(self.steps)
 

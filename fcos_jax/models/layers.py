@@ -15,6 +15,8 @@ gradient as an elementwise sum over taps and channels with the groups as the min
 backbone. Other forward values are XLA's convolution, unchanged.
 """
 
+import contextlib
+import contextvars
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -189,7 +191,6 @@ def _conv2d_bwd(stride, padding, groups, residuals, dy):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x: jax.Array, kernel_size: int, stride: int, padding: int) -> jax.Array:
     """Max pooling with PyTorch semantics: -inf padding, and the gradient of each output goes to
     the first maximum of its window in row-major order (torch.nn.functional.max_pool2d's index),
@@ -201,10 +202,46 @@ def max_pool(x: jax.Array, kernel_size: int, stride: int, padding: int) -> jax.A
     padding; XLA's own max-pool gradient (a variadic reduce-window over index iotas, then a
     scatter) took about a fifth of a from-scratch ResNet-18 training step on XLA:CPU.
     """
-    return _max_pool_forward(x, kernel_size, stride, padding)
+    return _max_pool(x, kernel_size, stride, padding, _POOL_AS_TAPS.get())
 
 
-def _max_pool_forward(x, kernel_size, stride, padding):
+def _padded_taps(x, kernel_size, stride, padding):
+    """x [B, H, W, C] padded with -inf, and its k*k window taps in row-major order: tap (i, j) is
+    [B, H', W', C], the element at row i, column j of every output's window."""
+    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    x_pad = jnp.pad(x, pad, constant_values=-jnp.inf)
+    out_h = (x_pad.shape[1] - kernel_size) // stride + 1
+    out_w = (x_pad.shape[2] - kernel_size) // stride + 1
+    span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
+    taps = [
+        x_pad[:, i : i + span_h : stride, j : j + span_w : stride]
+        for i in range(kernel_size)
+        for j in range(kernel_size)
+    ]
+    return x_pad, taps
+
+
+# Set (at trace time) by `max_pool_as_taps`: the ONNX export's forward formulation.
+_POOL_AS_TAPS = contextvars.ContextVar("max_pool_as_taps", default=False)
+
+
+@contextlib.contextmanager
+def max_pool_as_taps():
+    """Within this context, `max_pool` traces its forward as the maximum of the k*k strided
+    taps instead of `lax.reduce_window`: the same values, and what ONNX export needs (jax2onnx
+    turns an NHWC reduce_window into a 4-d MaxPool that onnxruntime rejects). Not the default:
+    on XLA:CPU the taps took ~1.8x the time of reduce_window (a padded copy per call)."""
+    token = _POOL_AS_TAPS.set(True)
+    try:
+        yield
+    finally:
+        _POOL_AS_TAPS.reset(token)
+
+
+def _max_pool_forward(x, kernel_size, stride, padding, as_taps):
+    if as_taps:
+        _, taps = _padded_taps(x, kernel_size, stride, padding)
+        return functools.reduce(jnp.maximum, taps)
     return lax.reduce_window(
         x,
         -jnp.inf,
@@ -215,26 +252,30 @@ def _max_pool_forward(x, kernel_size, stride, padding):
     )
 
 
-def _max_pool_fwd(x, kernel_size, stride, padding):
-    return _max_pool_forward(x, kernel_size, stride, padding), x
+# as_taps is a static argument, not read from the context in here: JAX caches the trace of a
+# custom_vjp function per static arguments, so a switch read inside could be ignored.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _max_pool(x, kernel_size, stride, padding, as_taps):
+    return _max_pool_forward(x, kernel_size, stride, padding, as_taps)
 
 
-def _max_pool_bwd(kernel_size, stride, padding, x, dy):
-    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-    x_pad = jnp.pad(x, pad, constant_values=-jnp.inf)
+def _max_pool_fwd(x, kernel_size, stride, padding, as_taps):
+    return _max_pool_forward(x, kernel_size, stride, padding, as_taps), x
+
+
+def _max_pool_bwd(kernel_size, stride, padding, as_taps, x, dy):
+    x_pad, taps = _padded_taps(x, kernel_size, stride, padding)
     out_h, out_w = dy.shape[1:3]
     span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
-    taps = [(i, j) for i in range(kernel_size) for j in range(kernel_size)]
     # The winning tap is chosen here from x alone, not by comparing with the forward's output:
     # XLA may recompute x inside different fusions with different rounding, and an equality test
     # against the forward's maximum could then drop or move a gradient.
-    windows = jnp.stack(
-        [x_pad[:, i : i + span_h : stride, j : j + span_w : stride] for i, j in taps]
-    )
+    windows = jnp.stack(taps)
     first = jnp.argmax(windows, axis=0)  # first maximum in row-major window order
     zero = jnp.zeros((), dy.dtype)
     dx_pad = jnp.zeros(x_pad.shape, dy.dtype)
-    for t, (i, j) in enumerate(taps):
+    for t in range(kernel_size * kernel_size):
+        i, j = divmod(t, kernel_size)
         placed = lax.pad(
             jnp.where(first == t, dy, zero),
             zero,
@@ -250,7 +291,7 @@ def _max_pool_bwd(kernel_size, stride, padding, x, dy):
     return (dx_pad[:, padding : padding + h, padding : padding + w],)
 
 
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class Conv(nn.Module):
