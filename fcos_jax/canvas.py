@@ -2,8 +2,10 @@
 
 Training always pads into canvases (`data.canvases`, default landscape and portrait of the largest
 training scale); evaluation, prediction and the exported detectors do when `data.eval_pad` is
-'canvas' (default canvases from `preprocess.scale`). An image goes to the smallest-area canvas
-that holds it. NumPy only: used by the data pipeline, `inference.Detector` and `fcos_jax.export`.
+'canvas', into landscape and portrait of the test scale (`preprocess.scale`), whatever the
+training canvases are: an exported artifact of either canvas then detects what evaluation and
+`Detector` detect. An image goes to the smallest-area canvas that holds it. NumPy only: used by
+the data pipeline, `inference.Detector` and `fcos_jax.export`.
 """
 
 from collections.abc import Sequence
@@ -64,8 +66,9 @@ def assign_canvases(
 
 def eval_canvases(config: Any) -> list[tuple[int, int]] | None:
     """The canvases of evaluation and prediction: None for `data.eval_pad = 'multiple'` (each
-    image padded to the next multiple of `preprocess.size_divisor`), else `data.canvases` or
-    landscape and portrait of `preprocess.scale`."""
+    image padded to the next multiple of `preprocess.size_divisor`), else landscape and portrait
+    of `preprocess.scale` rounded up to the divisor (the training canvases, `data.canvases`,
+    belong to the training scales)."""
     if config.data.eval_pad == "multiple":
         return None
     if config.data.eval_pad != "canvas":
@@ -74,9 +77,7 @@ def eval_canvases(config: Any) -> list[tuple[int, int]] | None:
         )
     divisor = int(config.preprocess.size_divisor)
     scale = tuple(int(v) for v in config.preprocess.scale)
-    return check_canvases(config.data.canvases, divisor) or default_canvases(
-        [(max(scale), min(scale))], divisor
-    )
+    return default_canvases([(max(scale), min(scale))], divisor)
 
 
 def pad_to(image: np.ndarray, canvas_hw: tuple[int, int], name: str = "image") -> np.ndarray:

@@ -102,7 +102,8 @@ def get_base_config() -> ml_collections.ConfigDict:
             canvases=(),
             min_image_side=32,  # mmdet v1: training images with a shorter side are dropped
             # Evaluation padding: multiple (next multiple of size_divisor, exactly as predict) or
-            # canvas (the training canvases: fewer compiles, outputs near borders change).
+            # canvas (landscape and portrait of preprocess.scale: fewer compiles, outputs near
+            # borders change; the canvases of exported artifacts).
             eval_pad="multiple",
             prefetch=2,  # batches prepared ahead of the training/eval loop
             num_parallel_calls=-1,  # images decoded in parallel; -1 = tf.data AUTOTUNE

@@ -18,9 +18,10 @@ Training (DESIGN.md, Conventions: the epoch plan):
      built with that state yields exactly the batch the saved run would have yielded next.
 
 Evaluation: every image of the split, in index order, grouped by padded shape (the next multiple
-of `size_divisor`, as `predict` pads; `data.eval_pad='canvas'` pads to the training canvases
-instead). Each image goes through `fcos_jax.preprocess.preprocess`, the very function `predict`
-calls (cv2 decode and resize for the mmdet modes), so the pixels are identical. The last batch of
+of `size_divisor`, as `predict` pads; `data.eval_pad='canvas'` pads to landscape and portrait
+canvases of the test scale instead). Each image goes through `fcos_jax.preprocess.preprocess`, the
+very function `predict` calls (cv2 decode and resize for the mmdet modes), so the pixels are
+identical. The last batch of
 a shape is filled with dummies marked `example_valid=False`: no image is dropped or repeated.
 
 Batch dict (this process's slice, NumPy; `sharding.to_global` makes global arrays of it):
