@@ -1,7 +1,9 @@
 """Shared fixtures. torch is imported before anything can import TensorFlow (stack_notes.md)."""
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,17 @@ import torch  # noqa: F401  (must precede tensorflow; see stack_notes.md)
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def pytest_configure(config):
+    """One JAX persistent compilation cache for the whole run, inherited by every subprocess
+    (train.py, eval.py, predict, export...): the CLI tests start the same tiny model in a few
+    dozen processes, and each would otherwise compile the same programs again. Set before JAX
+    is imported; removed at the end. A `test.compilation_cache_dir` a test sets still wins."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        directory = tempfile.mkdtemp(prefix="fcos_jax_tests_xla_cache_")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+        config.add_cleanup(lambda: shutil.rmtree(directory, ignore_errors=True))
 
 
 @pytest.fixture(scope="session")
