@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from fcos_jax.models import layers
 from fcos_jax.models.layers import Conv, max_pool
 
 # (height, width, in channels, out channels, kernel, stride, padding, groups): odd sizes so strided
-# outputs drop border rows; 1x1 takes the einsum path, larger kernels the custom kernel gradient;
+# outputs drop border rows; 1x1 takes the einsum path, larger kernels the custom kernel gradient
+# (with at most 4 input channels, as the 7x7 stem on RGB and the 4 -> 6 case, XLA's own);
 # grouped cases have ResNeXt's 3x3 shape at group widths 4, 8 and 2 -> 3 (output width unequal
 # to input width, so a transposed group layout would show): 4 and 2 -> 3 take the tap-sum path,
 # 8 and 16 XLA's.
@@ -28,6 +30,22 @@ CASES = [
 
 @pytest.mark.parametrize("h, w, cin, cout, k, stride, padding, groups", CASES)
 def test_conv_value_and_gradients_match_torch(h, w, cin, cout, k, stride, padding, groups):
+    check_conv_against_torch(h, w, cin, cout, k, stride, padding, groups)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[6]], ids=["3x3", "7x7-s2", "grouped"])
+def test_conv_on_other_backends_is_xlas_own_and_matches_torch(monkeypatch, case):
+    """Off XLA:CPU (GPU, TPU) no per-tap kernel gradient and no tap sum: XLA's convolution and its
+    own gradients, with the same values."""
+    monkeypatch.setattr(layers, "_tuned_for_xla_cpu", lambda: False)
+    kernel_shape = (case[4], case[4], case[2] // case[7], case[3])
+    assert not layers._uses_tap_sum(kernel_shape, case[7])
+    assert not layers._uses_tap_kernel_gradient(kernel_shape, case[7])
+    check_conv_against_torch(*case)
+
+
+def check_conv_against_torch(h, w, cin, cout, k, stride, padding, groups):
+    """Conv's value, input gradient and kernel gradient equal torch's conv2d (1e-5 of max)."""
     rng = np.random.default_rng(k * 100 + stride * 10 + groups)
     x = rng.normal(size=(2, h, w, cin)).astype(np.float32)
     kernel = rng.normal(size=(k, k, cin // groups, cout)).astype(np.float32)

@@ -6,13 +6,14 @@ XLA:CPU differentiates einsums several times faster than 1x1 convolutions (stack
 ungrouped kernels run XLA's convolution forward and for the input gradient, but their kernel
 gradient is one matrix product per kernel tap, taps in a loop (`conv2d`): about 4x faster on
 XLA:CPU than its weight-gradient convolution (3x3, 256->256 at 2x100x168: 0.35 s vs 1.7 s), with
-the same temporary memory. Grouped kernels (ResNeXt's 64 groups) take the same per-tap loop, each
-tap one matrix product per group batched over the groups: XLA:CPU's grouped weight-gradient
-convolution is about 200x slower (64 groups of 4 channels at 2x80x80: 47 s vs 0.23 s of CPU
-time). Narrow groups (at most 4 channels: ResNeXt-64x4d's stage 1) also run forward and input
+the same temporary memory; kernels with at most 4 input channels (a stem on RGB) keep XLA's.
+Grouped kernels (ResNeXt's 64 groups) take the same per-tap loop, each tap one matrix product per
+group batched over the groups: XLA:CPU's grouped weight-gradient convolution is about 200x
+slower (64 groups of 4 channels at 2x80x80: 47 s vs 0.23 s of CPU time). Narrow groups (at most 4 channels: ResNeXt-64x4d's stage 1) also run forward and input
 gradient as an elementwise sum over taps and channels with the groups as the minor axis
 (`_grouped_tap_sum`), about 2x faster there than XLA:CPU's grouped convolution inside the
-backbone. Other forward values are XLA's convolution, unchanged.
+backbone. Other forward values are XLA's convolution, unchanged. All of this is for XLA:CPU: on
+other backends every convolution and both its gradients are XLA's own.
 """
 
 import contextlib
@@ -82,10 +83,27 @@ def _groups_major(x: jax.Array) -> jax.Array:
     return x.swapaxes(3, 4).reshape(*x.shape[:3], -1)
 
 
+# Ungrouped kernels with at most this many input channels take XLA's own kernel gradient: each
+# tap's product is then a thin [Cin, N] x [N, Cout] pass over dy, and the k * k passes cost more
+# than XLA's one convolution (the from-scratch stem, 7x7 3 -> 16 at 8x320x320: 67 vs 22 ms).
+XLA_KERNEL_GRADIENT_MAX_CIN = 4
+
+
+def _tuned_for_xla_cpu() -> bool:
+    """The per-tap kernel gradient and the tap sums work around XLA:CPU's convolutions; other
+    backends (cuDNN, TPU) run XLA's own convolution and its gradients."""
+    return jax.default_backend() == "cpu"
+
+
 def _uses_tap_sum(kernel_shape: tuple[int, ...], groups: int) -> bool:
     _, _, cin_per_group, cout = kernel_shape
     width = max(cin_per_group, cout // groups)
-    return groups > 1 and width <= TAP_SUM_MAX_GROUP_WIDTH
+    return groups > 1 and width <= TAP_SUM_MAX_GROUP_WIDTH and _tuned_for_xla_cpu()
+
+
+def _uses_tap_kernel_gradient(kernel_shape: tuple[int, ...], groups: int) -> bool:
+    cin_per_group = kernel_shape[2]
+    return _tuned_for_xla_cpu() and (groups > 1 or cin_per_group > XLA_KERNEL_GRADIENT_MAX_CIN)
 
 
 def _tap_sum_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int):
@@ -152,6 +170,9 @@ def _tap_kernel_gradient(patch: jax.Array, dy_rows: jax.Array, groups: int) -> j
 
 def _conv2d_bwd(stride, padding, groups, residuals, dy):
     x, kernel = residuals
+    if not _uses_tap_kernel_gradient(kernel.shape, groups):
+        _, vjp = jax.vjp(lambda x_, k_: _xla_conv(x_, k_, stride, padding, groups), x, kernel)
+        return vjp(dy)
     if _uses_tap_sum(kernel.shape, groups):
         dx = _tap_sum_input_gradient(dy, kernel, stride, padding, groups, x.shape[1:3])
     else:
