@@ -2,18 +2,19 @@
 
 Kernels are HWIO float32 parameters; computation runs in the module's `dtype`. A 1x1 convolution is
 computed as an einsum over channels (after a strided slice when stride > 1): the same math, but
-XLA:CPU differentiates einsums several times faster than 1x1 convolutions (stack_notes.md). Larger
-ungrouped kernels run XLA's convolution forward and for the input gradient, but their kernel
-gradient is one matrix product per kernel tap, taps in a loop (`conv2d`): about 4x faster on
-XLA:CPU than its weight-gradient convolution (3x3, 256->256 at 2x100x168: 0.35 s vs 1.7 s), with
-the same temporary memory; kernels with at most 4 input channels (a stem on RGB) keep XLA's.
-Grouped kernels (ResNeXt's 64 groups) take the same per-tap loop, each tap one matrix product per
-group batched over the groups: XLA:CPU's grouped weight-gradient convolution is about 200x
-slower (64 groups of 4 channels at 2x80x80: 47 s vs 0.23 s of CPU time). Narrow groups (at most 4 channels: ResNeXt-64x4d's stage 1) also run forward and input
-gradient as an elementwise sum over taps and channels with the groups as the minor axis
-(`_grouped_tap_sum`), about 2x faster there than XLA:CPU's grouped convolution inside the
-backbone. Other forward values are XLA's convolution, unchanged. All of this is for XLA:CPU: on
-other backends every convolution and both its gradients are XLA's own.
+XLA:CPU differentiates einsums several times faster than 1x1 convolutions. Larger kernels run
+XLA's convolution forward and for the input gradient. Their kernel gradient (`conv2d`) is XLA's
+own for small convolutions, and for large ones one matrix product per kernel tap, taps in a loop:
+about 3-4x faster on XLA:CPU than its weight-gradient convolution there (3x3, 256->256 at
+2x100x168: 0.42 s vs 1.4 s), with the same temporary memory (`_uses_tap_kernel_gradient` says
+where the line runs). Grouped kernels (ResNeXt's 64 groups) always take the per-tap loop, each tap
+one matrix product per group batched over the groups: XLA:CPU's grouped weight-gradient
+convolution is about 200x slower (64 groups of 4 channels at 2x80x80: 47 s vs 0.23 s of CPU time).
+Narrow groups (at most 4 channels: ResNeXt-64x4d's stage 1) also run forward and input gradient as
+an elementwise sum over taps and channels with the groups as the minor axis (`_grouped_tap_sum`),
+about 2x faster there than XLA:CPU's grouped convolution inside the backbone. Other forward values
+are XLA's convolution, unchanged. All of this is for XLA:CPU: on other backends every convolution
+and both its gradients are XLA's own.
 """
 
 import contextlib
@@ -83,10 +84,16 @@ def _groups_major(x: jax.Array) -> jax.Array:
     return x.swapaxes(3, 4).reshape(*x.shape[:3], -1)
 
 
-# Ungrouped kernels with at most this many input channels take XLA's own kernel gradient: each
-# tap's product is then a thin [Cin, N] x [N, Cout] pass over dy, and the k * k passes cost more
-# than XLA's one convolution (the from-scratch stem, 7x7 3 -> 16 at 8x320x320: 67 vs 22 ms).
-XLA_KERNEL_GRADIENT_MAX_CIN = 4
+# XLA:CPU's own kernel gradient is slow only for large convolutions (it degrades with the number
+# of output positions N = B * H' * W' and the channels): ungrouped kernels take the per-tap loop
+# when N > TAP_KERNEL_GRADIENT_MIN_POSITIONS and Cin * Cout > TAP_KERNEL_GRADIENT_MIN_CHANNELS,
+# XLA's otherwise. Measured at 3x3 (ms, XLA vs per-tap): 2x100x168 256->256 1445 vs 421,
+# 128->128 282 vs 112; 2x50x84 256->256 66 vs 83; 8x40x40 32->32 3.6 vs 5.0; 8x80x80 16->16
+# 4.4 vs 4.4; the from-scratch stem, 7x7 3->16 at 8x320x320, 22 vs 67 (each tap a thin pass over
+# dy). Below the thresholds the loop's slices and products cost more than XLA's one convolution:
+# the demo's whole step took 0.31 s instead of 0.38 s.
+TAP_KERNEL_GRADIENT_MIN_POSITIONS = 16384
+TAP_KERNEL_GRADIENT_MIN_CHANNELS = 64 * 64
 
 
 def _tuned_for_xla_cpu() -> bool:
@@ -101,9 +108,21 @@ def _uses_tap_sum(kernel_shape: tuple[int, ...], groups: int) -> bool:
     return groups > 1 and width <= TAP_SUM_MAX_GROUP_WIDTH and _tuned_for_xla_cpu()
 
 
-def _uses_tap_kernel_gradient(kernel_shape: tuple[int, ...], groups: int) -> bool:
-    cin_per_group = kernel_shape[2]
-    return _tuned_for_xla_cpu() and (groups > 1 or cin_per_group > XLA_KERNEL_GRADIENT_MAX_CIN)
+def _uses_tap_kernel_gradient(
+    kernel_shape: tuple[int, ...], groups: int, out_positions: int
+) -> bool:
+    """True: `conv2d`'s per-tap kernel gradient; False: XLA's own (module notes above).
+    Grouped kernels always take the loop on XLA:CPU (its grouped kernel gradient is ~200x
+    slower)."""
+    if not _tuned_for_xla_cpu():
+        return False
+    if groups > 1:
+        return True
+    _, _, cin, cout = kernel_shape
+    return (
+        out_positions > TAP_KERNEL_GRADIENT_MIN_POSITIONS
+        and cin * cout > TAP_KERNEL_GRADIENT_MIN_CHANNELS
+    )
 
 
 def _tap_sum_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int):
@@ -170,7 +189,7 @@ def _tap_kernel_gradient(patch: jax.Array, dy_rows: jax.Array, groups: int) -> j
 
 def _conv2d_bwd(stride, padding, groups, residuals, dy):
     x, kernel = residuals
-    if not _uses_tap_kernel_gradient(kernel.shape, groups):
+    if not _uses_tap_kernel_gradient(kernel.shape, groups, dy.shape[0] * dy.shape[1] * dy.shape[2]):
         _, vjp = jax.vjp(lambda x_, k_: _xla_conv(x_, k_, stride, padding, groups), x, kernel)
         return vjp(dy)
     if _uses_tap_sum(kernel.shape, groups):
