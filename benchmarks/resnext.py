@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import MARK, run_command  # noqa: E402  (benchmarks/common.py)
 from inference import timed  # noqa: E402
-from train_step import MARK, run_command  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "fcos_mstrain_640_800_x101_64x4d_fpn_gn_2x.py"
@@ -173,7 +173,7 @@ def run_worker(side: str, mode: str, size: str, args, weights: Path, output: Pat
         "--weights", str(weights), "--output", str(output), "--runs", str(args.runs),
         "--torch-threads", str(args.torch_threads),
     ]  # fmt: skip
-    return run_command(command, env, f"{side} {mode}")
+    return run_command(command, env, f"{side} {mode}", str(REPO))
 
 
 def best_round(rounds: list[dict]) -> dict:

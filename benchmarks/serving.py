@@ -86,7 +86,7 @@ def worker(runtime: str, args) -> dict:
     if runtime == "torchvision":
         from inference import torch_worker
 
-        args.torch_threads, args.torch_memory_format = 2, "channels_last"
+        args.torch_threads, args.torch_memory_format, args.batches = 2, "channels_last", None
         tv = torch_worker(args)
         return {"time": tv["forward+post"], "detections": tv["detections"]}
     if runtime == "jit":
@@ -239,7 +239,7 @@ def main() -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        weights, image = make_inputs(tmp, args.height, args.width)
+        weights, _, image = make_inputs(tmp, args.height, args.width, 1)
         artifacts = export_artifacts(tmp, weights)
         runtimes = list(RUNTIMES)
         if subprocess.run([sys.executable, "-c", "import openvino"]).returncode:

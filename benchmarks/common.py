@@ -1,0 +1,32 @@
+"""What the benchmark scripts share: the worker protocol and the machine's description."""
+
+import json
+import os
+import subprocess
+
+MARK = "RESULT "  # a worker's result: one line "RESULT {json}" on its stdout
+
+
+def run_command(command: list[str], env: dict, label: str, cwd: str) -> dict:
+    """Runs a worker; returns its last `RESULT` json line, with the load average before and after
+    (`load`); exits naming `label` and the end of its stderr if it failed."""
+    load = os.getloadavg()[0]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, cwd=cwd)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{label} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1][len(MARK) :])
+    result["load"] = (load, os.getloadavg()[0])
+    return result
+
+
+def cpu_model() -> str:
+    """`lscpu`'s model name and CPU family (machines of one kind differ: say which ran)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return "unknown CPU"
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    name = fields.get("Model name", "unknown CPU").strip()
+    family = fields.get("CPU family", "").strip()
+    return f"{name}, family {family}" if family else name
