@@ -83,7 +83,7 @@ def jax_worker(args) -> dict:
 
     @jax.jit
     def detect(heads):
-        n = heads[0][0].shape[0]
+        n = jax.tree.leaves(heads)[0].shape[0]
         hw = jax.numpy.broadcast_to(jax.numpy.array([h, w]), (n, 2))
         return postprocess.detect(
             heads,
