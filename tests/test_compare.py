@@ -53,6 +53,7 @@ def table(stdout: str) -> dict[tuple[int, str], bool]:
 
 
 def assert_passes(proc):
+    print(proc.stdout)  # the per-level table (visible with -s)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = table(proc.stdout)
     assert len(rows) == 15 and not any(rows.values()), proc.stdout
@@ -131,6 +132,8 @@ def test_v3_improved_recipe_passes(mmdet_r50_gn_v1, tmp_path, capsys):
     torch.save({"state_dict": sd}, path)
     assert compare.compare("mmdet", config, str(path), str(image))
     out = capsys.readouterr().out
+    with capsys.disabled():
+        print(out)
     rows = table(out)
     assert len(rows) == 15 and not any(rows.values()), out
     assert re.search(r"detections agree: [1-9]", out) and out.rstrip().endswith("PASS")

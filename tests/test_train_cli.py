@@ -93,10 +93,13 @@ def _params_at(workdir, step):
     return traverse_util.flatten_dict(dict(variables["params"]), sep="/")
 
 
-def _assert_params_close(a, b, rtol):
+def _assert_params_close(a, b, rtol, what=""):
+    """Asserts every parameter close; prints the worst absolute difference (visible with -s)."""
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=rtol, err_msg=key)
+    worst = max(float(np.max(np.abs(a[k] - b[k]), initial=0.0)) for k in a)
+    print(f"{what}: worst parameter difference {worst:.2e}")
 
 
 def _evaluations(log: str) -> dict[int, list[float]]:
@@ -224,7 +227,10 @@ def test_sigkill_at_a_random_step_then_restart_equals_the_uninterrupted_run(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed" in resumed.stderr
     _assert_params_close(
-        _params_at(workdir, NUM_STEPS), _params_at(reference_workdir, NUM_STEPS), rtol=1e-6
+        _params_at(workdir, NUM_STEPS),
+        _params_at(reference_workdir, NUM_STEPS),
+        rtol=1e-6,
+        what=f"SIGKILL after step {kill_after}, resumed",
     )
 
 
@@ -424,6 +430,11 @@ def test_evaluation_during_multihost_training_equals_one_device(
     multihost, single = _evaluations(logs[0]), _evaluations(reference_run[1].stdout)
     assert EVAL_EVERY in multihost and not _evaluations(logs[1])  # process 0 reports
     np.testing.assert_allclose(multihost[EVAL_EVERY], single[EVAL_EVERY], atol=1e-4)
+    worst = np.max(np.abs(np.subtract(multihost[EVAL_EVERY], single[EVAL_EVERY])))
+    print(
+        f"evaluation inside 2x2 training vs 1 device: AP {multihost[EVAL_EVERY][0]:.3f}, "
+        f"worst stat difference {worst:.1e}"
+    )
 
 
 def test_a_killed_multihost_run_resumes_on_one_device(
@@ -441,10 +452,15 @@ def test_a_killed_multihost_run_resumes_on_one_device(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed" in resumed.stderr and "process 0/1" in resumed.stderr
     _assert_params_close(
-        _params_at(workdir, NUM_STEPS), _params_at(reference_run[0], NUM_STEPS), rtol=1e-5
+        _params_at(workdir, NUM_STEPS),
+        _params_at(reference_run[0], NUM_STEPS),
+        rtol=1e-5,
+        what="2 processes x 2 devices, killed, resumed on 1 device",
     )
     final, expected = _evaluations(resumed.stdout), _evaluations(reference_run[1].stdout)
     np.testing.assert_allclose(final[NUM_STEPS], expected[NUM_STEPS], atol=1e-4)
+    worst = np.max(np.abs(np.subtract(final[NUM_STEPS], expected[NUM_STEPS])))
+    print(f"resumed run's final COCOeval stats vs uninterrupted: worst difference {worst:.1e}")
 
 
 def test_a_one_device_checkpoint_resumes_on_four_devices(
@@ -462,7 +478,10 @@ def test_a_one_device_checkpoint_resumes_on_four_devices(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "global devices 4" in resumed.stderr and "resumed" in resumed.stderr
     _assert_params_close(
-        _params_at(workdir, NUM_STEPS), _params_at(reference_workdir, NUM_STEPS), rtol=1e-5
+        _params_at(workdir, NUM_STEPS),
+        _params_at(reference_workdir, NUM_STEPS),
+        rtol=1e-5,
+        what="1 device checkpoint resumed on 4 devices",
     )
 
 
@@ -533,13 +552,25 @@ def test_evaluation_is_the_same_on_every_topology_and_batch_size(
     base_stats, base_results = evaluations_per_topology["1x1"][1]
     base = _by_image(base_results)
     assert len(base) == 7  # every validation image (a prime number of them) has detections
+    worst = {"stat": 0.0, "box": 0.0, "score": 0.0}
     for batch_size, (stats, results) in evaluations_per_topology[topology].items():
         where = f"{topology} batch {batch_size}"
         assert stats.keys() == base_stats.keys()
-        np.testing.assert_allclose(
-            [stats[k] for k in base_stats], list(base_stats.values()), atol=1e-4, err_msg=where
+        found = [stats[k] for k in base_stats]
+        np.testing.assert_allclose(found, list(base_stats.values()), atol=1e-4, err_msg=where)
+        worst["stat"] = max(
+            worst["stat"], np.max(np.abs(np.subtract(found, [*base_stats.values()])))
         )
         ours = _by_image(results)
         assert ours.keys() == base.keys(), where
         for image_id in base:
             assert not match_detections(ours[image_id], base[image_id]), (where, image_id)
+            a, b = ours[image_id], base[image_id]
+            if a["scores"].shape == b["scores"].shape:  # reported by rank (ties may reorder)
+                worst["box"] = max(worst["box"], float(np.abs(a["boxes"] - b["boxes"]).max()))
+                worst["score"] = max(worst["score"], float(np.abs(a["scores"] - b["scores"]).max()))
+    print(
+        f"evaluation {topology} at batch sizes {EVAL_BATCH_SIZES} vs 1x1 batch 1: AP "
+        f"{base_stats[next(iter(base_stats))]:.3f}, worst stat difference {worst['stat']:.1e}, "
+        f"box {worst['box']:.1e} px, score {worst['score']:.1e}"
+    )
