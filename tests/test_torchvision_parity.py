@@ -286,3 +286,43 @@ def test_compare_flags_head_differences_and_unmatched_detections(setup):
         else:
             changed = {k: v[:-1] for k, v in changed.items()}
         assert compare.match_detections(changed, ref_dets), change
+
+
+def test_bfloat16_compute_finds_the_float32_detections(setup, detector):
+    """model.dtype = bfloat16: convolutions and norms compute in bfloat16 (parameters stay
+    float32; head outputs, decoding and NMS are float32). On the converted torchvision weights
+    every float32 detection scoring >= 0.3 has a bfloat16 one of the same label, box IoU >= 0.95
+    and score within 0.03; the worst differences are printed (-s)."""
+    from fcos_jax import boxes as box_ops
+
+    config = small_config()
+    config.model.dtype = "bfloat16"
+    bf16 = inference.Detector(config, detector.variables, detector.classes)
+    worst = {"iou": 1.0, "score": 0.0, "cls_logits": 0.0}
+    for name in SMALL_IMAGES:
+        rgb = setup["images"][name]
+        ref_input, _, _ = torchvision_run(setup["model"], rgb)
+        for level, level_ref in zip(
+            bf16.forward(ref_input), detector.forward(ref_input), strict=True
+        ):
+            assert all(v.dtype == np.float32 for v in level.values())
+            diff = np.abs(level["cls_logits"] - level_ref["cls_logits"]).max()
+            worst["cls_logits"] = max(
+                worst["cls_logits"], diff / np.abs(level_ref["cls_logits"]).max()
+            )
+        (ref,), (ours,) = detector([rgb]), bf16([rgb])
+        strong = np.flatnonzero(ref["scores"] >= 0.3)
+        assert len(strong) > 0
+        for i in strong:
+            same = np.flatnonzero(ours["labels"] == ref["labels"][i])
+            assert len(same), (name, i)
+            ious = np.asarray(box_ops.iou_matrix(ref["boxes"][i : i + 1], ours["boxes"][same]))[0]
+            j = same[int(np.argmax(ious))]
+            score_diff = abs(float(ours["scores"][j]) - float(ref["scores"][i]))
+            assert ious.max() >= 0.95 and score_diff <= 0.03, (name, i, ious.max(), score_diff)
+            worst["iou"] = min(worst["iou"], float(ious.max()))
+            worst["score"] = max(worst["score"], score_diff)
+    print(
+        f"bfloat16 vs float32: worst matched IoU {worst['iou']:.4f}, score difference "
+        f"{worst['score']:.2e}, cls_logits max|diff| / max|ref| {worst['cls_logits']:.2e}"
+    )
