@@ -10,9 +10,9 @@ evaluation pipeline (predict's cv2 preprocessing) of the R-50 caffe config: imag
 after the first batch, one process, all cores (`data.num_parallel_calls` = AUTOTUNE), and the CPU
 seconds per image (all threads), which do not depend on what else runs on the machine.
 
-Compare with the training step: stack_notes.md measured the R-50 forward+backward alone at
-3.1-5.9 s per 800x1216 image on these 2 cores, i.e. 0.2-0.3 images/s; the pipeline must stay
-well above that while sharing the cores.
+Compare with the training step: the R-50 forward+backward alone took 3.1-5.9 s per 800x1216
+image on these 2 cores (measured 2026-11-23), i.e. 0.2-0.3 images/s; the pipeline must stay well
+above that while sharing the cores.
 """
 
 import argparse
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch  # noqa: F401  (before TensorFlow: stack_notes.md)
+import torch  # noqa: F401  (before TensorFlow: docs/architecture.md#imports)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -11,7 +11,7 @@ speed is compared, not values.
   ours         `train_lib.make_train_step` of `--config` (default the mmdet v1 R-50 caffe GN row:
                stem and stage 1 frozen, frozen BN, 80 classes), jitted on a 1-device mesh: target
                encoding, losses, gradients and the update in one program.
-  torchvision  `FCOS` as `fcos_resnet50_fpn` builds it with pretrained weights (spec 10):
+  torchvision  `FCOS` as `fcos_resnet50_fpn` builds it with pretrained weights (docs/modes.md §4.2):
                `resnet50(norm_layer=FrozenBatchNorm2d)`, `_resnet_fpn_extractor(...,
                trainable_layers=3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7)`, 91
                classes; `weights=None` alone would give trainable BatchNorm2d in every stage.

@@ -14,11 +14,11 @@ def get_config():
     c.name = "fcos_mstrain_640_800_x101_64x4d_fpn_gn_2x"
     b = c.model.backbone
     b.depth, b.style, b.groups, b.base_width = 101, "pytorch", 64, 4
-    b.norm_trainable = True  # ResNeXt BN affine trains (stats stay frozen), spec 1
+    b.norm_trainable = True  # ResNeXt BN affine trains (stats stay frozen), docs/modes.md §2.2
     c.preprocess.mean = config_base.IMAGENET_MEAN_RGB
     c.preprocess.std = config_base.IMAGENET_STD_RGB
     c.preprocess.to_rgb = True
     c.train.epochs, c.train.lr_steps = 24, (16, 22)
     c.train.multiscale, c.train.multiscale_mode = ((1333, 640), (1333, 800)), "value"
-    c.train.downsample_bn_bias_as_bias = True  # mmdet v1 param-group regex quirk, spec 8
+    c.train.downsample_bn_bias_as_bias = True  # mmdet v1 param-group quirk, docs/modes.md §2.10
     return c

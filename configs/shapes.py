@@ -5,11 +5,11 @@
   python eval.py --config configs/shapes.py --checkpoint workdirs/shapes
 
 No pretrained weights exist on this machine, so the backbone's BatchNorm normalises with batch
-statistics (DESIGN.md) and every stage trains. The model is narrow (ResNet-18 at quarter width, a
-32-channel FPN and a 2-conv head) and the images small (256-320 px, resized to at most 320), so
-the whole run fits a 2-core CPU in minutes. It uses the improved recipe of later mmdetection
-(centre sampling, GIoU, norm_on_bbox, centerness on the reg branch, gradient clipping) and
-`mmdet_v3` post-processing.
+statistics (docs/architecture.md#conventions) and every stage trains. The model is narrow
+(ResNet-18 at quarter width, a 32-channel FPN and a 2-conv head) and the images small (256-320
+px, resized to at most 320), so the whole run fits a 2-core CPU in minutes. It uses the improved
+recipe of later mmdetection (centre sampling, GIoU, norm_on_bbox, centerness on the reg branch,
+gradient clipping) and `mmdet_v3` post-processing.
 
 The optimizer is AdamW (lr 2e-3 per 8 images, weight decay 0.05), not the seed recipe's SGD: from
 scratch and in under 1000 steps, SGD (best lr 0.05; 0.1 diverged) and AdamW at 1e-3 left the classifier

@@ -1,6 +1,6 @@
 """Orbax checkpoints: `<dir>/checkpoints/<step>/{params, batch_stats, opt_state, data_state, meta}`.
 
-One layout for trained and converted weights (DESIGN.md "Checkpoints and weights"):
+One layout for trained and converted weights (docs/architecture.md#checkpoints):
   params       Flax `params` tree (float32).
   batch_stats  Flax `batch_stats` tree (frozen BN running mean/var).
   opt_state    optax state (training checkpoints only).

@@ -1,6 +1,7 @@
 """Class lists: channel -> (dataset category id, name). They travel with every checkpoint.
 
-`coco`: the 80 COCO classes in category-id order (mmdet: channel c <-> cat_ids[c], spec 9).
+`coco`: the 80 COCO classes in category-id order (mmdet: channel c <-> cat_ids[c],
+docs/modes.md §2.11).
 `coco91`: torchvision's id-indexed head with 91 channels: channel = COCO category id, channel 0
 is the background and the 10 unused ids are 'N/A'.
 `shapes`: the built-in synthetic dataset (rectangle, ellipse, triangle, cross; ids 1..4).

@@ -33,7 +33,7 @@ def get_base_config() -> ml_collections.ConfigDict:
             base_width=64,  # ResNeXt width per group (4 for X-101-64x4d); 64 = plain ResNet
             stem_width=64,
             norm="frozen_bn",  # frozen_bn: pretrained running stats; batch_stats_bn: batch stats
-            norm_trainable=False,  # BN affine trainable (False for caffe backbones, spec 1)
+            norm_trainable=False,  # BN affine trains (not for caffe backbones: docs/modes.md §2.2)
             frozen_stages=1,  # mmdet: -1 none, 0 the stem, N the stem and stages 1..N do not train
         )
     )
@@ -68,7 +68,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     c.test = ml_collections.ConfigDict(
         dict(
-            postprocess="mmdet_v1",  # mmdet_v1, mmdet_v3 or torchvision (DESIGN.md)
+            postprocess="mmdet_v1",  # mmdet_v1, mmdet_v3 or torchvision (docs/modes.md)
             nms_pre=1000,
             score_thr=0.05,
             nms_iou=0.5,
@@ -112,7 +112,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict(
         dict(
-            assigner="mmdet",  # mmdet (spec 4) or torchvision
+            assigner="mmdet",  # mmdet (docs/modes.md §2.8) or torchvision (§4.8)
             regress_ranges=((-1, 64), (64, 128), (128, 256), (256, 512), (512, 1e8)),
             center_sampling=False,
             center_sample_radius=1.5,

@@ -2,7 +2,7 @@
 
 Detections arrive as arrays in original-image pixels and class channels; they leave as COCO
 results (`[x, y, w, h]`, dataset category ids), with the +1 in w/h when `legacy_plus_one` (mmdet
-v1's `xyxy2xywh`, spec 6) through `boxes.xyxy_to_coco_xywh`.
+v1's `xyxy2xywh`, docs/modes.md §2.6) through `boxes.xyxy_to_coco_xywh`.
 """
 
 import contextlib

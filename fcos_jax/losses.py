@@ -1,8 +1,8 @@
 """FCOS losses: sigmoid focal, IoU / GIoU box losses, centerness BCE and their normalisation.
 
-spec 5 (mmdet v1 and v2.9+) and spec 10 (torchvision). `fcos_loss` takes the model's per-level
-outputs and the vmapped output of `targets.encode` for the whole (global) batch; every normaliser
-is a sum over that batch, so the result does not depend on how the batch is sharded.
+docs/modes.md §2.9 (mmdet v1), §3.9 (v2.9+) and §4.9 (torchvision). `fcos_loss` takes the model's
+per-level outputs and the vmapped output of `targets.encode` for the whole (global) batch; every
+normaliser is a sum over that batch, so the result does not depend on how the batch is sharded.
 
 Normalisers (`normalizer`), with N = positives in the batch, B = images in the batch, c = the
 centerness targets of the positives:

@@ -1,7 +1,7 @@
 """SGD or AdamW with mmdetection's parameter groups, the mmcv step schedule, warmup and clipping.
 
 The update equals `torch.optim.SGD(momentum, weight_decay, dampening=0, nesterov=False)` with
-mmdet v1's parameter groups (spec 8), driven by mmcv 0.2.x's `StepLrUpdaterHook`:
+mmdet v1's parameter groups (docs/modes.md §2.10), driven by mmcv 0.2.x's `StepLrUpdaterHook`:
 
     g = clip(g_raw)              # optional; torch `clip_grad_norm_` over trainable leaves only
     d = g + wd_group * p
@@ -90,7 +90,7 @@ def _label_for(names: list[str], config: ml_collections.ConfigDict) -> str:
     if is_norm:
         if module == "downsample_bn" and config.train.downsample_bn_bias_as_bias:
             # mmdet v1 regex `(bn|gn)(\d+)?.(weight|bias)` misses `downsample.1.*`: its bias
-            # falls in the bias group and its weight in the default group (spec 8).
+            # falls in the bias group and its weight in the default group (docs/modes.md §2.10).
             return BIAS if leaf == "bias" else DEFAULT
         return NORM
     if leaf == "bias":

@@ -1,11 +1,11 @@
 """The point grid of each FPN level: one (x, y) location per feature-map cell, in input pixels.
 
 mmdetection (every version) puts the point of cell (row i, column j) at (j*s + s//2, i*s + s//2)
-(spec 4). torchvision's anchor centres are at (j*step_x, i*step_y), without the offset, where its
-`AnchorGenerator` steps by `padded_image_size // feature_size` on each axis: equal to the stride
-on P3-P5 of an input padded to /32, but not on P6/P7 unless the input is a multiple of 128
-(800x1344: P6 steps 64 x 61, P7 122 x 114). The anchor *size* (the regression unit) stays the
-nominal stride.
+(docs/modes.md §2.4, §3.4). torchvision's anchor centres are at (j*step_x, i*step_y), without the
+offset, where its `AnchorGenerator` steps by `padded_image_size // feature_size` on each axis
+(docs/modes.md §4.4): equal to the stride on P3-P5 of an input padded to /32, but not on P6/P7
+unless the input is a multiple of 128 (800x1344: P6 steps 64 x 61, P7 122 x 114). The anchor
+*size* (the regression unit) stays the nominal stride.
 Points are flattened row-major (y outer, x inner), the order of a `[H, W, C] -> [H*W, C]` reshape.
 """
 

@@ -1,13 +1,13 @@
 """Test-time post-processing: head outputs -> at most `max_per_img` detections per image.
 
-Three named modes (DESIGN.md "Evaluation semantics"), each exactly its reference's test path:
-  mmdet_v1     spec 6: per level top-`nms_pre` POINTS by max_c(cls*ctr); decode with mmdet points,
+Three named modes (docs/modes.md, NMS in §5), each exactly its reference's test path:
+  mmdet_v1     §2.5: per level top-`nms_pre` POINTS by max_c(cls*ctr); decode with mmdet points,
                clamp to [0, w-1] x [0, h-1]; divide by the scale; candidates (point, class) with raw
                cls > score_thr; score cls*ctr; class-aware NMS with +1 widths; top max_per_img.
-  mmdet_v3     spec 6 last bullet: per level raw cls > score_thr, top-`nms_pre` (point, class)
-               PAIRS by raw cls; decode, clip to [0, w] x [0, h]; rescale per axis; drop boxes with
-               w <= 0 or h <= 0; score cls*ctr; class-aware NMS (no +1); first max_per_img.
-  torchvision  spec 10: per level sqrt(cls*ctr) > score_thr, top-`nms_pre` pairs by that score;
+  mmdet_v3     §3.5: per level raw cls > score_thr, top-`nms_pre` (point, class) PAIRS by raw
+               cls; decode, clip to [0, w] x [0, h]; rescale per axis; drop boxes with w <= 0 or
+               h <= 0; score cls*ctr; class-aware NMS (no +1); first max_per_img.
+  torchvision  §4.5: per level sqrt(cls*ctr) > score_thr, top-`nms_pre` pairs by that score;
                decode with torchvision's anchor centres (no offset, steps of input // feature
                size: points.py), clip to [0, w] x [0, h]; class-aware NMS (no +1); first
                max_per_img; rescale per axis.

@@ -1,14 +1,14 @@
 """Test-time image preprocessing: decode, keep-ratio resize, normalise, pad to a multiple of 32.
 
 Pure NumPy + cv2 (no TensorFlow, no torch): used by prediction and by the evaluation pipeline.
-Each `config.preprocess.resize` mode reproduces its reference exactly (DESIGN.md "Evaluation
-semantics"):
+Each `config.preprocess.resize` mode reproduces its reference exactly (docs/modes.md §2.3, §3.3
+and §4.3):
 
-  mmdet        mmcv `imread`/`imrescale`/`imnormalize`/`impad_to_multiple` (spec 7): BGR uint8
+  mmdet        mmcv `imread`/`imrescale`/`imnormalize`/`impad_to_multiple` (§2.3): BGR uint8
                from cv2, new size (int(w*s + 0.5), int(h*s + 0.5)) with
                s = min(long/max(h, w), short/min(h, w)), `cv2.resize` INTER_LINEAR on uint8,
                optional BGR->RGB, (x - mean) / std in float32, zero pad bottom/right.
-  torchvision  `GeneralizedRCNNTransform` (spec 10): RGB float32 (/255 when `unit_range`),
+  torchvision  `GeneralizedRCNNTransform` (§4.3): RGB float32 (/255 when `unit_range`),
                (x - mean) / std FIRST, then bilinear resize as torch's
                `interpolate(scale_factor=s, align_corners=False, recompute_scale_factor=True)`:
                output size floor(side * s), sampling ratio in/out; zero pad bottom/right.

@@ -1,11 +1,12 @@
-"""FCOS training targets: which ground-truth box each point learns (spec 4 and 10).
+"""FCOS training targets: which ground-truth box each point learns (docs/modes.md §2.8, §3.8,
+§4.8).
 
 `encode` takes one image's padded ground truth and returns per-point targets for all levels,
 concatenated level by level (points row-major within a level, `points.py`). It is pure, has static
 shapes and is jit- and vmap-friendly; vmap it over the batch. Memory is O(points x boxes).
 
 Two assignment rules, chosen by `assigner`:
-  mmdet        spec 4 (v1; with `center_sampling`, v1.2+/v2). Points at (j*s + s//2, i*s + s//2).
+  mmdet        §2.8 (v1; with `center_sampling`, v1.2+/v2). Points at (j*s + s//2, i*s + s//2).
                Positive when min(ltrb) > 0 (against the centre sub-box when `center_sampling`) and
                lo <= max(ltrb) <= hi (inclusive); the smallest area wins, ties to the lower gt.
   torchvision  `FCOS.compute_loss`. Points at (j*s, i*s). Positive when max(|p - centre|) <
@@ -108,7 +109,8 @@ def encode(
         `jax.nn.one_hot(labels, K)` is the classification target).
       bbox_targets [P, 4] float32: (l, t, r, b) to the assigned gt, pixels (/ stride when
         norm_on_bbox); 0 on background.
-      centerness_targets [P] float32: spec 4 formula on positives, 0 on background.
+      centerness_targets [P] float32: `centerness_target` of bbox_targets on positives, 0 on
+        background.
       points [P, 2] float32: the (x, y) pixel locations used, for decoding boxes in the loss.
     """
     _check_inputs(boxes, labels, valid)

@@ -83,7 +83,7 @@ def create_train_state(
     rng: jax.Array,
     image_hw: tuple[int, int],
 ) -> TrainState:
-    """Fresh parameters (model init, spec 3) and optimizer state at step 0."""
+    """Fresh parameters (model init, docs/modes.md §2.2) and optimizer state at step 0."""
     variables = model.init(rng, jnp.zeros((1, *image_hw, 3), jnp.float32))
     params = variables["params"]
     return TrainState(

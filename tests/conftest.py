@@ -1,4 +1,5 @@
-"""Shared fixtures. torch is imported before anything can import TensorFlow (stack_notes.md)."""
+"""Shared fixtures. torch is imported before anything can import TensorFlow
+(docs/architecture.md#imports)."""
 
 import os
 import shutil
@@ -7,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch  # noqa: F401  (must precede tensorflow; see stack_notes.md)
+import torch  # noqa: F401  (must precede tensorflow: docs/architecture.md#imports)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -45,7 +46,8 @@ def mmdet_r50_gn_v1(tmp_path_factory):
     sd = mmdet_checkpoint(shapes, mmdet_settings(config), image, seed=1)
     path = tmp / "fcos_r50_caffe_fpn_gn_1x_4gpu.pth"
     meta = {"mmcv_version": "0.2.7", "mmdet_version": "0.6.0+4bbb4a2", "epoch": 12, "iter": 1}
-    # The 2019 files predate torch's zip format: save in the legacy pickle container (spec 9).
+    # The 2019 files predate torch's zip format: save in the legacy pickle container
+    # (docs/modes.md §2.11).
     torch.save({"meta": meta, "state_dict": sd}, path, _use_new_zipfile_serialization=False)
     output = tmp / "converted"
     proc = run_module(

@@ -1,5 +1,5 @@
-"""Plain-Python references of the detection test paths (spec 6 and 10, DESIGN.md "Evaluation
-semantics"), written with loops over float32 scalars, and random head outputs that exercise them.
+"""Plain-Python references of the detection test paths (docs/modes.md §2.5, §3.5, §4.5 and §5),
+written with loops over float32 scalars, and random head outputs that exercise them.
 Shared by the tests of `fcos_jax.postprocess` and of `fcos_jax.mmdet_reference`."""
 
 import math
@@ -63,7 +63,7 @@ def greedy_nms_reference(cands, iou_thr: float, plus_one: float, max_det: int, a
 
 
 def reference_detect(head, b, image_hw, scale, original_hw, mode, nms_pre, thr, nms_iou, max_det):
-    """One image, written from the spec with loops. Returns (kept, number of NMS candidates)."""
+    """One image, written from docs/modes.md with loops. Returns (kept, NMS candidate count)."""
     img_h, img_w = (int(v) for v in image_hw)
     sy, sx = F32(scale[0]), F32(scale[1])
     legacy = mode == "mmdet_v1"

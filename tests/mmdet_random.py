@@ -1,7 +1,7 @@
 """Random mmdetection FCOS checkpoints in the exact v1 / v3 key layout (test helper).
 
-Keys and shapes are written here from the spec's list (spec 1 and 9), not taken from the
-converter's tables. Values have natural magnitudes and nothing is an identity; BN running
+Keys and shapes are written here from the lists in docs/modes.md §2.2 and §2.11, not taken from
+the converter's tables. Values have natural magnitudes and nothing is an identity; BN running
 statistics are then measured on an image (`calibrate`), as trained statistics would be, so that
 activations stay in a sane range through 100 layers and the checkpoint carries its own
 statistics. The classifier bias makes a handful of classes fire, so detections are few and clear.
@@ -53,8 +53,8 @@ def resnet_shapes(prefix: str, depth: int, groups: int = 1, base_width: int = 64
 def mmdet_fcos_shapes(
     depth, groups=1, base_width=64, gn=True, names="v1", num_classes=80, conv_bias=None
 ):
-    """mmdet FCOS keys: v1 predictors `fcos_*`, v2/v3 `conv_*`; spec 9 list. Tower convs carry
-    a bias without GN, or with GN when `conv_bias` (v2+ option)."""
+    """mmdet FCOS keys: v1 predictors `fcos_*`, v2/v3 `conv_*` (docs/modes.md §2.11). Tower convs
+    carry a bias without GN, or with GN when `conv_bias` (v2+ option)."""
     conv_bias = not gn if conv_bias is None else conv_bias
     shapes = resnet_shapes("backbone.", depth, groups, base_width)
     for i, channels in enumerate((512, 1024, 2048)):

@@ -1,7 +1,7 @@
 """fcos_jax.convert: mmdet / torchvision / backbone state dicts -> our variables, and its errors.
 
-Random state dicts come from the spec's key/shape list (tests/mmdet_random.py; written there, not
-taken from the converter's tables).
+Random state dicts come from the key/shape lists of docs/modes.md §2.2 and §2.11
+(tests/mmdet_random.py; written there, not taken from the converter's tables).
 """
 
 import os
@@ -57,7 +57,7 @@ def test_converted_meta_holds_coco_class_list_in_channel_order(mmdet_r50_gn_v1):
 
 
 def test_classifier_bias_is_not_rotated(mmdet_r50_gn_v1):
-    # spec 9: mmdet's upgrade_model_version rotates the 1-D cls bias by one; we must not.
+    # mmdet's upgrade_model_version rotates the cls bias by one; we must not (docs/modes.md §2.11).
     variables, _ = checkpoint.restore_inference(mmdet_r50_gn_v1["output"], load_config(R50_GN))
     bias = np.asarray(variables["params"]["bbox_head"]["conv_cls"]["bias"])
     np.testing.assert_array_equal(bias, mmdet_r50_gn_v1["sd"]["bbox_head.fcos_cls.bias"].numpy())
@@ -65,7 +65,7 @@ def test_classifier_bias_is_not_rotated(mmdet_r50_gn_v1):
 
 def test_mmdet_v3_names_and_x101_grouped_convs_convert():
     shapes = mmdet_fcos_shapes(101, groups=64, base_width=4, gn=True, names="v3")
-    assert shapes["backbone.layer4.0.conv2.weight"] == (2048, 32, 3, 3)  # spec 1
+    assert shapes["backbone.layer4.0.conv2.weight"] == (2048, 32, 3, 3)  # docs/modes.md §2.2
     sd = numpy_dict(random_state_dict(shapes, seed=5))
     converted = convert_state_dict(sd, "mmdet", load_config(X101))
     assert len(converted.ignored) == sum(k.endswith("num_batches_tracked") for k in sd)
@@ -153,7 +153,8 @@ def test_torchvision_frozen_batchnorm_state_dict_converts(torchvision_state_dict
 
 def test_caffe_resnet50_backbone_converts_and_reports_untouched_parts():
     shapes = resnet_shapes("", 50, counter=False)
-    shapes["conv1.bias"] = (64,)  # a possible unused stem bias of caffe conversions (spec 1)
+    # A possible unused stem bias of caffe conversions (docs/modes.md §2.2).
+    shapes["conv1.bias"] = (64,)
     sd = numpy_dict(random_state_dict(shapes, seed=7))
     converted = convert_state_dict(sd, "backbone", load_config(R50_GN))
     assert converted.parts == ("backbone",) and converted.untouched == ("bbox_head", "neck")

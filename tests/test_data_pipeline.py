@@ -158,7 +158,7 @@ def test_training_boxes_map_back_to_the_json_boxes(config, folder):
             assert not batch["image"][k, nh:].any() and not batch["image"][k, :, nw:].any()
 
 
-def test_training_image_is_spec7_of_the_file_within_one_level(config, folder):
+def test_training_image_is_the_reference_transform_of_the_file_within_one_level(config, folder):
     _, (_, image_dir), _ = folder
     config.train.flip_ratio = 0.0
     train = _train(config)

@@ -1,4 +1,5 @@
-"""Training transforms against spec 7 written out with cv2/NumPy (torch for torchvision mode)."""
+"""Training transforms against docs/modes.md §2.7 written out with cv2/NumPy (torch for
+torchvision mode, §4.7)."""
 
 import collections
 

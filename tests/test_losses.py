@@ -1,6 +1,7 @@
 """losses: element-wise terms against torch/torchvision ops and hand values, fcos_loss against a
-plain PyTorch transcription of spec 4+5 (v1 and v2.9 normalisers) and against torchvision's
-FCOS.compute_loss, and finiteness of values and gradients in the corner cases."""
+plain PyTorch transcription of docs/modes.md §2.8-§2.9 and §3.9 (v1 and v2.9 normalisers) and
+against torchvision's FCOS.compute_loss, and finiteness of values and gradients in the corner
+cases."""
 
 import functools
 
@@ -69,7 +70,7 @@ def test_giou_loss_matches_torchvision():
     np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=1e-5, atol=1e-6)
 
 
-# --- fcos_loss against a PyTorch transcription of mmdet v1 (spec 4 and 5) -----------------------
+# --- fcos_loss against a PyTorch transcription of mmdet v1 (docs/modes.md §2.8, §2.9) -----------
 
 STRIDES = (8, 16, 32)
 RANGES = ((-1.0, 16.0), (16.0, 32.0), (32.0, 1e8))
@@ -107,7 +108,7 @@ def small_ground_truth():
 
 
 def torch_mmdet_reference(head_outputs, gt_boxes, gt_labels, normalizer):
-    """mmdet v1 fcos_head.loss written from spec 4 and 5 with torch ops, in mmdet's NCHW layout.
+    """mmdet v1 fcos_head.loss written from docs/modes.md §2.8-§2.9 with torch ops, in NCHW layout.
 
     gt_labels are 1-based as in mmdet (0 = background). normalizer: 'v1' or 'global' (v2.9)."""
     inf = 1e8

@@ -9,7 +9,8 @@ import torch
 from fcos_jax import config_base, optim
 
 # Leaf path -> (shape, label for the caffe R-50 setting, label for X-101 with the v1 quirk).
-# The labels are written by hand from spec 1 and 8, independently of optim.param_labels.
+# The labels are written by hand from docs/modes.md §2.2 and §2.10, independently of
+# optim.param_labels.
 PARAMS = {
     "backbone/conv1/kernel": ((3, 3, 3, 4), "frozen", "frozen"),
     "backbone/bn1/scale": ((4,), "frozen", "frozen"),

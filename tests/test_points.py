@@ -1,4 +1,5 @@
-"""Point grids against torchvision's AnchorGenerator and the mmdet formula (spec 4, 10)."""
+"""Point grids against torchvision's AnchorGenerator and the mmdet formula (docs/modes.md §2.4,
+§4.4)."""
 
 import numpy as np
 import pytest

@@ -1,5 +1,5 @@
-"""postprocess.detect against plain-NumPy implementations of the reference test paths (spec 6 and
-10, DESIGN.md "Evaluation semantics") and the NMS core against torchvision.ops."""
+"""postprocess.detect against plain-NumPy implementations of the reference test paths
+(docs/modes.md §2.5, §3.5, §4.5 and §5) and the NMS core against torchvision.ops."""
 
 import math
 import types

@@ -221,7 +221,8 @@ def test_bad_inputs_raise_errors_naming_them(detector, tmp_path):
 
 
 def mmdet_r50_gn_state_dict(names: str, seed: int) -> dict[str, torch.Tensor]:
-    """Random mmdet FCOS R-50 caffe GN state dict (spec 9 keys): v1 `fcos_*` or v3 `conv_*`."""
+    """Random mmdet FCOS R-50 caffe GN state dict (keys: docs/modes.md §2.11), v1 `fcos_*` or v3
+    `conv_*`."""
     rng = np.random.default_rng(seed)
     sd = {}
 

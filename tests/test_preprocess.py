@@ -1,5 +1,5 @@
 """Preprocessing against independent references: a direct cv2 transcription of mmcv's v1 test
-transform (spec 7) and torchvision's own GeneralizedRCNNTransform (spec 10)."""
+transform (docs/modes.md §2.3) and torchvision's own GeneralizedRCNNTransform (§4.3)."""
 
 import math
 

@@ -281,7 +281,7 @@ def test_encode_vmaps_over_a_batch():
         np.testing.assert_array_equal(np.asarray(batched["labels"][i]), single["labels"])
 
 
-# --- NumPy reference written from spec 4 (mmdet) and torchvision's compute_loss ---------------
+# --- NumPy reference written from docs/modes.md §2.8 (mmdet) and torchvision's compute_loss ---
 
 
 def reference_points(assigner):

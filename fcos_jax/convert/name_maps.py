@@ -7,7 +7,8 @@ of layer it is; the kind fixes the leaf names and the tensor layout change:
   norm   scale <- weight, bias <- bias, batch_stats mean/var <- running_mean/running_var
          (`num_batches_tracked` of a mapped BN is ignored on purpose)
   scale  scale <- scale (0-dim)
-No table rotates or reorders class channels (spec 9: mmdet's upgrade_model_version bug).
+No table rotates or reorders class channels (docs/modes.md §2.11: mmdet's upgrade_model_version
+bug).
 """
 
 import dataclasses
@@ -108,7 +109,7 @@ TORCHVISION = NameMap(
 
 BACKBONE = NameMap(
     rules=_resnet(""),
-    # ImageNet classifier; the unused stem bias of some caffe conversions (spec 1).
+    # ImageNet classifier; the unused stem bias of some caffe conversions (docs/modes.md §2.2).
     ignored=("fc.weight", "fc.bias", "conv1.bias"),
     parts=("backbone",),
     description="ImageNet ResNet/ResNeXt backbone (mmdet caffe or torchvision layout)",

@@ -1,6 +1,6 @@
 """The tf.data input pipelines: training (epoch plan) and evaluation (predict's preprocessing).
 
-Training (DESIGN.md, Conventions: the epoch plan):
+Training (the epoch plan, docs/architecture.md#conventions):
   1. Index time (`prepare_examples`): crowd boxes dropped, boxes clipped, boxes with w or h < 1
      dropped, at most `train.max_boxes` kept (the largest); images left without a box or with a
      side < `data.min_image_side` are skipped and counted. Steps per epoch are then known.

@@ -1,4 +1,5 @@
-"""Training transforms of spec 7: ground truth in NumPy (through boxes.py), pixels in TF ops.
+"""Training transforms (docs/modes.md §2.7, §4.7): ground truth in NumPy (through boxes.py),
+pixels in TF ops.
 
 Order, as mmdet v1 `CustomDataset.prepare_train_img` + `ImageTransform`/`BboxTransform`:
   decode (RGB or BGR per config) -> keep-ratio resize to a planned size -> (mmdet: round to uint8

@@ -1,4 +1,4 @@
-"""Feature pyramid (spec 2): laterals on C3-C5, nearest top-down, 3x3 outputs, P6 and P7.
+"""Feature pyramid (docs/modes.md §2.2): laterals on C3-C5, nearest top-down, 3x3 outputs, P6-P7.
 
 P6 is a 3x3 stride-2 conv on the P5 *output* (no ReLU before it); P7 the same on ReLU(P6). This is
 mmdet v1's `add_extra_convs=True, extra_convs_on_inputs=False, relu_before_extra_convs=True` and

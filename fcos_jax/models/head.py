@@ -1,4 +1,4 @@
-"""FCOS head (spec 3): shared cls and reg towers, predictors, per-level regression scale.
+"""FCOS head (docs/modes.md §2.2): shared cls and reg towers, predictors, per-level scale.
 
 Variants chosen by config:
   norm              'gn' (GroupNorm 32) or 'none' after each tower conv.

@@ -1,9 +1,9 @@
 """ResNet and ResNeXt backbones (caffe and pytorch styles) returning C2..C5.
 
-Layout and names follow mmdetection's `ResNet`/`ResNeXt` (spec 1): `conv1`/`bn1` stem, 7x7/2
-conv and 3x3/2 max-pool; stages `layer{i}_{j}` with `conv1..3`, `bn1..3` and on the first block
-`downsample_conv`/`downsample_bn`. caffe style puts the stride on the 1x1 `conv1`, pytorch style on
-the 3x3 `conv2`. No backbone convolution has a bias.
+Layout and names follow mmdetection's `ResNet`/`ResNeXt` (docs/modes.md §2.2): `conv1`/`bn1`
+stem, 7x7/2 conv and 3x3/2 max-pool; stages `layer{i}_{j}` with `conv1..3`, `bn1..3` and on the
+first block `downsample_conv`/`downsample_bn`. caffe style puts the stride on the 1x1 `conv1`,
+pytorch style on the 3x3 `conv2`. No backbone convolution has a bias.
 """
 
 import math
