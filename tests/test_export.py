@@ -10,12 +10,13 @@ images, for two models:
                split (96-128 px).
 
 All batches run through the same symbolic-batch artifacts; the tiny model's StableHLO file comes
-from the command line, the others from `export_detector`. StableHLO runs the same XLA program as
-`Detector`: detections equal bit for bit. TF and onnxruntime run other kernels: detections are
-matched by `compare`'s rule (label equal, box within 0.01 px, score within 1e-4) and the worst
-differences are printed. COCOeval (`eval.py --detections`'s function) of each artifact's
-detections gives the AP of `eval.py` on the checkpoint within 1e-3. (The R-50 model runs one
-batch size only: each batch size costs every XLA runtime a compile of R-50.)
+from the command line, the others from `export_detector`. StableHLO runs the same XLA as
+`Detector`: the same detections in the same order, equal to float32 rounding (STABLEHLO_RTOL).
+TF and onnxruntime run other kernels: detections are matched by `compare`'s rule (label equal,
+box within 0.01 px, score within 1e-4) and the worst differences are printed. COCOeval
+(`eval.py --detections`'s function) of each artifact's detections gives the AP of `eval.py` on
+the checkpoint within 1e-3. (The R-50 model runs one batch size only: each batch size costs
+every XLA runtime a compile of R-50.)
 """
 
 import json
@@ -38,6 +39,10 @@ FORMATS = ("stablehlo", "savedmodel", "onnx")
 TV_SCALE = (512, 320)
 TV_IMAGES = ((333, 500, 11), (340, 497, 12))  # resize to 320x480 and 320x467: canvas 320x512
 TINY_STEPS = 40
+# StableHLO and Detector run one XLA, but the symbolic-batch module is compiled apart from
+# Detector's jit: bit-equal on AMD EPYC (Zen 3/4), a few float32 ulps apart on an Intel Xeon with
+# AVX-512 (7.6e-6 px at 13.7 px, 2026-12-03). Same detections in the same order, rounding only.
+STABLEHLO_RTOL = STABLEHLO_ATOL = 1e-5  # boxes in pixels, scores
 
 
 def _run(args, **kwargs):
@@ -198,8 +203,18 @@ def test_stablehlo_detections_equal_detector_in_canvas_mode(runs, model, batch):
     for row, dets in enumerate(ours):
         found = _artifact_detections(outputs, row)
         assert len(found["scores"]) == len(dets["scores"]) > 0
-        for key, value in _ours(dets).items():
-            np.testing.assert_array_equal(found[key], value, err_msg=f"image {row} {key}")
+        reference = _ours(dets)
+        np.testing.assert_array_equal(found["labels"], reference["labels"], f"image {row}")
+        for key in ("boxes", "scores"):
+            np.testing.assert_allclose(
+                found[key],
+                reference[key],
+                rtol=STABLEHLO_RTOL,
+                atol=STABLEHLO_ATOL,
+                err_msg=f"image {row}",
+            )
+            worst = float(np.max(np.abs(found[key] - reference[key]), initial=0.0))
+            print(f"stablehlo {model} {batch} image {row}: worst {key} difference {worst:.2e}")
 
 
 @pytest.mark.parametrize("fmt", ["savedmodel", "onnx"])
