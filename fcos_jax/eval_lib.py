@@ -177,9 +177,13 @@ def evaluate_checkpoint(
     `model.head.num_classes = 0`, the head's size) comes from the checkpoint's meta. Returns the
     stats."""
     from fcos_jax import checkpoint
+    from fcos_jax.data import sources
 
     compile_cache.enable_from_config(config)
     mesh = sharding.make_mesh()
+    # One process per data_dir prepares the split (a COCO-format folder, the index cache) while
+    # the others wait, as training does.
+    sources.prepare_splits(config, [config.data.val_split])
     variables, meta = checkpoint.restore_inference(
         checkpoint_path, config, sharding.replicated(mesh)
     )
@@ -219,6 +223,7 @@ def evaluate_results_file(
     else:
         from fcos_jax.data import sources
 
+        sources.prepare_splits(config, [config.data.val_split])
         source = sources.open_source(config, config.data.val_split)
         classes = sources.resolve_classes(config, source)
         ground_truth = evaluation.load_ground_truth(
