@@ -173,6 +173,32 @@ def test_eval_cli_prints_the_coco_table_for_a_trained_workdir(
     assert any(cache.iterdir())  # test.compilation_cache_dir is honoured by eval.py
 
 
+def test_custom_coco_config_trains_a_users_folder_from_the_four_paths(folder, tmp_path):
+    """configs/custom_coco.py as the README runs it: only the four paths (plus a short schedule
+    and a scratch data_dir here); head size and class names come from the folder's JSON, and the
+    final evaluation runs on the validation split."""
+    workdir = tmp_path / "work"
+    run = _run(
+        [
+            sys.executable,
+            "train.py",
+            "--config=configs/custom_coco.py",
+            f"--workdir={workdir}",
+            *[f"--config.data.folder.{k}={v}" for k, v in folder.items()],
+            f"--config.data.data_dir={tmp_path / 'data'}",
+            "--config.train.num_steps=2",
+            "--config.train.lr_steps=(1,)",
+            "--config.train.warmup_iters=1",
+            "--config.train.progress_bar=False",
+        ]
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(_evaluations(run.stdout)) == [2]
+    meta = json.loads((workdir / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert meta["config_name"] == "custom_coco"
+    assert meta["classes"] == [list(c) for c in FOLDER_CLASSES]
+
+
 def test_predict_shows_the_datasets_class_names_without_the_dataset(
     reference_run, folder, tmp_path
 ):
