@@ -1,4 +1,5 @@
-"""Small helpers shared by the command-line tools (predict, compare)."""
+"""Small helpers shared by the command-line tools (train, eval, predict, compare, convert,
+export)."""
 
 from pathlib import Path
 
@@ -72,27 +73,42 @@ def quiet_library_logs() -> None:
     absl_logging.get_absl_handler().addFilter(_Filter())
 
 
-def run(main) -> None:
-    """absl `app.run`, with expected errors (bad config field, missing file, unusable
-    checkpoint, bad data) printed as one line `error: ...` and exit status 2."""
+def run(main, errors: tuple[type[BaseException], ...] = ()) -> None:
+    """absl `app.run` with one error path for every tool: a usage mistake (unknown or missing
+    flag, wrong arguments) and an expected error (bad config field, missing file, unusable
+    checkpoint, bad data, and the tool's own `errors`) print one line `error: ...` and exit with
+    status 2. Exit status 1 stays free for a tool's own "ran, but failed" (compare's tolerance)."""
     import sys
 
     from absl import app
 
     from fcos_jax.sharding import LeaderFailedError
 
+    expected = (
+        app.UsageError,
+        FileNotFoundError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        OSError,
+        LeaderFailedError,
+        *errors,
+    )
+
+    def fail(error: BaseException) -> None:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+    def parse_flags(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as error:
+            fail(error)
+
     def guarded(argv):
         try:
             return main(argv)
-        except (
-            FileNotFoundError,
-            ValueError,
-            KeyError,
-            AttributeError,
-            OSError,
-            LeaderFailedError,
-        ) as error:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            sys.exit(2)
+        except expected as error:
+            fail(error)
 
-    app.run(guarded)
+    app.run(guarded, flags_parser=parse_flags)

@@ -364,17 +364,16 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("give exactly one IMAGE file")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    from fcos_jax.cli import config_from_flag
+    from fcos_jax import cli
 
-    try:
-        config = config_from_flag()
-        ok = compare(_FORMAT.value, config, _INPUT.value, argv[1], _CHECKPOINT.value)
-    except (CompareError, FileNotFoundError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    for name in ("format", "config", "input"):
+        if flags.FLAGS[name].value is None:
+            raise app.UsageError(f"--{name} is required")
+    ok = compare(_FORMAT.value, cli.config_from_flag(), _INPUT.value, argv[1], _CHECKPOINT.value)
     sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["format", "config", "input"])
-    app.run(main)
+    from fcos_jax import cli
+
+    cli.run(main, errors=(CompareError,))

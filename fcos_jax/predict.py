@@ -17,7 +17,6 @@ mode and the exported artifacts do) instead of to the next multiple of 32.
 """
 
 import json
-import sys
 from pathlib import Path
 
 import cv2
@@ -121,15 +120,11 @@ def main(argv: list[str]) -> None:
     images = argv[1:]
     if not images:
         raise app.UsageError("give at least one IMAGE file")
-    if _CHECKPOINT.value is None:
-        raise app.UsageError("--checkpoint is required")
-    try:
-        run(cli.config_from_flag(), _CHECKPOINT.value, images)
-    except (FileNotFoundError, ValueError, OSError) as error:
-        print(f"predict: error: {error}", file=sys.stderr)
-        sys.exit(1)
+    for name in ("config", "checkpoint"):
+        if flags.FLAGS[name].value is None:
+            raise app.UsageError(f"--{name} is required")
+    run(cli.config_from_flag(), _CHECKPOINT.value, images)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main)

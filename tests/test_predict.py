@@ -339,16 +339,24 @@ def test_cli_missing_image_checkpoint_and_config_give_one_line_errors(tmp_path, 
     ]
     for args, named in cases:
         proc = run_predict(*args)
-        assert proc.returncode == 1, proc.stderr
+        assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("predict: error:"), proc.stderr
+        assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
         assert named in lines[0]
 
 
-def test_cli_without_images_is_a_usage_error():
-    proc = run_predict(f"--config={R50_GN}", "--checkpoint=x")
-    assert proc.returncode != 0
-    assert "IMAGE" in proc.stderr
+def test_cli_usage_errors_exit_2_with_one_line():
+    """The same error path as every tool: no image, a missing required flag, an unknown flag."""
+    cases = [
+        ((f"--config={R50_GN}", "--checkpoint=x"), "IMAGE"),
+        ((f"--config={R50_GN}", "x.jpg"), "--checkpoint"),
+        ((f"--config={R50_GN}", "--checkpoint=x", "--no_such_flag=1", "x.jpg"), "no_such_flag"),
+    ]
+    for args, named in cases:
+        proc = run_predict(*args)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], lines
 
 
 def test_drawing_keeps_scores_above_the_threshold_and_puts_the_best_label_on_top():

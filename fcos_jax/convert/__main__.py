@@ -6,14 +6,13 @@
 Errors print one line `error: ...` to stderr and exit with status 2.
 """
 
-import sys
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fcos_jax import checkpoint
-from fcos_jax.convert import FORMATS, ConversionError, convert_file, describe, write_converted
+from fcos_jax import checkpoint, cli
+from fcos_jax.convert import FORMATS, convert_file, describe, write_converted
 
 _FORMAT = flags.DEFINE_enum("format", None, list(FORMATS), "Layout of the --input file.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config of the target model.")
@@ -27,18 +26,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # keep stderr for the one-line error
     config, fmt = _CONFIG.value, _FORMAT.value
-    try:
-        checkpoint.check_output_free(_OUTPUT.value)  # fail before a long conversion
-        converted = convert_file(_INPUT.value, fmt, config)
-        source = f"{fmt}: {Path(_INPUT.value).name}"
-        root = write_converted(converted, _OUTPUT.value, config, source)
-    except (ConversionError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    checkpoint.check_output_free(_OUTPUT.value)  # fail before a long conversion
+    converted = convert_file(_INPUT.value, fmt, config)
+    source = f"{fmt}: {Path(_INPUT.value).name}"
+    root = write_converted(converted, _OUTPUT.value, config, source)
     print(f"converted {_INPUT.value} ({fmt}) for {config.name} -> {root}/0")
     for line in describe(converted):
         print(line)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)  # ConversionError and CheckpointError are ValueErrors: exit 2
