@@ -96,7 +96,8 @@ def run(main, errors: tuple[type[BaseException], ...] = ()) -> None:
     )
 
     def fail(error: BaseException) -> None:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"error: {message}", file=sys.stderr, flush=True)  # one line, nothing dropped
         sys.exit(2)
 
     def parse_flags(argv: list[str]) -> list[str]:

@@ -30,6 +30,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fcos_jax import cli
+
 _FORMAT = flags.DEFINE_enum("format", None, ["mmdet", "torchvision"], "Reference to compare with.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config of our model.")
 _INPUT = flags.DEFINE_string("input", None, "The PyTorch checkpoint (.pth) of the reference.")
@@ -364,16 +366,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("give exactly one IMAGE file")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    from fcos_jax import cli
-
-    for name in ("format", "config", "input"):
-        if flags.FLAGS[name].value is None:
-            raise app.UsageError(f"--{name} is required")
     ok = compare(_FORMAT.value, cli.config_from_flag(), _INPUT.value, argv[1], _CHECKPOINT.value)
     sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":
-    from fcos_jax import cli
-
+    flags.mark_flags_as_required(["format", "config", "input"])  # cli.run: exit 2 if missing
     cli.run(main, errors=(CompareError,))

@@ -120,11 +120,9 @@ def main(argv: list[str]) -> None:
     images = argv[1:]
     if not images:
         raise app.UsageError("give at least one IMAGE file")
-    for name in ("config", "checkpoint"):
-        if flags.FLAGS[name].value is None:
-            raise app.UsageError(f"--{name} is required")
     run(cli.config_from_flag(), _CHECKPOINT.value, images)
 
 
 if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "checkpoint"])  # cli.run: exit 2 if missing
     cli.run(main)
