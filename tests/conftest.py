@@ -1,5 +1,5 @@
-"""Shared fixtures. torch is imported before anything can import TensorFlow
-(docs/architecture.md#imports)."""
+"""Shared fixtures. torch and torchvision are imported before anything can import
+TensorFlow (docs/architecture.md#imports)."""
 
 import os
 import shutil
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch  # noqa: F401  (must precede tensorflow: docs/architecture.md#imports)
+import torchvision  # noqa: F401  (its ops import triton, which crashes after tensorflow)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
