@@ -1,6 +1,8 @@
 """Test-time image preprocessing: decode, keep-ratio resize, normalise, pad to a multiple of 32.
 
-Pure NumPy + cv2 (no TensorFlow, no torch): used by prediction and by the evaluation pipeline.
+Pure NumPy + cv2 (no TensorFlow, no torch): used by prediction and by the evaluation pipeline;
+its size rules (`resized_size`), `scale` convention (`scale_yx`) and `normalise` are also those
+of the training plan and transforms (fcos_jax/data).
 Each `config.preprocess.resize` mode reproduces its reference exactly (docs/modes.md §2.3, §3.3
 and §4.3):
 
@@ -111,6 +113,41 @@ def pad_to_multiple(image: np.ndarray, divisor: int) -> np.ndarray:
     return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)))
 
 
+def check_modes(preprocess_config: Any) -> None:
+    """ValueError naming the field unless `preprocess.resize` is a known mode, and RGB for the
+    torchvision one."""
+    p = preprocess_config
+    if p.resize not in RESIZE_MODES:
+        raise ValueError(f"preprocess.resize: expected one of {RESIZE_MODES}, got {p.resize!r}")
+    if p.resize == "torchvision" and not p.to_rgb:
+        raise ValueError("preprocess.to_rgb: the torchvision resize mode expects RGB (True)")
+
+
+def normalise(pixels: Any, mean: Any, std: Any, unit_range: bool) -> Any:
+    """(pixels [/ 255] - mean) / std in float32, in that order (mmcv `imnormalize`, torchvision
+    `normalize`): the one normalisation of both modes, at test time here and in the training
+    transforms (data/transforms.py). pixels: [..., 3] float32, a NumPy array or a TF tensor
+    (operators only, so either computes the same floats); mean, std: 3 values, in the pixels'
+    channel order. The division is skipped when every std is 1 (x / 1 is x)."""
+    if unit_range:
+        pixels = pixels / np.float32(255)
+    pixels = pixels - np.asarray(mean, np.float32)
+    if any(float(v) != 1 for v in std):
+        pixels = pixels / np.asarray(std, np.float32)
+    return pixels
+
+
+def scale_yx(
+    original_hw: Any, resized_hw: Any, factor: float, single_scale: bool
+) -> tuple[float, float]:
+    """(y, x) factors that map original to resized pixels (module docstring, `scale`):
+    (factor, factor) for mmdet v1 (`single_scale`: one float), else (new_h / h, new_w / w) as
+    mmdet v2+ and torchvision."""
+    if single_scale:
+        return factor, factor
+    return resized_hw[0] / original_hw[0], resized_hw[1] / original_hw[1]
+
+
 def _scale_sides(scale: Any) -> tuple[float, float]:
     """config.preprocess.scale (long side max, short side) in either order -> (long, short)."""
     if len(scale) != 2:
@@ -119,12 +156,12 @@ def _scale_sides(scale: Any) -> tuple[float, float]:
 
 
 def _output(
-    image: np.ndarray, resized_hw: tuple[int, int], scale_yx, original_hw: tuple[int, int]
+    image: np.ndarray, resized_hw: tuple[int, int], factors: Any, original_hw: tuple[int, int]
 ) -> dict[str, np.ndarray]:
     return {
         "image": image,
         "image_hw": np.asarray(resized_hw, dtype=np.int32),
-        "scale": np.asarray(scale_yx, dtype=np.float64),
+        "scale": np.asarray(factors, dtype=np.float64),
         "original_hw": np.asarray(original_hw, dtype=np.int32),
     }
 
@@ -153,12 +190,6 @@ def resize_mmdet(image: np.ndarray, scale: Any) -> tuple[np.ndarray, float]:
     return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR), factor
 
 
-def _mmdet_scale_yx(original_hw, resized_hw, factor: float, single_scale: bool):
-    """mmdet v1 divides boxes by the float factor (single_scale), v2/v3 by each axis's ratio."""
-    (h, w), (new_h, new_w) = original_hw, resized_hw
-    return (factor, factor) if single_scale else (new_h / h, new_w / w)
-
-
 def preprocess_mmdet(
     image_bgr: np.ndarray,
     *,
@@ -182,15 +213,9 @@ def preprocess_mmdet(
     new_h, new_w = resized.shape[:2]
     if to_rgb:
         resized = resized[:, :, ::-1]
-    pixels = resized.astype(np.float32)
-    if unit_range:
-        pixels = pixels / np.float32(255)
-    mean = np.asarray(mean, dtype=np.float32)
-    std = np.asarray(std, dtype=np.float32)
-    normalised = (pixels - mean) / std
-    scale_yx = _mmdet_scale_yx((h, w), (new_h, new_w), factor, single_scale)
-    padded = pad_to_multiple(normalised, size_divisor)
-    return _output(padded, (new_h, new_w), scale_yx, (h, w))
+    normalised = normalise(resized.astype(np.float32), mean, std, unit_range)
+    factors = scale_yx((h, w), (new_h, new_w), factor, single_scale)
+    return _output(pad_to_multiple(normalised, size_divisor), (new_h, new_w), factors, (h, w))
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +228,17 @@ def torchvision_resize_size(h: int, w: int, scale: Any) -> tuple[int, int, float
     long_side, short_side = _scale_sides(scale)
     factor = min(short_side / min(h, w), long_side / max(h, w))
     return int(np.floor(h * factor)), int(np.floor(w * factor)), factor
+
+
+def resized_size(h: int, w: int, scale: Any, resize_mode: str) -> tuple[int, int, float]:
+    """Keep-ratio size of an h x w image for `scale` (long max, short) in `resize_mode`: mmdet
+    int(x + 0.5) (`mmdet_rescale_size`), torchvision floor (`torchvision_resize_size`); the sizes
+    the training plan and evaluation batches are made of. Returns (new_h, new_w, factor)."""
+    if resize_mode == "mmdet":
+        return mmdet_rescale_size(h, w, scale)
+    if resize_mode == "torchvision":
+        return torchvision_resize_size(h, w, scale)
+    raise ValueError(f"preprocess.resize: expected one of {RESIZE_MODES}, got {resize_mode!r}")
 
 
 def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -249,18 +285,13 @@ def preprocess_torchvision(
     Returns image [Hp, Wp, 3] float32 (padded), image_hw [2] int32 (resized, unpadded),
     scale [2] float64 (new_h / h, new_w / w), original_hw [2] int32."""
     h, w = image_rgb.shape[:2]
-    new_h, new_w, _ = torchvision_resize_size(h, w, scale)
+    new_h, new_w, factor = torchvision_resize_size(h, w, scale)
     if new_h < 1 or new_w < 1:
         raise ValueError(f"image of size {h}x{w} resizes to an empty {new_h}x{new_w} image")
-    pixels = image_rgb.astype(np.float32)
-    if unit_range:
-        pixels = pixels / np.float32(255)
-    mean = np.asarray(mean, dtype=np.float32)
-    std = np.asarray(std, dtype=np.float32)
-    normalised = (pixels - mean) / std
+    normalised = normalise(image_rgb.astype(np.float32), mean, std, unit_range)
     resized = resize_bilinear(normalised, (new_h, new_w))
-    padded = pad_to_multiple(resized, size_divisor)
-    return _output(padded, (new_h, new_w), (new_h / h, new_w / w), (h, w))
+    factors = scale_yx((h, w), (new_h, new_w), factor, False)
+    return _output(pad_to_multiple(resized, size_divisor), (new_h, new_w), factors, (h, w))
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,29 +308,20 @@ def preprocess(
     Returns image [Hp, Wp, 3] float32, image_hw [2] int32 (resized, unpadded),
     scale [2] float64 (y, x), original_hw [2] int32."""
     p = preprocess_config
+    check_modes(p)
+    common = dict(
+        scale=p.scale,
+        mean=p.mean,
+        std=p.std,
+        unit_range=p.unit_range,
+        size_divisor=p.size_divisor,
+    )
     if p.resize == "mmdet":
+        single = postprocess_mode in _SINGLE_SCALE_MODES
         return preprocess_mmdet(
-            load_bgr(image, name),
-            scale=p.scale,
-            mean=p.mean,
-            std=p.std,
-            to_rgb=p.to_rgb,
-            unit_range=p.unit_range,
-            size_divisor=p.size_divisor,
-            single_scale=postprocess_mode in _SINGLE_SCALE_MODES,
+            load_bgr(image, name), to_rgb=p.to_rgb, single_scale=single, **common
         )
-    if p.resize == "torchvision":
-        if not p.to_rgb:
-            raise ValueError("preprocess.to_rgb: the torchvision resize mode expects RGB (True)")
-        return preprocess_torchvision(
-            load_rgb(image, name),
-            scale=p.scale,
-            mean=p.mean,
-            std=p.std,
-            unit_range=p.unit_range,
-            size_divisor=p.size_divisor,
-        )
-    raise ValueError(f"preprocess.resize: expected one of {RESIZE_MODES}, got {p.resize!r}")
+    return preprocess_torchvision(load_rgb(image, name), **common)
 
 
 def serving_image(
@@ -315,17 +337,15 @@ def serving_image(
     image_hw [2] int32 = (h, w), scale [2] float64 (y, x) and original_hw [2] int32 as
     `preprocess` gives them."""
     p = preprocess_config
+    check_modes(p)
     if p.resize == "torchvision":
         out = preprocess(image, p, postprocess_mode, name)
         new_h, new_w = (int(v) for v in out["image_hw"])
         out["image"] = out["image"][:new_h, :new_w]
         return out
-    if p.resize != "mmdet":
-        raise ValueError(f"preprocess.resize: expected one of {RESIZE_MODES}, got {p.resize!r}")
     rgb = load_rgb(image, name)
     resized, factor = resize_mmdet(rgb, p.scale)
     original_hw, resized_hw = rgb.shape[:2], resized.shape[:2]
     single = postprocess_mode in _SINGLE_SCALE_MODES
-    return _output(
-        resized, resized_hw, _mmdet_scale_yx(original_hw, resized_hw, factor, single), original_hw
-    )
+    factors = scale_yx(original_hw, resized_hw, factor, single)
+    return _output(resized, resized_hw, factors, original_hw)
