@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from data_helpers import encode, natural_image
 
-from fcos_jax.data import transforms
+from fcos_jax import preprocess
+from fcos_jax.data import epoch_plan, examples, geometry, transforms
 
 CAFFE_MEAN = (102.9801, 115.9465, 122.7717)
 TV_MEAN, TV_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -40,7 +41,7 @@ def _v1_size(h, w, long_side, short_side):
     ],
 )
 def test_mmdet_resized_size_follows_v1_rounding(hw, scale, expected):
-    nh, nw, factor = transforms.resized_size(*hw, scale, "mmdet")
+    nh, nw, factor = preprocess.resized_size(*hw, scale, "mmdet")
     assert (nh, nw) == expected == _v1_size(*hw, *scale)
     assert factor == min(scale[0] / max(hw), scale[1] / min(hw))
 
@@ -48,7 +49,7 @@ def test_mmdet_resized_size_follows_v1_rounding(hw, scale, expected):
 def test_torchvision_resized_size_floors():
     for h, w in [(480, 640), (427, 640), (333, 500), (37, 61)]:
         s = min(800 / min(h, w), 1333 / max(h, w))
-        nh, nw, _ = transforms.resized_size(h, w, (1333, 800), "torchvision")
+        nh, nw, _ = preprocess.resized_size(h, w, (1333, 800), "torchvision")
         assert (nh, nw) == (int(np.floor(h * s)), int(np.floor(w * s)))
 
 
@@ -83,7 +84,7 @@ def _tf_train_image(data, hw, resized_hw, flip, canvas_hw, pre):
 )
 def test_mmdet_train_image_is_within_one_level_of_cv2(hw, scale, flip):
     data = encode(natural_image(*hw, seed=hw[0]), "JPEG", quality=92)
-    nh, nw, _ = transforms.resized_size(*hw, scale, "mmdet")
+    nh, nw, _ = preprocess.resized_size(*hw, scale, "mmdet")
     canvas = (-(-max(nh, nw) // 32) * 32,) * 2
     got = _tf_train_image(data, hw, (nh, nw), flip, canvas, _pre())
     want = _cv2_train_image(data, (nh, nw), flip, canvas, CAFFE_MEAN, (1, 1, 1), False)
@@ -107,7 +108,7 @@ def test_torchvision_train_image_matches_torch_interpolate():
     rgb = natural_image(90, 70, 5)
     data = encode(rgb, "PNG")
     pre = _pre(resize="torchvision", mean=TV_MEAN, std=TV_STD, to_rgb=True, unit_range=True)
-    nh, nw, s = transforms.resized_size(90, 70, (200, 120), "torchvision")
+    nh, nw, s = preprocess.resized_size(90, 70, (200, 120), "torchvision")
     got = _tf_train_image(data, (90, 70), (nh, nw), True, (160, 128), pre)
     x = (torch.from_numpy(rgb).float() / 255 - torch.tensor(TV_MEAN)) / torch.tensor(TV_STD)
     x = F.interpolate(
@@ -158,7 +159,7 @@ def test_clean_annotations_drops_crowd_clips_and_drops_thin_boxes_legacy():
     )
     crowd = np.array([0, 0, 1, 0, 0, 0, 0], bool)
     counts = collections.Counter()
-    boxes, labels = transforms.clean_annotations(
+    boxes, labels = examples.clean_annotations(
         xywh, [5, 7, 5, 5, 7, 5, 5], crowd, (80, 100), {5: 0, 7: 1}, True, counts, "img"
     )
     np.testing.assert_array_equal(
@@ -175,7 +176,7 @@ def test_clean_annotations_drops_crowd_clips_and_drops_thin_boxes_legacy():
 
 def test_clean_annotations_without_legacy_clips_to_the_image_size():
     counts = collections.Counter()
-    boxes, _ = transforms.clean_annotations(
+    boxes, _ = examples.clean_annotations(
         np.array([[90, 5, 20, 10]], np.float32), [1], [False], (80, 100), {1: 0}, False, counts, ""
     )
     np.testing.assert_array_equal(boxes, [[90, 5, 100, 15]])
@@ -183,7 +184,7 @@ def test_clean_annotations_without_legacy_clips_to_the_image_size():
 
 def test_unknown_category_is_an_error_naming_the_image():
     with pytest.raises(ValueError, match="image id 4: category id 3 is not in the class list"):
-        transforms.clean_annotations(
+        examples.clean_annotations(
             np.ones((1, 4)), [3], [False], (9, 9), {1: 0}, True, collections.Counter(), "image id 4"
         )
 
@@ -191,29 +192,29 @@ def test_unknown_category_is_an_error_naming_the_image():
 def test_transform_boxes_scales_flips_with_plus_one_and_clips():
     boxes = np.array([[10, 20, 29, 39], [0, 0, 49, 9]], np.float32)
     # scale 2 -> [20, 40, 58, 78], [0, 0, 98, 18]; flip in W = 100 with +1: x1' = 100 - x2 - 1
-    got = transforms.transform_boxes(boxes, (2.0, 2.0), True, (60, 100), True)
+    got = geometry.transform_boxes(boxes, (2.0, 2.0), True, (60, 100), True)
     np.testing.assert_allclose(got, [[41, 40, 79, 59], [1, 0, 99, 18]])
-    got = transforms.transform_boxes(boxes, (2.0, 2.0), True, (60, 100), False)
+    got = geometry.transform_boxes(boxes, (2.0, 2.0), True, (60, 100), False)
     np.testing.assert_allclose(got, [[42, 40, 80, 60], [2, 0, 100, 18]])
-    got = transforms.transform_boxes(boxes, (0.5, 2.0), False, (60, 100), False)
+    got = geometry.transform_boxes(boxes, (0.5, 2.0), False, (60, 100), False)
     np.testing.assert_allclose(got, [[20, 10, 58, 19.5], [0, 0, 98, 4.5]])
 
 
 def test_keep_largest_keeps_the_biggest_boxes_in_input_order():
     boxes = np.array([[0, 0, 1, 1], [0, 0, 9, 9], [0, 0, 4, 4], [0, 0, 9, 9]], np.float32)
-    kept, labels = transforms.keep_largest(boxes, np.arange(4), 2, True)
+    kept, labels = examples.keep_largest(boxes, np.arange(4), 2, True)
     assert labels.tolist() == [1, 3]
-    kept, labels = transforms.keep_largest(boxes, np.arange(4), 3, False)
+    kept, labels = examples.keep_largest(boxes, np.arange(4), 3, False)
     assert labels.tolist() == [1, 2, 3]
 
 
 def test_pad_boxes_marks_padding_invalid():
-    boxes, labels, valid = transforms.pad_boxes(np.ones((2, 4)), np.array([3, 1]), 4)
+    boxes, labels, valid = geometry.pad_boxes(np.ones((2, 4)), np.array([3, 1]), 4)
     assert boxes.shape == (4, 4) and boxes.dtype == np.float32 and labels.dtype == np.int32
     assert valid.tolist() == [True, True, False, False]
     assert not boxes[2:].any() and labels.tolist() == [3, 1, 0, 0]
     with pytest.raises(ValueError, match="train.max_boxes"):
-        transforms.pad_boxes(np.ones((5, 4)), np.zeros(5), 4)
+        geometry.pad_boxes(np.ones((5, 4)), np.zeros(5), 4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,9 +223,9 @@ def test_pad_boxes_marks_padding_invalid():
 
 def test_value_mode_picks_one_of_the_listed_scales_uniformly():
     rng = np.random.default_rng(0)
-    scales = transforms.check_multiscale(((1333, 640), (800, 1333)), "value")
+    scales = epoch_plan.check_multiscale(((1333, 640), (800, 1333)), "value")
     assert scales == [(1333, 640), (1333, 800)]
-    drawn = transforms.sample_scales(rng, 4000, scales, "value")
+    drawn = epoch_plan.sample_scales(rng, 4000, scales, "value")
     values, counts = np.unique(drawn, axis=0, return_counts=True)
     assert values.tolist() == [[1333, 640], [1333, 800]]
     assert abs(counts[0] / 4000 - 0.5) < 0.03
@@ -232,12 +233,12 @@ def test_value_mode_picks_one_of_the_listed_scales_uniformly():
 
 def test_range_mode_draws_edges_between_the_two_scales_inclusive():
     rng = np.random.default_rng(1)
-    scales = transforms.check_multiscale(((1333, 640), (1333, 800)), "range")
-    drawn = transforms.sample_scales(rng, 5000, scales, "range")
+    scales = epoch_plan.check_multiscale(((1333, 640), (1333, 800)), "range")
+    drawn = epoch_plan.sample_scales(rng, 5000, scales, "range")
     assert (drawn[:, 0] == 1333).all()
     assert drawn[:, 1].min() == 640 and drawn[:, 1].max() == 800
     assert len(np.unique(drawn[:, 1])) > 150
-    assert transforms.largest_scales(scales, "range") == [(1333, 800)]
+    assert epoch_plan.largest_scales(scales, "range") == [(1333, 800)]
 
 
 @pytest.mark.parametrize(
@@ -251,4 +252,4 @@ def test_range_mode_draws_edges_between_the_two_scales_inclusive():
 )
 def test_bad_multiscale_settings_name_the_field(scales, mode, message):
     with pytest.raises(ValueError, match=message):
-        transforms.check_multiscale(scales, mode)
+        epoch_plan.check_multiscale(scales, mode)

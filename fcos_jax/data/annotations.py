@@ -3,7 +3,7 @@
 `load_coco_json` checks a JSON once, when a COCO-format folder is prepared: a missing required
 field, a duplicate id, an annotation of an unknown image or category, or a non-finite box is an
 error naming the file and the id; a missing `iscrowd`/`area` is filled in and counted. Boxes
-reaching outside their image are counted here and clipped later (`transforms.clean_boxes`).
+reaching outside their image are counted here and clipped later (`examples.clean_annotations`).
 
 `SplitIndex` holds every example of a split without pixels: record position in the source, image
 id, file name, original (height, width) and the raw COCO annotations (`[x, y, w, h]` in original

@@ -53,7 +53,7 @@ from fcos_jax.canvas import (
     eval_canvases,
     round_up,
 )
-from fcos_jax.data import annotations, sources, transforms
+from fcos_jax.data import annotations, epoch_plan, examples, geometry, sources, transforms
 
 log = logging.getLogger(__name__)
 
@@ -103,19 +103,19 @@ def prepare_examples(
     min_image_side: int = 0,
     where: str = "dataset",
 ) -> Examples:
-    """Cleans every example's boxes (transforms.clean_annotations) and keeps at most `max_boxes`
+    """Cleans every example's boxes (examples.clean_annotations) and keeps at most `max_boxes`
     (the largest); when `training`, drops images without a box or with a side < min_image_side.
     Raises ValueError naming `where` when nothing is left."""
     if max_boxes < 1:
         raise ValueError(f"train.max_boxes: expected >= 1, got {max_boxes}")
-    channel_of = transforms.channel_lookup(class_list)
+    channel_of = examples.channel_lookup(class_list)
     counts: collections.Counter = collections.Counter()
     kept_rows, kept_boxes, kept_labels = [], [], []
     for i in range(len(index)):
         rows = index.annotations(i)
         hw = index.original_hw[i]
         what = f"{where}: image id {int(index.image_ids[i])} ({index.filenames[i]})"
-        boxes, labels = transforms.clean_annotations(
+        boxes, labels = examples.clean_annotations(
             index.bbox_xywh[rows],
             index.category_ids[rows],
             index.is_crowd[rows],
@@ -134,7 +134,7 @@ def prepare_examples(
         if len(boxes) > max_boxes:
             counts["images_over_max_boxes"] += 1
             counts["boxes_over_max_dropped"] += len(boxes) - max_boxes
-            boxes, labels = transforms.keep_largest(boxes, labels, max_boxes, legacy_plus_one)
+            boxes, labels = examples.keep_largest(boxes, labels, max_boxes, legacy_plus_one)
         kept_rows.append(i)
         kept_boxes.append(boxes)
         kept_labels.append(labels)
@@ -175,11 +175,11 @@ def largest_resized_hw(
     original_hw: np.ndarray, scales: Sequence[tuple[int, int]], mode: str, resize_mode: str
 ) -> np.ndarray:
     """[N, 2] int: per image, the largest resized (h, w) any training scale can give."""
-    bound = transforms.largest_scales(scales, mode)
+    bound = epoch_plan.largest_scales(scales, mode)
     out = np.zeros_like(original_hw, dtype=np.int64)
     for i, (h, w) in enumerate(original_hw.tolist()):
         for scale in bound:
-            nh, nw, _ = transforms.resized_size(h, w, scale, resize_mode)
+            nh, nw, _ = preprocess.resized_size(h, w, scale, resize_mode)
             out[i] = np.maximum(out[i], (nh, nw))
     return out
 
@@ -235,7 +235,7 @@ def plan_epoch(
     shuffle = rng.permutation(len(examples))
     examples, canvas = examples[shuffle], canvas[shuffle]
     n_slots = examples.size
-    sampled = transforms.sample_scales(rng, n_slots, scales, multiscale_mode)
+    sampled = epoch_plan.sample_scales(rng, n_slots, scales, multiscale_mode)
     flips = rng.random(n_slots) < flip_ratio
     return EpochPlan(
         examples=examples.astype(np.int64),
@@ -350,7 +350,7 @@ class TrainPipeline:
         self.legacy_plus_one = bool(config.legacy_plus_one)
         self.single_scale = config.test.postprocess in SINGLE_SCALE_MODES
         self.max_boxes = int(t.max_boxes)
-        self.scales = transforms.check_multiscale(t.multiscale, t.multiscale_mode)
+        self.scales = epoch_plan.check_multiscale(t.multiscale, t.multiscale_mode)
         self.multiscale_mode = t.multiscale_mode
         if not 0.0 <= float(t.flip_ratio) <= 1.0:
             raise ValueError(f"train.flip_ratio: expected 0..1, got {t.flip_ratio}")
@@ -409,12 +409,12 @@ class TrainPipeline:
             i = int(plan.examples[step, j])
             h, w = (int(v) for v in self.examples.original_hw[i])
             scale = tuple(int(v) for v in plan.scales[step, j])
-            nh, nw, factor = transforms.resized_size(h, w, scale, self.config.preprocess.resize)
-            factors = transforms.scale_yx((h, w), (nh, nw), factor, self.single_scale)
+            nh, nw, factor = preprocess.resized_size(h, w, scale, self.config.preprocess.resize)
+            factors = preprocess.scale_yx((h, w), (nh, nw), factor, self.single_scale)
             flip = bool(plan.flips[step, j])
             boxes, labels = self.examples.ground_truth(i)
-            boxes = transforms.transform_boxes(boxes, factors, flip, (nh, nw), self.legacy_plus_one)
-            boxes, labels, valid = transforms.pad_boxes(boxes, labels, self.max_boxes)
+            boxes = geometry.transform_boxes(boxes, factors, flip, (nh, nw), self.legacy_plus_one)
+            boxes, labels, valid = geometry.pad_boxes(boxes, labels, self.max_boxes)
             slots.append(
                 {
                     "example": i,
@@ -577,7 +577,7 @@ def plan_evaluation(
     divisor = int(p.size_divisor)
     padded = []
     for h, w in examples.original_hw.tolist():
-        nh, nw, _ = transforms.resized_size(h, w, p.scale, p.resize)
+        nh, nw, _ = preprocess.resized_size(h, w, p.scale, p.resize)
         padded.append((round_up(nh, divisor), round_up(nw, divisor)))
     padded = np.asarray(padded, np.int64).reshape(-1, 2)
     if canvases:
@@ -653,13 +653,13 @@ class EvalPipeline:
                 boxes, labels = self.examples.ground_truth(i)
                 h, w = (int(v) for v in self.examples.original_hw[i])
                 p = self.config.preprocess
-                nh, nw, factor = transforms.resized_size(h, w, p.scale, p.resize)
+                nh, nw, factor = preprocess.resized_size(h, w, p.scale, p.resize)
                 single = self.config.test.postprocess in SINGLE_SCALE_MODES
-                factors = transforms.scale_yx((h, w), (nh, nw), factor, single)
-                boxes = transforms.transform_boxes(
+                factors = preprocess.scale_yx((h, w), (nh, nw), factor, single)
+                boxes = geometry.transform_boxes(
                     boxes, factors, False, (nh, nw), self.legacy_plus_one
                 )
-                boxes, labels, valid = transforms.pad_boxes(boxes, labels, self.max_boxes)
+                boxes, labels, valid = geometry.pad_boxes(boxes, labels, self.max_boxes)
                 slot.update(
                     image=self.source.read(self.examples.positions[i])["image"],
                     filename=str(self.examples.filenames[i]),
