@@ -14,7 +14,7 @@ import pytest
 from data_helpers import encode, folder_config, natural_image, random_dataset, write_coco_folder
 
 from fcos_jax import preprocess
-from fcos_jax.data import pipeline
+from fcos_jax.data import epoch_plan, pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,9 +59,9 @@ def _json(path):
 def test_epoch_plan_is_a_function_of_seed_and_epoch_and_covers_every_example():
     canvas_of = np.array([0, 1, 0, 0, 1, 0, 0, 2, 0, 1])
     args = dict(scales=[(320, 256), (320, 192)], multiscale_mode="value", flip_ratio=0.5)
-    plan = pipeline.plan_epoch(canvas_of, 3, 4, 7, 3, **args)
-    again = pipeline.plan_epoch(canvas_of, 3, 4, 7, 3, **args)
-    other = pipeline.plan_epoch(canvas_of, 3, 4, 7, 4, **args)
+    plan = epoch_plan.plan_epoch(canvas_of, 3, 4, 7, 3, **args)
+    again = epoch_plan.plan_epoch(canvas_of, 3, 4, 7, 3, **args)
+    other = epoch_plan.plan_epoch(canvas_of, 3, 4, 7, 4, **args)
     for field in ("examples", "canvas", "scales", "flips"):
         np.testing.assert_array_equal(getattr(plan, field), getattr(again, field))
     assert not np.array_equal(plan.examples, other.examples) or not np.array_equal(
@@ -69,7 +69,7 @@ def test_epoch_plan_is_a_function_of_seed_and_epoch_and_covers_every_example():
     )
     # groups of 6, 3, 1 examples in batches of 4: 2 + 1 + 1 steps
     assert plan.examples.shape == (4, 4)
-    assert pipeline.steps_per_epoch(canvas_of, 3, 4) == 4
+    assert epoch_plan.steps_per_epoch(canvas_of, 3, 4) == 4
     assert set(plan.examples.ravel().tolist()) == set(range(10))
     for step in range(4):
         assert (canvas_of[plan.examples[step]] == plan.canvas[step]).all()

@@ -8,11 +8,119 @@ evaluation plans place it into the network input per slot (geometry.py).
 """
 
 import collections
+import dataclasses
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 
 from fcos_jax import boxes as box_ops
+from fcos_jax.data import annotations
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Examples:
+    """Usable examples of a split (N), ground truth in original pixels.
+
+    rows: [N] int64 row in the SplitIndex; positions [N] record position in the source;
+    image_ids [N] int64; filenames [N] str; original_hw [N, 2] int32; box_offsets [N + 1]:
+    example i owns rows box_offsets[i]:[i + 1] of boxes [B, 4] float32 xyxy and labels [B] int32.
+    counts: what was dropped or skipped (module docstring).
+    """
+
+    rows: np.ndarray
+    positions: np.ndarray
+    image_ids: np.ndarray
+    filenames: np.ndarray
+    original_hw: np.ndarray
+    box_offsets: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+    counts: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def ground_truth(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """boxes [n, 4] float32 xyxy original pixels, labels [n] int32 of example i."""
+        rows = slice(int(self.box_offsets[i]), int(self.box_offsets[i + 1]))
+        return self.boxes[rows], self.labels[rows]
+
+
+def prepare_examples(
+    index: annotations.SplitIndex,
+    class_list: Sequence[tuple[int, str]],
+    *,
+    legacy_plus_one: bool,
+    max_boxes: int,
+    training: bool,
+    min_image_side: int = 0,
+    where: str = "dataset",
+) -> Examples:
+    """Cleans every example's boxes (`clean_annotations`) and keeps at most `max_boxes` (the
+    largest); when `training`, drops images without a box or with a side < min_image_side.
+    Raises ValueError naming `where` when nothing is left."""
+    if max_boxes < 1:
+        raise ValueError(f"train.max_boxes: expected >= 1, got {max_boxes}")
+    channel_of = channel_lookup(class_list)
+    counts: collections.Counter = collections.Counter()
+    kept_rows, kept_boxes, kept_labels = [], [], []
+    for i in range(len(index)):
+        rows = index.annotations(i)
+        hw = index.original_hw[i]
+        what = f"{where}: image id {int(index.image_ids[i])} ({index.filenames[i]})"
+        boxes, labels = clean_annotations(
+            index.bbox_xywh[rows],
+            index.category_ids[rows],
+            index.is_crowd[rows],
+            hw,
+            channel_of,
+            legacy_plus_one,
+            counts,
+            what,
+        )
+        if training and min(hw) < min_image_side:
+            counts["small_images_skipped"] += 1
+            continue
+        if training and len(boxes) == 0:
+            counts["images_without_boxes_skipped"] += 1
+            continue
+        if len(boxes) > max_boxes:
+            counts["images_over_max_boxes"] += 1
+            counts["boxes_over_max_dropped"] += len(boxes) - max_boxes
+            boxes, labels = keep_largest(boxes, labels, max_boxes, legacy_plus_one)
+        kept_rows.append(i)
+        kept_boxes.append(boxes)
+        kept_labels.append(labels)
+    if not kept_rows:
+        raise ValueError(f"{where}: no usable images ({dict(counts)})")
+    if counts["images_over_max_boxes"]:
+        log.warning(
+            "%s: %d images have more than max_boxes=%d boxes; %d smallest boxes dropped",
+            where,
+            counts["images_over_max_boxes"],
+            max_boxes,
+            counts["boxes_over_max_dropped"],
+        )
+    skipped = counts["images_without_boxes_skipped"] + counts["small_images_skipped"]
+    if skipped:
+        log.info("%s: %d images skipped for training (%s)", where, skipped, dict(counts))
+    rows = np.asarray(kept_rows, np.int64)
+    offsets = np.zeros(len(rows) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(b) for b in kept_boxes])
+    return Examples(
+        rows=rows,
+        positions=index.positions[rows],
+        image_ids=index.image_ids[rows],
+        filenames=index.filenames[rows],
+        original_hw=index.original_hw[rows],
+        box_offsets=offsets,
+        boxes=np.concatenate(kept_boxes).reshape(-1, 4).astype(np.float32),
+        labels=np.concatenate(kept_labels).astype(np.int32),
+        counts=dict(counts),
+    )
 
 
 def channel_lookup(class_list: Sequence[tuple[int, str]]) -> dict[int, int]:

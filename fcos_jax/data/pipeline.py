@@ -1,28 +1,22 @@
-"""The tf.data input pipelines: training (epoch plan) and evaluation (predict's preprocessing).
+"""The tf.data input pipelines: this process's training batches, step after step, and its
+evaluation batches, one pass per evaluation. TensorFlow runs here and in transforms.py only.
 
-Training (the epoch plan, docs/architecture.md#conventions):
-  1. Index time (`prepare_examples`): crowd boxes dropped, boxes clipped, boxes with w or h < 1
-     dropped, at most `train.max_boxes` kept (the largest); images left without a box or with a
-     side < `data.min_image_side` are skipped and counted. Steps per epoch are then known.
-  2. Every image gets the smallest canvas (H, W) that holds it at the largest training scale
-     (`data.canvases`, default: landscape and portrait of the largest scale, /32), as mmdet's
-     group sampler groups by aspect. Nothing recompiles after each canvas's first batch.
-  3. `plan_epoch(seed, epoch)`: each canvas group is shuffled and filled up to whole global batches
-     by repeating its own images, the batches are shuffled, and every slot draws its scale
-     (`train.multiscale`, 'value' or 'range' mode) and flip (`train.flip_ratio`). The plan depends
-     on (seed, epoch) and the index only, so every process computes the same one and loads its
-     slice `[p * L, (p + 1) * L)` of each global batch (L = batch_size / process_count): all
-     processes feed the same canvas at every step, and the global batch does not depend on the
-     number of processes.
-  4. The iterator state is {seed, epoch, step_in_epoch, ...}: a small JSON-able dict. A pipeline
-     built with that state yields exactly the batch the saved run would have yielded next.
+What each batch holds is decided beforehand, in NumPy, by the planning modules: the usable
+examples (examples.py), the epoch plan and training canvases (epoch_plan.py), the evaluation plan
+(eval_plan.py) and each slot's boxes in network-input pixels (geometry.py). The pipelines read
+the encoded images from the source and turn them into pixels in tf.data threads:
 
-Evaluation: every image of the split, in index order, grouped by padded shape (the next multiple
-of `size_divisor`, as `predict` pads; `data.eval_pad='canvas'` pads to landscape and portrait
-canvases of the test scale instead). Each image goes through `fcos_jax.preprocess.preprocess`, the
-very function `predict` calls (cv2 decode and resize for the mmdet modes), so the pixels are
-identical. The last batch of
-a shape is filled with dummies marked `example_valid=False`: no image is dropped or repeated.
+Training: the plan of (seed, epoch) is the same in every process; each loads its slice
+`[p * L, (p + 1) * L)` of each global batch (L = batch_size / process_count), so all processes
+feed the same canvas at every step and the global batch does not depend on the number of
+processes. Pixels by transforms.train_image. The iterator state is {seed, epoch, step_in_epoch,
+...}: a small JSON-able dict; a pipeline built with that state yields exactly the batch the saved
+run would have yielded next.
+
+Evaluation: every image goes through `fcos_jax.preprocess.preprocess`, the very function
+`predict` calls (cv2 decode and resize for the mmdet modes), so the pixels are identical, padded
+to its planned shape. The last batch of a shape is filled with dummies marked
+`example_valid=False`: no image is dropped or repeated.
 
 Batch dict (this process's slice, NumPy; `sharding.to_global` makes global arrays of it):
   image [L, H, W, 3] float32, boxes [L, M, 4] float32 xyxy in network-input pixels,
@@ -32,13 +26,9 @@ Batch dict (this process's slice, NumPy; `sharding.to_global` makes global array
 """
 
 import atexit
-import collections
-import dataclasses
 import gc
-import logging
-import math
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -46,203 +36,11 @@ import tensorflow as tf
 
 from fcos_jax import classes as class_lists
 from fcos_jax import preprocess
-from fcos_jax.canvas import (
-    assign_canvases,
-    check_canvases,
-    default_canvases,
-    eval_canvases,
-    round_up,
-)
-from fcos_jax.data import annotations, epoch_plan, examples, geometry, sources, transforms
-
-log = logging.getLogger(__name__)
+from fcos_jax.canvas import eval_canvases
+from fcos_jax.data import epoch_plan, eval_plan, geometry, sources, transforms
+from fcos_jax.data.examples import prepare_examples
 
 SINGLE_SCALE_MODES = ("mmdet_v1",)  # post-processing modes that divide by one scale factor
-
-
-# --------------------------------------------------------------------------------------------
-# Index time
-
-
-@dataclasses.dataclass
-class Examples:
-    """Usable examples of a split (N), ground truth in original pixels.
-
-    rows: [N] int64 row in the SplitIndex; positions [N] record position in the source;
-    image_ids [N] int64; filenames [N] str; original_hw [N, 2] int32; box_offsets [N + 1]:
-    example i owns rows box_offsets[i]:[i + 1] of boxes [B, 4] float32 xyxy and labels [B] int32.
-    counts: what was dropped or skipped (module docstring).
-    """
-
-    rows: np.ndarray
-    positions: np.ndarray
-    image_ids: np.ndarray
-    filenames: np.ndarray
-    original_hw: np.ndarray
-    box_offsets: np.ndarray
-    boxes: np.ndarray
-    labels: np.ndarray
-    counts: dict[str, int]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def ground_truth(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """boxes [n, 4] float32 xyxy original pixels, labels [n] int32 of example i."""
-        rows = slice(int(self.box_offsets[i]), int(self.box_offsets[i + 1]))
-        return self.boxes[rows], self.labels[rows]
-
-
-def prepare_examples(
-    index: annotations.SplitIndex,
-    class_list: Sequence[tuple[int, str]],
-    *,
-    legacy_plus_one: bool,
-    max_boxes: int,
-    training: bool,
-    min_image_side: int = 0,
-    where: str = "dataset",
-) -> Examples:
-    """Cleans every example's boxes (examples.clean_annotations) and keeps at most `max_boxes`
-    (the largest); when `training`, drops images without a box or with a side < min_image_side.
-    Raises ValueError naming `where` when nothing is left."""
-    if max_boxes < 1:
-        raise ValueError(f"train.max_boxes: expected >= 1, got {max_boxes}")
-    channel_of = examples.channel_lookup(class_list)
-    counts: collections.Counter = collections.Counter()
-    kept_rows, kept_boxes, kept_labels = [], [], []
-    for i in range(len(index)):
-        rows = index.annotations(i)
-        hw = index.original_hw[i]
-        what = f"{where}: image id {int(index.image_ids[i])} ({index.filenames[i]})"
-        boxes, labels = examples.clean_annotations(
-            index.bbox_xywh[rows],
-            index.category_ids[rows],
-            index.is_crowd[rows],
-            hw,
-            channel_of,
-            legacy_plus_one,
-            counts,
-            what,
-        )
-        if training and min(hw) < min_image_side:
-            counts["small_images_skipped"] += 1
-            continue
-        if training and len(boxes) == 0:
-            counts["images_without_boxes_skipped"] += 1
-            continue
-        if len(boxes) > max_boxes:
-            counts["images_over_max_boxes"] += 1
-            counts["boxes_over_max_dropped"] += len(boxes) - max_boxes
-            boxes, labels = examples.keep_largest(boxes, labels, max_boxes, legacy_plus_one)
-        kept_rows.append(i)
-        kept_boxes.append(boxes)
-        kept_labels.append(labels)
-    if not kept_rows:
-        raise ValueError(f"{where}: no usable images ({dict(counts)})")
-    if counts["images_over_max_boxes"]:
-        log.warning(
-            "%s: %d images have more than max_boxes=%d boxes; %d smallest boxes dropped",
-            where,
-            counts["images_over_max_boxes"],
-            max_boxes,
-            counts["boxes_over_max_dropped"],
-        )
-    skipped = counts["images_without_boxes_skipped"] + counts["small_images_skipped"]
-    if skipped:
-        log.info("%s: %d images skipped for training (%s)", where, skipped, dict(counts))
-    rows = np.asarray(kept_rows, np.int64)
-    offsets = np.zeros(len(rows) + 1, np.int64)
-    offsets[1:] = np.cumsum([len(b) for b in kept_boxes])
-    return Examples(
-        rows=rows,
-        positions=index.positions[rows],
-        image_ids=index.image_ids[rows],
-        filenames=index.filenames[rows],
-        original_hw=index.original_hw[rows],
-        box_offsets=offsets,
-        boxes=np.concatenate(kept_boxes).reshape(-1, 4).astype(np.float32),
-        labels=np.concatenate(kept_labels).astype(np.int32),
-        counts=dict(counts),
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Canvases
-
-
-def largest_resized_hw(
-    original_hw: np.ndarray, scales: Sequence[tuple[int, int]], mode: str, resize_mode: str
-) -> np.ndarray:
-    """[N, 2] int: per image, the largest resized (h, w) any training scale can give."""
-    bound = epoch_plan.largest_scales(scales, mode)
-    out = np.zeros_like(original_hw, dtype=np.int64)
-    for i, (h, w) in enumerate(original_hw.tolist()):
-        for scale in bound:
-            nh, nw, _ = preprocess.resized_size(h, w, scale, resize_mode)
-            out[i] = np.maximum(out[i], (nh, nw))
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# The epoch plan
-
-
-@dataclasses.dataclass
-class EpochPlan:
-    """Global batches of one epoch (S steps of B slots).
-
-    examples: [S, B] int64 into Examples; canvas: [S] int index into the canvases;
-    scales: [S, B, 2] int64 (long, short) training scale; flips: [S, B] bool."""
-
-    examples: np.ndarray
-    canvas: np.ndarray
-    scales: np.ndarray
-    flips: np.ndarray
-
-
-def steps_per_epoch(canvas_of: np.ndarray, num_canvases: int, batch_size: int) -> int:
-    sizes = np.bincount(canvas_of, minlength=num_canvases)
-    return int(sum(math.ceil(n / batch_size) for n in sizes))
-
-
-def plan_epoch(
-    canvas_of: np.ndarray,
-    num_canvases: int,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    scales: Sequence[tuple[int, int]],
-    multiscale_mode: str,
-    flip_ratio: float,
-) -> EpochPlan:
-    """The epoch plan (module docstring, 3): a pure function of its arguments.
-
-    canvas_of: [N] canvas index of every example; batch_size: the global batch size."""
-    rng = np.random.default_rng([seed, epoch])
-    batches, batch_canvas = [], []
-    for c in range(num_canvases):
-        members = np.flatnonzero(canvas_of == c)
-        if len(members) == 0:
-            continue
-        order = rng.permutation(members)
-        filled = np.resize(order, math.ceil(len(order) / batch_size) * batch_size)
-        chunk = filled.reshape(-1, batch_size)
-        batches.append(chunk)
-        batch_canvas.append(np.full(len(chunk), c, np.int64))
-    examples = np.concatenate(batches)
-    canvas = np.concatenate(batch_canvas)
-    shuffle = rng.permutation(len(examples))
-    examples, canvas = examples[shuffle], canvas[shuffle]
-    n_slots = examples.size
-    sampled = epoch_plan.sample_scales(rng, n_slots, scales, multiscale_mode)
-    flips = rng.random(n_slots) < flip_ratio
-    return EpochPlan(
-        examples=examples.astype(np.int64),
-        canvas=canvas,
-        scales=sampled.reshape(*examples.shape, 2),
-        flips=flips.reshape(examples.shape),
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,18 +163,16 @@ class TrainPipeline:
             min_image_side=int(config.data.min_image_side),
             where=where,
         )
-        divisor = int(config.preprocess.size_divisor)
-        self.canvases = check_canvases(config.data.canvases, divisor) or default_canvases(
-            self.scales, divisor
-        )
-        max_hw = largest_resized_hw(
+        self.canvases, self.canvas_of = epoch_plan.train_canvases(
             self.examples.original_hw,
+            self.examples.filenames,
             self.scales,
             self.multiscale_mode,
-            config.preprocess.resize,
+            resize_mode=config.preprocess.resize,
+            canvases=config.data.canvases,
+            size_divisor=int(config.preprocess.size_divisor),
         )
-        self.canvas_of = assign_canvases(max_hw, self.canvases, self.examples.filenames)
-        self.steps_per_epoch = steps_per_epoch(
+        self.steps_per_epoch = epoch_plan.steps_per_epoch(
             self.canvas_of, len(self.canvases), self.global_batch_size
         )
         self.seed = int(config.seed)
@@ -387,9 +183,9 @@ class TrainPipeline:
 
     # -- the plan ---------------------------------------------------------------------------
 
-    def plan(self, epoch: int, seed: int | None = None) -> EpochPlan:
+    def plan(self, epoch: int, seed: int | None = None) -> epoch_plan.EpochPlan:
         """The global plan of `epoch` (the same in every process); seed defaults to the run's."""
-        return plan_epoch(
+        return epoch_plan.plan_epoch(
             self.canvas_of,
             len(self.canvases),
             self.global_batch_size,
@@ -400,7 +196,7 @@ class TrainPipeline:
             self.flip_ratio,
         )
 
-    def local_slots(self, plan: EpochPlan, step: int) -> list[dict[str, Any]]:
+    def local_slots(self, plan: epoch_plan.EpochPlan, step: int) -> list[dict[str, Any]]:
         """This process's examples of one step of `plan`, everything but the pixels decided."""
         lo = self.process_index * self.local_batch_size
         canvas = self.canvases[int(plan.canvas[step])]
@@ -557,45 +353,6 @@ class TrainPipeline:
 # Evaluation
 
 
-@dataclasses.dataclass
-class EvalStep:
-    """One global evaluation batch: rows [B] int64 into Examples (-1: a dummy), padded (H, W)."""
-
-    rows: np.ndarray
-    padded_hw: tuple[int, int]
-
-
-def plan_evaluation(
-    examples: Examples,
-    config: Any,
-    batch_size: int,
-    canvases: Sequence[tuple[int, int]] | None = None,
-) -> list[EvalStep]:
-    """Global evaluation batches: images grouped by padded shape (first appearance order), each
-    group cut into batches of `batch_size`, the last one filled with dummies (-1)."""
-    p = config.preprocess
-    divisor = int(p.size_divisor)
-    padded = []
-    for h, w in examples.original_hw.tolist():
-        nh, nw, _ = preprocess.resized_size(h, w, p.scale, p.resize)
-        padded.append((round_up(nh, divisor), round_up(nw, divisor)))
-    padded = np.asarray(padded, np.int64).reshape(-1, 2)
-    if canvases:
-        choice = assign_canvases(padded, canvases, examples.filenames)
-        padded = np.asarray(canvases, np.int64)[choice]
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, hw in enumerate(padded.tolist()):
-        groups.setdefault(tuple(hw), []).append(i)
-    steps = []
-    for hw, members in groups.items():
-        for start in range(0, len(members), batch_size):
-            rows = np.full(batch_size, -1, np.int64)
-            chunk = members[start : start + batch_size]
-            rows[: len(chunk)] = chunk
-            steps.append(EvalStep(rows=rows, padded_hw=hw))
-    return steps
-
-
 class EvalPipeline:
     """Evaluation batches of one process (module docstring); iterate it once per evaluation."""
 
@@ -627,7 +384,9 @@ class EvalPipeline:
             where=f"{self.source.name} {self.source.split}",
         )
         canvases = eval_canvases(config)
-        self.steps = plan_evaluation(self.examples, config, self.global_batch_size, canvases)
+        self.steps = eval_plan.plan_evaluation(
+            self.examples, config, self.global_batch_size, canvases
+        )
         self.num_steps = len(self.steps)
 
     def __len__(self) -> int:
