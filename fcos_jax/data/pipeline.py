@@ -28,7 +28,7 @@ Batch dict (this process's slice, NumPy; `sharding.to_global` makes global array
 import atexit
 import gc
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,9 +38,10 @@ from fcos_jax import classes as class_lists
 from fcos_jax import preprocess
 from fcos_jax.canvas import eval_canvases
 from fcos_jax.data import epoch_plan, eval_plan, geometry, sources, transforms
-from fcos_jax.data.examples import prepare_examples
+from fcos_jax.data.examples import Examples, prepare_examples
 
 SINGLE_SCALE_MODES = ("mmdet_v1",)  # post-processing modes that divide by one scale factor
+GROUND_TRUTH = ("boxes", "labels", "box_valid", "image_id")  # the batch keys of the plan
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,11 +116,89 @@ def _close_open_iterators() -> None:
     gc.collect()
 
 
+def _ground_truth_spec(max_boxes: int) -> dict[str, tf.TensorSpec]:
+    m = max_boxes
+    return {
+        "boxes": tf.TensorSpec((m, 4), tf.float32),
+        "labels": tf.TensorSpec((m,), tf.int32),
+        "box_valid": tf.TensorSpec((m,), tf.bool),
+        "image_id": tf.TensorSpec((), tf.int32),
+    }
+
+
+class _Pipeline:
+    """What both pipelines share: the source and its classes, this process's share of the global
+    batch, the settings of the box path, the usable examples, and the tf.data stages."""
+
+    examples: Examples
+
+    def __init__(
+        self,
+        config: Any,
+        source: sources.Source | None,
+        split: str,
+        batch_size: Any,
+        field: str,
+        process_index: int | None,
+        process_count: int | None,
+    ):
+        self.config = config
+        self.source = source or sources.open_source(config, split)
+        self.classes = sources.resolve_classes(config, self.source)
+        class_lists.resolve_num_classes(config, self.classes, f"data.classes of {self.source}")
+        self.global_batch_size = int(batch_size)
+        self.process_index, self.process_count, self.local_batch_size = _process_slice(
+            self.global_batch_size, process_index, process_count, field
+        )
+        self.legacy_plus_one = bool(config.legacy_plus_one)
+        self.single_scale = config.test.postprocess in SINGLE_SCALE_MODES
+        self.max_boxes = int(config.train.max_boxes)
+
+    def _prepare(self, training: bool, min_image_side: int = 0) -> Examples:
+        return prepare_examples(
+            self.source.index(),
+            self.classes,
+            legacy_plus_one=self.legacy_plus_one,
+            max_boxes=self.max_boxes,
+            training=training,
+            min_image_side=min_image_side,
+            where=f"{self.source.name} {self.source.split}",
+        )
+
+    def _place(self, i: int, scale: Sequence[float], flip: bool) -> geometry.Placed:
+        """Example i's ground truth in the network input at `scale` (geometry.place)."""
+        boxes, labels = self.examples.ground_truth(i)
+        h, w = (int(v) for v in self.examples.original_hw[i])
+        return geometry.place(
+            boxes,
+            labels,
+            (h, w),
+            scale,
+            resize_mode=self.config.preprocess.resize,
+            single_scale=self.single_scale,
+            flip=flip,
+            max_boxes=self.max_boxes,
+            legacy_plus_one=self.legacy_plus_one,
+        )
+
+    def _dataset(
+        self, slots: Callable[[], Iterator[dict]], signature: dict[str, tf.TensorSpec], load
+    ) -> tf.data.Dataset:
+        """slots (a generator of slot dicts: `signature` and the ground truth) -> `load` of each,
+        in parallel and in order -> batches of the local batch size, prefetched."""
+        signature = {**signature, **_ground_truth_spec(self.max_boxes)}
+        ds = tf.data.Dataset.from_generator(slots, output_signature=signature)
+        ds = ds.map(load, num_parallel_calls=_parallel_calls(self.config), deterministic=True)
+        ds = ds.batch(self.local_batch_size, drop_remainder=True)
+        ds = ds.prefetch(max(int(self.config.data.prefetch), 1))
+        return ds.with_options(_options(self.config))
+
+
 # --------------------------------------------------------------------------------------------
 # Training
 
 
-class TrainPipeline:
+class TrainPipeline(_Pipeline):
     """Training batches of one process, step after step, epoch after epoch (module docstring).
 
     `next(pipeline)` -> this process's slice of the next global batch (batch dict);
@@ -136,33 +215,22 @@ class TrainPipeline:
         process_count: int | None = None,
         state: dict[str, Any] | None = None,
     ):
-        self.config = config
         t = config.train
-        self.source = source or sources.open_source(config, config.data.train_split)
-        self.classes = sources.resolve_classes(config, self.source)
-        class_lists.resolve_num_classes(config, self.classes, f"data.classes of {self.source}")
-        self.global_batch_size = int(t.batch_size)
-        self.process_index, self.process_count, self.local_batch_size = _process_slice(
-            self.global_batch_size, process_index, process_count, "train.batch_size"
+        super().__init__(
+            config,
+            source,
+            config.data.train_split,
+            t.batch_size,
+            "train.batch_size",
+            process_index,
+            process_count,
         )
-        self.legacy_plus_one = bool(config.legacy_plus_one)
-        self.single_scale = config.test.postprocess in SINGLE_SCALE_MODES
-        self.max_boxes = int(t.max_boxes)
         self.scales = epoch_plan.check_multiscale(t.multiscale, t.multiscale_mode)
         self.multiscale_mode = t.multiscale_mode
         if not 0.0 <= float(t.flip_ratio) <= 1.0:
             raise ValueError(f"train.flip_ratio: expected 0..1, got {t.flip_ratio}")
         self.flip_ratio = float(t.flip_ratio)
-        where = f"{self.source.name} {self.source.split}"
-        self.examples = prepare_examples(
-            self.source.index(),
-            self.classes,
-            legacy_plus_one=self.legacy_plus_one,
-            max_boxes=self.max_boxes,
-            training=True,
-            min_image_side=int(config.data.min_image_side),
-            where=where,
-        )
+        self.examples = self._prepare(True, int(config.data.min_image_side))
         self.canvases, self.canvas_of = epoch_plan.train_canvases(
             self.examples.original_hw,
             self.examples.filenames,
@@ -203,26 +271,21 @@ class TrainPipeline:
         slots = []
         for j in range(lo, lo + self.local_batch_size):
             i = int(plan.examples[step, j])
-            h, w = (int(v) for v in self.examples.original_hw[i])
             scale = tuple(int(v) for v in plan.scales[step, j])
-            nh, nw, factor = preprocess.resized_size(h, w, scale, self.config.preprocess.resize)
-            factors = preprocess.scale_yx((h, w), (nh, nw), factor, self.single_scale)
             flip = bool(plan.flips[step, j])
-            boxes, labels = self.examples.ground_truth(i)
-            boxes = geometry.transform_boxes(boxes, factors, flip, (nh, nw), self.legacy_plus_one)
-            boxes, labels, valid = geometry.pad_boxes(boxes, labels, self.max_boxes)
+            placed = self._place(i, scale, flip)
             slots.append(
                 {
                     "example": i,
-                    "original_hw": np.asarray((h, w), np.int32),
-                    "resized_hw": np.asarray((nh, nw), np.int32),
+                    "original_hw": np.array(self.examples.original_hw[i], np.int32),
+                    "resized_hw": np.asarray(placed.resized_hw, np.int32),
                     "canvas_hw": np.asarray(canvas, np.int32),
                     "flip": flip,
-                    "boxes": boxes,
-                    "labels": labels,
-                    "box_valid": valid,
+                    "boxes": placed.boxes,
+                    "labels": placed.labels,
+                    "box_valid": placed.box_valid,
                     "image_id": np.int32(self.examples.image_ids[i]),
-                    "scale": np.asarray(factors, np.float32),
+                    "scale": np.asarray(placed.scale_yx, np.float32),
                 }
             )
         return slots
@@ -287,17 +350,12 @@ class TrainPipeline:
 
     def dataset(self) -> tf.data.Dataset:
         """The tf.data pipeline from the current state on (infinite)."""
-        m = self.max_boxes
         signature = {
             "image": tf.TensorSpec((), tf.string),
             "original_hw": tf.TensorSpec((2,), tf.int32),
             "resized_hw": tf.TensorSpec((2,), tf.int32),
             "canvas_hw": tf.TensorSpec((2,), tf.int32),
             "flip": tf.TensorSpec((), tf.bool),
-            "boxes": tf.TensorSpec((m, 4), tf.float32),
-            "labels": tf.TensorSpec((m,), tf.int32),
-            "box_valid": tf.TensorSpec((m,), tf.bool),
-            "image_id": tf.TensorSpec((), tf.int32),
             "scale": tf.TensorSpec((2,), tf.float32),
         }
         epoch, step, seed = self._epoch, self._step, self.seed
@@ -314,21 +372,12 @@ class TrainPipeline:
             )
             return {
                 "image": image,
-                "boxes": slot["boxes"],
-                "labels": slot["labels"],
-                "box_valid": slot["box_valid"],
-                "image_id": slot["image_id"],
+                **{k: slot[k] for k in GROUND_TRUTH},
                 "image_hw": slot["resized_hw"],
                 "scale": slot["scale"],
             }
 
-        ds = tf.data.Dataset.from_generator(
-            lambda: self._slots(epoch, step, seed), output_signature=signature
-        )
-        ds = ds.map(load, num_parallel_calls=_parallel_calls(self.config), deterministic=True)
-        ds = ds.batch(self.local_batch_size, drop_remainder=True)
-        ds = ds.prefetch(max(int(self.config.data.prefetch), 1))
-        return ds.with_options(_options(self.config))
+        return self._dataset(lambda: self._slots(epoch, step, seed), signature, load)
 
     def __iter__(self) -> "TrainPipeline":
         return self
@@ -353,7 +402,7 @@ class TrainPipeline:
 # Evaluation
 
 
-class EvalPipeline:
+class EvalPipeline(_Pipeline):
     """Evaluation batches of one process (module docstring); iterate it once per evaluation."""
 
     def __init__(
@@ -365,24 +414,16 @@ class EvalPipeline:
         process_index: int | None = None,
         process_count: int | None = None,
     ):
-        self.config = config
-        self.source = source or sources.open_source(config, config.data.val_split)
-        self.classes = sources.resolve_classes(config, self.source)
-        class_lists.resolve_num_classes(config, self.classes, f"data.classes of {self.source}")
-        self.global_batch_size = int(batch_size or config.test.batch_size)
-        self.process_index, self.process_count, self.local_batch_size = _process_slice(
-            self.global_batch_size, process_index, process_count, "test.batch_size"
+        super().__init__(
+            config,
+            source,
+            config.data.val_split,
+            batch_size or config.test.batch_size,
+            "test.batch_size",
+            process_index,
+            process_count,
         )
-        self.legacy_plus_one = bool(config.legacy_plus_one)
-        self.max_boxes = int(config.train.max_boxes)
-        self.examples = prepare_examples(
-            self.source.index(),
-            self.classes,
-            legacy_plus_one=self.legacy_plus_one,
-            max_boxes=self.max_boxes,
-            training=False,
-            where=f"{self.source.name} {self.source.split}",
-        )
+        self.examples = self._prepare(False)
         canvases = eval_canvases(config)
         self.steps = eval_plan.plan_evaluation(
             self.examples, config, self.global_batch_size, canvases
@@ -396,39 +437,26 @@ class EvalPipeline:
         lo = self.process_index * self.local_batch_size
         for step in self.steps:
             for i in step.rows[lo : lo + self.local_batch_size].tolist():
-                slot = {"padded_hw": np.asarray(step.padded_hw, np.int32)}
-                if i < 0:
-                    slot.update(
-                        image=b"",
-                        filename="",
-                        example_valid=False,
-                        boxes=np.zeros((self.max_boxes, 4), np.float32),
-                        labels=np.zeros((self.max_boxes,), np.int32),
-                        box_valid=np.zeros((self.max_boxes,), bool),
-                        image_id=np.int32(-1),
-                    )
-                    yield slot
-                    continue
-                boxes, labels = self.examples.ground_truth(i)
-                h, w = (int(v) for v in self.examples.original_hw[i])
-                p = self.config.preprocess
-                nh, nw, factor = preprocess.resized_size(h, w, p.scale, p.resize)
-                single = self.config.test.postprocess in SINGLE_SCALE_MODES
-                factors = preprocess.scale_yx((h, w), (nh, nw), factor, single)
-                boxes = geometry.transform_boxes(
-                    boxes, factors, False, (nh, nw), self.legacy_plus_one
-                )
-                boxes, labels, valid = geometry.pad_boxes(boxes, labels, self.max_boxes)
-                slot.update(
-                    image=self.source.read(self.examples.positions[i])["image"],
-                    filename=str(self.examples.filenames[i]),
-                    example_valid=True,
-                    boxes=boxes,
-                    labels=labels,
-                    box_valid=valid,
-                    image_id=np.int32(self.examples.image_ids[i]),
-                )
-                yield slot
+                if i < 0:  # a dummy: no pixels, no boxes
+                    image, filename, image_id = b"", "", -1
+                    empty = np.zeros((0, 4), np.float32), np.zeros((0,), np.int32)
+                    boxes, labels, valid = geometry.pad_boxes(*empty, self.max_boxes)
+                else:
+                    placed = self._place(i, self.config.preprocess.scale, False)
+                    boxes, labels, valid = placed.boxes, placed.labels, placed.box_valid
+                    image = self.source.read(self.examples.positions[i])["image"]
+                    filename = str(self.examples.filenames[i])
+                    image_id = self.examples.image_ids[i]
+                yield {
+                    "padded_hw": np.asarray(step.padded_hw, np.int32),
+                    "image": image,
+                    "filename": filename,
+                    "example_valid": i >= 0,
+                    "boxes": boxes,
+                    "labels": labels,
+                    "box_valid": valid,
+                    "image_id": np.int32(image_id),
+                }
 
     def _preprocess(self, encoded: bytes, filename: bytes, valid: bool, padded_hw: np.ndarray):
         """numpy_function body: predict's preprocessing, padded to the planned shape."""
@@ -460,16 +488,12 @@ class EvalPipeline:
         )
 
     def dataset(self) -> tf.data.Dataset:
-        m = self.max_boxes
+        """The tf.data pipeline of one pass over the split."""
         signature = {
             "image": tf.TensorSpec((), tf.string),
             "filename": tf.TensorSpec((), tf.string),
             "example_valid": tf.TensorSpec((), tf.bool),
             "padded_hw": tf.TensorSpec((2,), tf.int32),
-            "boxes": tf.TensorSpec((m, 4), tf.float32),
-            "labels": tf.TensorSpec((m,), tf.int32),
-            "box_valid": tf.TensorSpec((m,), tf.bool),
-            "image_id": tf.TensorSpec((), tf.int32),
         }
 
         def load(slot):
@@ -485,21 +509,14 @@ class EvalPipeline:
             original_hw.set_shape((2,))
             return {
                 "image": image,
-                "boxes": slot["boxes"],
-                "labels": slot["labels"],
-                "box_valid": slot["box_valid"],
-                "image_id": slot["image_id"],
+                **{k: slot[k] for k in GROUND_TRUTH},
                 "image_hw": image_hw,
                 "scale": scale,
                 "original_hw": original_hw,
                 "example_valid": slot["example_valid"],
             }
 
-        ds = tf.data.Dataset.from_generator(self._slots, output_signature=signature)
-        ds = ds.map(load, num_parallel_calls=_parallel_calls(self.config), deterministic=True)
-        ds = ds.batch(self.local_batch_size, drop_remainder=True)
-        ds = ds.prefetch(max(int(self.config.data.prefetch), 1))
-        return ds.with_options(_options(self.config))
+        return self._dataset(self._slots, signature, load)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """A new pass over the split (call `close()` on it to stop early)."""
