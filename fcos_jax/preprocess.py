@@ -309,13 +309,7 @@ def preprocess(
     scale [2] float64 (y, x), original_hw [2] int32."""
     p = preprocess_config
     check_modes(p)
-    common = dict(
-        scale=p.scale,
-        mean=p.mean,
-        std=p.std,
-        unit_range=p.unit_range,
-        size_divisor=p.size_divisor,
-    )
+    common = {k: getattr(p, k) for k in ("scale", "mean", "std", "unit_range", "size_divisor")}
     if p.resize == "mmdet":
         single = postprocess_mode in _SINGLE_SCALE_MODES
         return preprocess_mmdet(
