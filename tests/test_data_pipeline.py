@@ -76,6 +76,22 @@ def test_epoch_plan_is_a_function_of_seed_and_epoch_and_covers_every_example():
     assert set(map(tuple, plan.scales.reshape(-1, 2).tolist())) <= {(320, 256), (320, 192)}
 
 
+PLANNING = ("examples", "geometry", "epoch_plan", "eval_plan")
+
+
+def test_the_planning_modules_import_no_tensorflow():
+    """The plans and the test-time preprocessing they share are NumPy: importing them loads no
+    TensorFlow (only the tf.data pipelines and the training pixel transforms do)."""
+    modules = ", ".join([*(f"fcos_jax.data.{name}" for name in PLANNING), "fcos_jax.preprocess"])
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); import {modules}; "
+    code += "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))"
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"
+
+
 def test_steps_per_epoch_are_known_before_iterating_and_epochs_advance(config):
     train = _train(config)
     n = len(train.examples)
