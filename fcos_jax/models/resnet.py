@@ -25,13 +25,6 @@ ARCHS = {
 STYLES = ("caffe", "pytorch")
 
 
-def stage_out_channels(depth: int, stem_width: int = 64) -> tuple[int, ...]:
-    """Channels of C2..C5: 64..512 (basic blocks) or 256..2048 (bottlenecks) at stem width 64."""
-    block, _ = ARCHS[depth]
-    expansion = 1 if block == "basic" else 4
-    return tuple(stem_width * 2**i * expansion for i in range(4))
-
-
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions (ResNet-18/34). Stride on the first."""
 
