@@ -23,8 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch  # noqa: F401  (before TensorFlow: docs/architecture.md#imports)
-
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
