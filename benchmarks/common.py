@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the worker protocol and the machine's description."""
+"""What the benchmark scripts share: the worker protocol, the best of several rounds and the
+machine's description."""
 
 import json
 import os
@@ -18,6 +19,24 @@ def run_command(command: list[str], env: dict, label: str, cwd: str) -> dict:
     result = json.loads(lines[-1][len(MARK) :])
     result["load"] = (load, os.getloadavg()[0])
     return result
+
+
+def best_round(rounds: list[dict]) -> dict:
+    """One side's worker results of several rounds -> one: each timing (a dict with a "median",
+    seconds), at any depth, from the round where it was fastest (a busy machine only ever adds
+    time), the peak RSS (`max_rss_gib`) the largest of all, anything else from the first round."""
+
+    def merge(values: list):
+        first = values[0]
+        if isinstance(first, dict) and "median" in first:
+            return min(values, key=lambda t: t["median"])
+        if isinstance(first, dict):
+            return {key: merge([v[key] for v in values]) for key in first}
+        return first
+
+    best = merge(rounds)
+    best["max_rss_gib"] = max(r["max_rss_gib"] for r in rounds)
+    return best
 
 
 def cpu_model() -> str:

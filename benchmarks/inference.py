@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MARK, cpu_model, run_command  # benchmarks/common.py
+from common import MARK, best_round, cpu_model, run_command  # benchmarks/common.py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -265,25 +265,6 @@ def run_worker(side: str, args, paths: dict[str, Path]) -> dict:
     if args.batches:
         command += ["--batches", ",".join(map(str, args.batches))]
     return run_command(command, env, side, str(REPO))
-
-
-def best_round(rounds: list[dict]) -> dict:
-    """Per timing, the round with the lowest median (a busy machine only ever adds time)."""
-    best = dict(rounds[0])
-
-    def pick(get):
-        return min((get(r) for r in rounds), key=lambda t: t["median"])
-
-    if "batches" in best:
-        best["batches"] = {b: pick(lambda r, b=b: r["batches"][b]) for b in rounds[0]["batches"]}
-    else:
-        for key in ("forward", "forward+post"):
-            best[key] = pick(lambda r, key=key: r[key])
-        best["stages"] = {
-            stage: pick(lambda r, stage=stage: r["stages"][stage]) for stage in rounds[0]["stages"]
-        }
-    best["max_rss_gib"] = max(r["max_rss_gib"] for r in rounds)
-    return best
 
 
 def _header(args, what: str) -> None:

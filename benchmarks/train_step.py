@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MARK, cpu_model, run_command  # benchmarks/common.py
+from common import MARK, best_round, cpu_model, run_command  # benchmarks/common.py
 
 REPO = Path(__file__).resolve().parents[1]
 BOXES_PER_IMAGE = 8
@@ -307,19 +307,6 @@ def run_jax_warm(args) -> tuple[dict, dict]:
     return run_worker("jax", argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1})), (
         run_worker("jax", args)
     )
-
-
-TIMINGS = ("step", "forward+loss", "encode", "transform")
-
-
-def best_round(rounds: list[dict]) -> dict:
-    """Per timing, the round with the lowest median (a busy machine only ever adds time)."""
-    best = dict(rounds[0])
-    for key in TIMINGS:
-        if key in best:
-            best[key] = min((r[key] for r in rounds), key=lambda t: t["median"])
-    best["max_rss_gib"] = max(r["max_rss_gib"] for r in rounds)
-    return best
 
 
 def report(ours: dict, theirs: dict, args) -> None:
