@@ -3,6 +3,7 @@ machine's description."""
 
 import json
 import os
+import resource
 import subprocess
 
 MARK = "RESULT "  # a worker's result: one line "RESULT {json}" on its stdout
@@ -19,6 +20,13 @@ def run_command(command: list[str], env: dict, label: str, cwd: str) -> dict:
     result = json.loads(lines[-1][len(MARK) :])
     result["load"] = (load, os.getloadavg()[0])
     return result
+
+
+def print_result(result: dict) -> None:
+    """A worker's answer: `result` with this process's peak RSS (`max_rss_gib`, GiB) as the one
+    `MARK` line on stdout that `run_command` reads."""
+    result["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(MARK + json.dumps(result), flush=True)
 
 
 def best_round(rounds: list[dict]) -> dict:

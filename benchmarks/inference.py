@@ -27,9 +27,7 @@ torchvision runs in its fastest CPU configuration: channels_last, torch.inferenc
 """
 
 import argparse
-import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MARK, best_round, cpu_model, run_command  # benchmarks/common.py
+from common import best_round, cpu_model, print_result, run_command  # benchmarks/common.py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -370,9 +368,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
-        result = (jax_worker if args.worker == "jax" else torch_worker)(args)
-        result["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(MARK + json.dumps(result), flush=True)
+        print_result((jax_worker if args.worker == "jax" else torch_worker)(args))
         return
 
     load_before = os.getloadavg()

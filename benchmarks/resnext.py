@@ -24,16 +24,14 @@ configs/fcos_mstrain_640_800_x101_64x4d_fpn_gn_2x.py`.
 """
 
 import argparse
-import json
 import os
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MARK, run_command  # noqa: E402  (benchmarks/common.py)
+from common import print_result, run_command  # noqa: E402  (benchmarks/common.py)
 from inference import timed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,9 +228,7 @@ def main() -> None:
 
     if args.worker:
         args.size = tuple(int(v) for v in args.size.split(","))
-        result = (jax_worker if args.worker == "jax" else torch_worker)(args)
-        result["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(MARK + json.dumps(result), flush=True)
+        print_result((jax_worker if args.worker == "jax" else torch_worker)(args))
         return
 
     modes = args.modes.split(",")

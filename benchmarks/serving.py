@@ -22,7 +22,6 @@ differences of a forward-only export (jax2tf, jax2onnx) against our jit.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from inference import MARK, make_inputs, timed  # noqa: E402  (benchmarks/inference.py)
+from common import MARK, print_result  # noqa: E402  (benchmarks/common.py)
+from inference import make_inputs, timed  # noqa: E402  (benchmarks/inference.py)
 
 RUNTIMES = ("torchvision", "jit", "stablehlo", "savedmodel", "onnxruntime", "openvino")
 ARTIFACT_FORMAT = {"stablehlo": "stablehlo", "savedmodel": "savedmodel", "onnxruntime": "onnx"}
@@ -231,9 +231,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
-        result = heads_worker(args) if args.worker == "heads" else worker(args.worker, args)
-        result["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(MARK + json.dumps(result), flush=True)
+        print_result(heads_worker(args) if args.worker == "heads" else worker(args.worker, args))
         return
 
     load_before = os.getloadavg()

@@ -33,16 +33,14 @@ load on a shared machine only ever adds time).
 """
 
 import argparse
-import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import MARK, best_round, cpu_model, run_command  # benchmarks/common.py
+from common import best_round, cpu_model, print_result, run_command  # benchmarks/common.py
 
 REPO = Path(__file__).resolve().parents[1]
 BOXES_PER_IMAGE = 8
@@ -410,9 +408,7 @@ def main() -> None:
         parser.error("--warmup must be >= 1 (the first JAX step compiles)")
 
     if args.worker:
-        result = (jax_worker if args.worker == "jax" else torch_worker)(args)
-        result["max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(MARK + json.dumps(result), flush=True)
+        print_result((jax_worker if args.worker == "jax" else torch_worker)(args))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
