@@ -226,7 +226,9 @@ def make_inputs(directory: Path, height: int, width: int, count: int) -> tuple[P
     normalised NCHW images (.npy)."""
     import numpy as np
     import torch
-    from random_inputs import natural_image, random_fcos  # benchmarks/random_inputs.py
+
+    from fcos_jax.testing.images import natural_image
+    from fcos_jax.testing.torchvision_random import random_fcos
 
     rgbs = [natural_image(height, width, seed=i) for i in range(count)]
     model = random_fcos(0, rgbs[0], min_size=min(height, width), max_size=max(height, width))

@@ -10,9 +10,9 @@ statistics. The classifier bias makes a handful of classes fire, so detections a
 import cv2
 import numpy as np
 import torch
-from synthetic_images import natural_image
 
 from fcos_jax import mmdet_reference
+from fcos_jax.testing.images import natural_image
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 BN_LEAVES = ("weight", "bias", "running_mean", "running_var")

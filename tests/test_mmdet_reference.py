@@ -24,10 +24,10 @@ from detect_reference import (
     random_head,
     reference_detect,
 )
-from synthetic_images import natural_image
-from torchvision_random import calibrate_batch_norms, random_fcos
 
 from fcos_jax import mmdet_reference as ref
+from fcos_jax.testing.images import natural_image
+from fcos_jax.testing.torchvision_random import calibrate_batch_norms, random_fcos
 
 IMAGENET_MEAN_01 = torch.tensor([0.485, 0.456, 0.406])
 IMAGENET_STD_01 = torch.tensor([0.229, 0.224, 0.225])

@@ -16,11 +16,11 @@ import jax
 import numpy as np
 import pytest
 import torch
-from synthetic_images import natural_image
 
 from fcos_jax import classes, config_base, inference, postprocess, preprocess
 from fcos_jax.config_io import load_config
 from fcos_jax.models import build_model
+from fcos_jax.testing.images import natural_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R50_GN = os.path.join(REPO, "configs", "fcos_r50_caffe_fpn_gn_1x.py")

@@ -7,10 +7,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from synthetic_images import natural_image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from fcos_jax import config_base, preprocess
+from fcos_jax.testing.images import natural_image
 
 CAFFE_MEAN = (102.9801, 115.9465, 122.7717)
 X101_MEAN, X101_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)

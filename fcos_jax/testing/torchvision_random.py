@@ -1,41 +1,20 @@
-"""The benchmarks' inputs: natural-looking images and torchvision's FCOS with seeded random
-weights in which nothing is an identity (used by inference.py, and by serving.py through it).
+"""torchvision FCOS with seeded random weights in which nothing is an identity, for parity
+tests and benchmarks.
 
 Every BatchNorm gets running statistics measured on a natural-looking image (so activations stay
 in a sane range) and then perturbed, plus random affine parameters; every GroupNorm a random
 affine; every conv bias a random value. The classification bias makes a handful of classes
 fire with sigmoid around 0.3-0.6 so that detections pass torchvision's 0.2 threshold, and
-thousands of candidates reach NMS.
-
-Written here, not imported from tests/, so that the benchmarks stand alone; it is the same code
-as the tests' `synthetic_images.natural_image` and `torchvision_random.random_fcos`. Changing it
-changes the benchmark's input, and so its numbers (docs/benchmarks.md).
+thousands of candidates reach NMS. Changing it changes the benchmarks' inputs, and so their
+numbers (docs/benchmarks.md).
 """
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
 from torchvision.models.detection import fcos_resnet50_fpn
 
 ACTIVE_CLASSES = (1, 3, 18, 44, 62)  # person, car, dog, bottle, chair: the channels that fire
-
-
-def natural_image(h: int, w: int, seed: int) -> np.ndarray:
-    """[h, w, 3] uint8 RGB: smooth gradients, a few filled shapes and noise."""
-    rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack(
-        [255 * xs / max(w - 1, 1), 255 * ys / max(h - 1, 1), 128 + 100 * np.sin(xs / 9 + ys / 13)],
-        axis=-1,
-    )
-    for _ in range(4):
-        x0, y0 = rng.integers(0, w), rng.integers(0, h)
-        colour = [int(c) for c in rng.integers(0, 256, 3)]
-        cv2.rectangle(img, (int(x0), int(y0)), (int(x0 + w // 4), int(y0 + h // 5)), colour, -1)
-        cv2.circle(img, (int(rng.integers(0, w)), int(rng.integers(0, h))), h // 6 + 1, colour, -1)
-    img += rng.normal(0, 8, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 def _samplers(generator: torch.Generator):
@@ -97,3 +76,19 @@ def random_fcos(seed: int, calibration_rgb: np.ndarray, **kwargs) -> nn.Module:
         reg_head.bbox_ctrness.weight.copy_(normal(reg_head.bbox_ctrness.weight.shape, 0.01))
         reg_head.bbox_ctrness.bias.copy_(uniform((1,), -0.5, 0.5))
     return model
+
+
+def pretrained_layout_fcos(seed: int) -> nn.Module:
+    """torchvision's FCOS as `fcos_resnet50_fpn` builds it with ImageNet or COCO weights (its
+    training setting): FrozenBatchNorm2d, `trainable_backbone_layers=3`; random weights."""
+    from torchvision.models import resnet50
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.fcos import FCOS
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(seed)
+    backbone = resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    extra = LastLevelP6P7(256, 256)
+    backbone = _resnet_fpn_extractor(backbone, 3, returned_layers=[2, 3, 4], extra_blocks=extra)
+    return FCOS(backbone, num_classes=91)

@@ -1,4 +1,4 @@
-"""Natural-looking synthetic test images (gradients, filled shapes, noise), shared by tests."""
+"""Natural-looking synthetic images (gradients, filled shapes, noise) for parity checks."""
 
 import cv2
 import numpy as np
