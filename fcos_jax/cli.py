@@ -57,6 +57,15 @@ def start_jax(parsed_flags: flags.FlagValues) -> None:
     )
 
 
+def log_warnings_only() -> None:
+    """absl logs warnings and errors only, unless --verbosity is given: the tools' INFO lines
+    (orbax logs every restore step) would bury their output and their one-line error."""
+    from absl import logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
 def quiet_library_logs() -> None:
     """Drops orbax's and TFDS's INFO lines (dozens per checkpoint) from absl's log output."""
     import logging

@@ -160,6 +160,22 @@ def test_bad_input_exits_2_with_one_line(mmdet_r50_gn_v1, tmp_path, case):
         assert "(the keys look like --format mmdet)" in lines[0]
 
 
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (["--no_such_flag=1", "x.png"], "no_such_flag"),
+        ([f"--config={TORCHVISION}", "--input=x.pth", "x.png"], "--format"),
+        (["--format=mmdet", f"--config={TORCHVISION}", "--input=x.pth"], "IMAGE"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(args, named):
+    """The same error path as every tool: an unknown flag, a missing required flag, no image."""
+    proc = run_module("fcos_jax.compare", *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], proc.stderr
+
+
 def test_configs_without_an_mmdet_counterpart_are_refused():
     with pytest.raises(compare.CompareError) as info:
         compare.mmdet_settings(load_config(TORCHVISION))

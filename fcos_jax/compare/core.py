@@ -1,0 +1,106 @@
+"""The comparison: one PyTorch checkpoint through a reference (`references.py`) and through our
+model (converted in memory, or restored from disk), on the same input tensor; prints per level
+the max and mean |difference| of the head outputs, then whether the detections agree."""
+
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from fcos_jax.compare.checks import (
+    BOX_ATOL,
+    HEAD_RTOL,
+    INPUT_ATOL,
+    SCORE_ATOL,
+    level_differences,
+    match_detections,
+)
+from fcos_jax.compare.errors import CompareError, ReferenceWeightsError
+from fcos_jax.compare.references import REFERENCES, ReferenceRun, mmdet_settings
+
+
+def report(detector, ours_input: dict[str, np.ndarray], ref: ReferenceRun) -> bool:
+    """Prints the comparison of `detector` (an `inference.Detector`) and its preprocessed input
+    (`detector.preprocess` output) with `ref`; returns True when everything is within
+    tolerance."""
+    ok = True
+    if ours_input["image"].shape != ref.image.shape[1:]:
+        print(f"input: our shape {ours_input['image'].shape} vs reference {ref.image.shape[1:]}")
+        ok = False
+    else:
+        input_diff = float(np.abs(ours_input["image"] - ref.image[0]).max())
+        same_geometry = tuple(ours_input["image_hw"]) == ref.image_hw and np.allclose(
+            ours_input["scale"], ref.scale, rtol=1e-12, atol=0
+        )
+        ok &= input_diff <= INPUT_ATOL and same_geometry
+        print(
+            f"input {ref.image.shape[1]}x{ref.image.shape[2]} (image {ref.image_hw[0]}x"
+            f"{ref.image_hw[1]}): our preprocessing max|diff| {input_diff:.2e} (tolerance "
+            f"{INPUT_ATOL:.0e})" + ("" if same_geometry else "; size or scale DIFFER")
+        )
+
+    ours_levels = detector.forward(ref.image)
+    print(f"{'level':>5} {'output':<11} {'max|diff|':>10} {'mean|diff|':>10} {'max|ref|':>10}")
+    for level, row in enumerate(level_differences(ours_levels, ref.levels)):
+        for key, (max_diff, mean_diff, ref_max) in row.items():
+            within = max_diff <= HEAD_RTOL * ref_max
+            ok &= within
+            flag = "" if within else "  <-- above tolerance"
+            print(f"{level:>5} {key:<11} {max_diff:10.3e} {mean_diff:10.3e} {ref_max:10.3e}{flag}")
+
+    dets = detector.detect_batch(
+        ref.image, np.array([ref.image_hw]), np.array([ref.scale]), np.array([ref.original_hw])
+    )
+    valid = dets["valid"][0]
+    ours = {k: dets[k][0][valid] for k in ("boxes", "scores", "labels")}
+    problems = match_detections(ours, ref.detections)
+    if problems:
+        ok = False
+        print(f"detections DIFFER ({len(problems)} problem(s)):")
+        for line in problems[:10]:
+            print(f"  {line}")
+    else:
+        print(
+            f"detections agree: {len(ref.detections['scores'])} (labels equal, boxes within "
+            f"{BOX_ATOL} px, scores within {SCORE_ATOL:.0e})"
+        )
+    print("PASS" if ok else "FAIL")
+    return ok
+
+
+def compare(
+    fmt: str,
+    config: ml_collections.ConfigDict,
+    checkpoint: str,
+    image_path: str,
+    converted_dir: str | None = None,
+) -> bool:
+    """Runs `checkpoint` (a PyTorch file of `fmt`) through the reference and our model (converted
+    in memory, or restored from `converted_dir`), prints the comparison, returns True when
+    everything is within tolerance."""
+    if not Path(image_path).is_file():
+        raise FileNotFoundError(f"image file not found: {image_path}")
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {checkpoint}")
+    if fmt == "mmdet":
+        mmdet_settings(config)  # a config with no mmdetection counterpart fails first
+    from fcos_jax import checkpoint as checkpoint_lib
+    from fcos_jax import inference
+    from fcos_jax.convert import convert_state_dict, read_state_dict
+
+    state_dict = read_state_dict(checkpoint)
+    # Converting also checks that the file fits the config (one line naming the keys if not).
+    converted = convert_state_dict(state_dict, fmt, config, source=checkpoint)
+    if converted_dir:
+        variables, meta = checkpoint_lib.restore_inference(converted_dir, config)
+        classes = [(int(cid), str(name)) for cid, name in meta.get("classes", [])] or None
+    else:
+        variables = {"params": converted.params, "batch_stats": converted.batch_stats}
+        classes = None
+    detector = inference.Detector(config, variables, classes)
+    ours_input = detector.preprocess(image_path, image_path)  # a bad image fails here
+    try:
+        ref = REFERENCES[fmt](config, state_dict, image_path)
+    except ReferenceWeightsError as error:
+        raise CompareError(f"{checkpoint}: {error}") from None
+    return report(detector, ours_input, ref)
