@@ -144,16 +144,24 @@ class Detector:
         return jax.device_get(out)
 
     def __call__(
-        self, images: ImageSource | Sequence[ImageSource], batch_size: int | None = None
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        batch_size: int | None = None,
+        names: Sequence[str] | None = None,
     ) -> list[dict[str, np.ndarray]]:
         """Detections of each image (paths, encoded bytes or [H, W, 3] uint8 RGB arrays).
 
         Images with the same padded shape run together, `batch_size` at a time (default
         `config.test.batch_size`); a short last batch is filled with copies (one compiled
-        program per padded shape)."""
+        program per padded shape). names: one per image for error messages (default: the path,
+        or `images[i]`)."""
         images = _as_image_list(images)
+        if names is None:
+            names = [_image_name(img, i) for i, img in enumerate(images)]
+        elif len(names) != len(images):
+            raise ValueError(f"names: {len(names)} names for {len(images)} images")
         batch_size = int(batch_size or self.config.test.get("batch_size", 1) or 1)
-        inputs = [self.preprocess(img, _image_name(img, i)) for i, img in enumerate(images)]
+        inputs = [self.preprocess(img, name) for img, name in zip(images, names, strict=True)]
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, item in enumerate(inputs):
             by_shape.setdefault(item["image"].shape, []).append(i)
@@ -180,10 +188,13 @@ class Detector:
             for level in jax.device_get(outputs)
         ]
 
-    def head_outputs(self, image: ImageSource) -> list[dict[str, np.ndarray]]:
-        """Raw head outputs of one image (path, bytes or RGB array), batch of 1: see `forward`."""
+    def head_outputs(
+        self, image: ImageSource, name: str | None = None
+    ) -> list[dict[str, np.ndarray]]:
+        """Raw head outputs of one image (path, bytes or RGB array), batch of 1: see `forward`.
+        name: for error messages (default: the path, or `images[0]`)."""
         (image,) = _as_image_list(image)
-        item = self.preprocess(image, _image_name(image, 0))
+        item = self.preprocess(image, name or _image_name(image, 0))
         return self.forward(item["image"][None])
 
     def _per_image(self, dets: dict[str, np.ndarray], row: int) -> dict[str, np.ndarray]:

@@ -138,5 +138,10 @@ def test_wheel_contains_every_package_file(wheel):
     # A non-.py file listed here needs declaring as package data in pyproject.toml.
     assert not missing, f"not in the wheel: {missing}"
     # The `python -m fcos_jax.<tool>` entry points README and the Makefile use.
-    tools = ("predict.py", "compare/__main__.py", "convert/__main__.py", "export/__main__.py")
+    tools = (
+        "predict/__main__.py",
+        "compare/__main__.py",
+        "convert/__main__.py",
+        "export/__main__.py",
+    )
     assert {f"{PACKAGE}/{tool}" for tool in tools} <= set(wheel.namelist())

@@ -7,9 +7,11 @@ pixels with the class list applied), and end-to-end runs on converted mmdet v1- 
 checkpoints.
 """
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import jax
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from fcos_jax import classes, config_base, inference, postprocess, preprocess
+from fcos_jax import classes, config_base, draw, inference, postprocess, predict, preprocess
 from fcos_jax.config_io import load_config
 from fcos_jax.models import build_model
 from fcos_jax.testing.images import natural_image
@@ -311,6 +313,42 @@ def test_predict_runs_on_converted_mmdet_checkpoints(tmp_path, images, names, mo
     limit = np.array([w, h, w, h]) + 1e-3
     assert np.all(dets["boxes"] <= limit)
     assert dets["names"].tolist() == [classes.coco_classes()[c][1] for c in dets["labels"]]
+
+
+def test_predict_files_decodes_each_image_once_and_writes_what_the_api_detects(
+    detector, images, tmp_path, monkeypatch
+):
+    """The command line's work (fcos_jax.predict): each file decoded once, that array given to
+    the Detector and to the drawing; the JSON, drawings and head outputs are the API's on the
+    file paths."""
+    rgbs, paths = images
+    paths = [str(p) for p in paths]
+    expected, expected_heads = detector(paths), detector.head_outputs(paths[0])
+    monkeypatch.setattr(
+        inference.Detector, "from_config", classmethod(lambda cls, config, checkpoint: detector)
+    )
+    decoded, decode = [], preprocess.decode_image
+    monkeypatch.setattr(
+        preprocess, "decode_image", lambda data, name: decoded.append(name) or decode(data, name)
+    )
+    out, drawn, heads = tmp_path / "dets.json", tmp_path / "drawn", tmp_path / "heads.npz"
+    report = predict.predict_files(
+        detector.config,
+        str(tmp_path),
+        paths,
+        output=str(out),
+        draw_dir=str(drawn),
+        dump_head_outputs=str(heads),
+    )
+    assert decoded == paths
+    assert json.loads(out.read_text()) == report
+    for entry, rgb, dets, path in zip(report, rgbs, expected, paths, strict=True):
+        assert entry == predict.detections_to_json(path, rgb.shape[:2], dets)
+        image = cv2.imread(str(drawn / f"{Path(path).stem}.png"))
+        np.testing.assert_array_equal(image, draw.draw_detections(rgb[:, :, ::-1], dets, 0.3))
+    dumped = np.load(heads)
+    for key, value in predict.head_outputs_to_npz(expected_heads).items():
+        np.testing.assert_array_equal(dumped[key], value, err_msg=key)
 
 
 # --- the command line's errors ------------------------------------------------------------------
