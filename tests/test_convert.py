@@ -319,3 +319,23 @@ def test_cli_wrong_format_names_keys_and_suggests_the_right_one(mmdet_r50_gn_v1,
     assert "tensors missing: backbone.body.bn1.bias" in lines[0]
     assert "unexpected tensors: backbone.conv1.weight" in lines[0]
     assert "(the keys look like --format mmdet)" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (["--no_such_flag=1"], "no_such_flag"),
+        (["--format=mmdet", f"--config={R50_GN}", "--input=x.pth"], "--output"),
+        (
+            ["--format=mmdet", f"--config={R50_GN}", "--input=x.pth", "--output=o", "extra"],
+            "unexpected arguments",
+        ),
+    ],
+)
+def test_cli_usage_errors_exit_2_with_one_line(args, named):
+    """The same error path as every tool: an unknown flag, a missing required flag, an extra
+    argument."""
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], proc.stderr

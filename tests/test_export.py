@@ -288,6 +288,28 @@ def test_cli_errors_are_one_line_naming_the_field(tiny_model, tmp_path):
         assert lines[-1].startswith("error: ") and field in lines[-1], (name, proc.stderr)
 
 
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (["--no_such_flag=1"], "no_such_flag"),
+        (["--config=configs/tiny.py", "--format=onnx", "--output=a.onnx"], "--checkpoint"),
+        (
+            ["--config=configs/tiny.py", "--checkpoint=c", "--format=onnx", "--output=o", "x"],
+            "unexpected arguments",
+        ),
+    ],
+)
+def test_cli_usage_errors_exit_2_with_one_line(args, named):
+    """The same error path as every tool: an unknown flag, a missing required flag, an extra
+    argument (no model is built)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fcos_jax.export", *args], cwd=REPO, capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], proc.stderr
+
+
 def test_importing_fcos_jax_export_imports_neither_tensorflow_nor_jax2onnx():
     code = (
         "import sys, fcos_jax.export; "

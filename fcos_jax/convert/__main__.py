@@ -8,7 +8,7 @@ Errors print one line `error: ...` to stderr and exit with status 2.
 
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from fcos_jax import checkpoint, cli
@@ -24,7 +24,7 @@ flags.mark_flags_as_required(["format", "config", "input", "output"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)  # keep stderr for the one-line error
+    cli.log_warnings_only()  # keep stderr for the one-line error
     config, fmt = _CONFIG.value, _FORMAT.value
     checkpoint.check_output_free(_OUTPUT.value)  # fail before a long conversion
     converted = convert_file(_INPUT.value, fmt, config)

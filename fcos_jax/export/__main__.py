@@ -13,7 +13,7 @@ The artifact's inputs and outputs: `fcos_jax/export/serving.py`. Errors print on
 
 from pathlib import Path
 
-from absl import flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from fcos_jax import cli
@@ -32,8 +32,8 @@ flags.mark_flags_as_required(["config", "checkpoint", "format", "output"])
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every restore step at INFO
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.log_warnings_only()  # orbax logs every restore step at INFO
     from fcos_jax import export, inference
 
     config = cli.config_from_flag()
