@@ -84,7 +84,7 @@ def jax_worker(args) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import compile_cache, losses, sharding, train_lib
+    from fcos_jax import compile_cache, losses, optim, sharding, train_lib
     from fcos_jax.config_io import load_config
     from fcos_jax.models import build_model
 
@@ -97,7 +97,7 @@ def jax_worker(args) -> dict:
     mesh = sharding.make_mesh()
     init_hw = (64, 64)  # parameters do not depend on the image size
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *init_hw, 3)))
-    optimizer, schedule = train_lib.build_optimizer(config, shapes["params"], 1000)
+    optimizer, schedule = optim.build_optimizer(config, shapes["params"], 1000)
     create = jax.jit(
         functools.partial(train_lib.create_train_state, config, model, optimizer),
         static_argnums=1,

@@ -313,3 +313,13 @@ def make_optimizer(
         clip = optax.masked(clip_by_global_norm_torch(float(train.grad_clip_norm)), trainable)
         tx = optax.chain(clip, tx)
     return tx
+
+
+def build_optimizer(
+    config: ml_collections.ConfigDict, params: Mapping[str, Any], steps_per_epoch: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optax chain of `make_optimizer` and its learning-rate schedule."""
+    return (
+        make_optimizer(config, params, steps_per_epoch),
+        learning_rate_schedule(config, steps_per_epoch),
+    )

@@ -7,6 +7,7 @@ offset, where its `AnchorGenerator` steps by `padded_image_size // feature_size`
 unless the input is a multiple of 128 (800x1344: P6 steps 64 x 61, P7 122 x 114). The anchor
 *size* (the regression unit) stays the nominal stride.
 Points are flattened row-major (y outer, x inner), the order of a `[H, W, C] -> [H*W, C]` reshape.
+`feature_sizes` gives the levels' (H, W) for an input size: the grid the points are laid on.
 """
 
 from collections.abc import Sequence
@@ -71,3 +72,17 @@ def all_level_points(
         level_points(h, w, s, points_offset(mode, s))
         for (h, w), s in zip(feature_hw, strides, strict=True)
     ]
+
+
+def feature_sizes(image_hw: tuple[int, int], num_levels: int = 5) -> tuple[tuple[int, int], ...]:
+    """Per-level (H, W) of the head outputs for an input of `image_hw` pixels (strides 8..128).
+
+    Every stride-2 layer of the network maps n -> ceil(n / 2).
+    """
+    h, w = image_hw
+    sizes = []
+    for level in range(3 + num_levels - 1):
+        h, w = -(-h // 2), -(-w // 2)
+        if level >= 2:
+            sizes.append((h, w))
+    return tuple(sizes)

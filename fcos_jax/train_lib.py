@@ -24,7 +24,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from fcos_jax import losses, optim, sharding, targets
+from fcos_jax import losses, points, sharding, targets
 
 PyTree = Any
 Batch = dict[str, jax.Array]
@@ -40,26 +40,13 @@ class TrainState:
     opt_state: PyTree
 
 
-def feature_sizes(image_hw: tuple[int, int], num_levels: int = 5) -> tuple[tuple[int, int], ...]:
-    """Per-level (H, W) of the head outputs for an input of `image_hw` pixels (strides 8..128).
-
-    Every stride-2 layer of the network maps n -> ceil(n / 2).
-    """
-    h, w = image_hw
-    sizes = []
-    for level in range(3 + num_levels - 1):
-        h, w = -(-h // 2), -(-w // 2)
-        if level >= 2:
-            sizes.append((h, w))
-    return tuple(sizes)
-
-
 def encode_batch(config: ml_collections.ConfigDict, batch: Batch) -> dict[str, jax.Array]:
     """`targets.encode` vmapped over the batch for the batch's (static) image size."""
     t = config.train
+    levels = len(config.model.head.strides)
     encode = functools.partial(
         targets.encode,
-        feature_sizes=feature_sizes(batch["image"].shape[1:3], len(config.model.head.strides)),
+        feature_sizes=points.feature_sizes(batch["image"].shape[1:3], levels),
         strides=tuple(config.model.head.strides),
         regress_ranges=tuple(tuple(r) for r in t.regress_ranges),
         legacy_plus_one=config.legacy_plus_one,
@@ -214,14 +201,4 @@ def jit_train_step(step: Callable, mesh: Mesh) -> Callable:
         in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
         out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
         donate_argnums=(0,),
-    )
-
-
-def build_optimizer(
-    config: ml_collections.ConfigDict, params: PyTree, steps_per_epoch: int
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optax chain of `optim.make_optimizer` and its learning-rate schedule."""
-    return (
-        optim.make_optimizer(config, params, steps_per_epoch),
-        optim.learning_rate_schedule(config, steps_per_epoch),
     )

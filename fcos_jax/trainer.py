@@ -185,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     variables = jax.jit(model.init)(
         jax.random.PRNGKey(int(config.seed)), np.zeros((1, *canvas, 3), np.float32)
     )
-    optimizer, schedule = train_lib.build_optimizer(config, variables["params"], steps_per_epoch)
+    optimizer, schedule = optim.build_optimizer(config, variables["params"], steps_per_epoch)
 
     meta = checkpoint.make_meta(config, source="fcos_jax train.py", classes=pipeline.classes)
     manager = checkpoint.checkpoint_manager(workdir, max_to_keep=int(t.keep_checkpoints))

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # when run as a script
     sys.path.insert(0, str(REPO))
 
-from fcos_jax import config_base, postprocess, sharding, train_lib  # noqa: E402
+from fcos_jax import config_base, optim, postprocess, sharding, train_lib  # noqa: E402
 from fcos_jax.models import build_model  # noqa: E402
 
 IMAGE_HW = (96, 96)
@@ -127,7 +127,7 @@ def _trainer(norm: str, accumulate_steps: int, num_devices: int) -> Trainer:
     config = tiny_config(norm, accumulate_steps)
     model = build_model(config.model)
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
-    optimizer, schedule = train_lib.build_optimizer(config, _param_shapes(), STEPS_PER_EPOCH)
+    optimizer, schedule = optim.build_optimizer(config, _param_shapes(), STEPS_PER_EPOCH)
     step_fn = train_lib.make_train_step(config, model, optimizer, schedule)
     return Trainer(config, model, mesh, step_fn, train_lib.jit_train_step(step_fn, mesh))
 
@@ -147,7 +147,7 @@ def initial_state() -> train_lib.TrainState:
     The rbg key only makes the init compile in seconds instead of a minute (threefry)."""
     config = tiny_config("frozen_bn")
     model = build_model(config.model)
-    optimizer, _ = train_lib.build_optimizer(config, _param_shapes(), STEPS_PER_EPOCH)
+    optimizer, _ = optim.build_optimizer(config, _param_shapes(), STEPS_PER_EPOCH)
     create = jax.jit(
         functools.partial(train_lib.create_train_state, config, model, optimizer),
         static_argnums=1,
