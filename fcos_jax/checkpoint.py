@@ -13,6 +13,7 @@ The converter writes step 0 without `opt_state`/`data_state`. Inference restores
 
 import functools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -313,15 +314,21 @@ def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in flat.items()}
 
 
+def listing(items: Sequence[str], limit: int = 4) -> str:
+    """'a, b, c (+2 more)': the first `limit` items and how many more there are."""
+    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def join_problems(groups: Sequence[tuple[str, Sequence[str], int]]) -> str:
+    """'label a, b; label c' for each (label, items, limit) group with items, '' when none."""
+    return "; ".join(f"{label} {listing(items, limit)}" for label, items, limit in groups if items)
+
+
 def describe_mismatch(
     found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], limit: int = 4
 ) -> str:
     """'missing a, b; unexpected c; shape d (1, 2) vs expected (2, 1)' or '' when they agree."""
-
-    def listing(keys: list[str]) -> str:
-        more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-        return ", ".join(keys[:limit]) + more
-
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = [
@@ -329,14 +336,9 @@ def describe_mismatch(
         for k in sorted(set(found) & set(expected))
         if found[k] != expected[k]
     ]
-    parts = []
-    if missing:
-        parts.append(f"missing {listing(missing)}")
-    if unexpected:
-        parts.append(f"unexpected {listing(unexpected)}")
-    if wrong:
-        parts.append(f"shape {listing(wrong)}")
-    return "; ".join(parts)
+    return join_problems(
+        [("missing", missing, limit), ("unexpected", unexpected, limit), ("shape", wrong, limit)]
+    )
 
 
 def _check_fits(

@@ -39,16 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fcos_jax.models.resnet import ARCHS  # depth -> (block, blocks per stage), as mmdet has it
+
 BN_EPS = 1e-5
 GN_EPS = 1e-5
-# depth -> (block, blocks per stage) of mmdet's ResNet.
-ARCHS = {
-    18: ("basic", (2, 2, 2, 2)),
-    34: ("basic", (3, 4, 6, 3)),
-    50: ("bottleneck", (3, 4, 6, 3)),
-    101: ("bottleneck", (3, 4, 23, 3)),
-    152: ("bottleneck", (3, 8, 36, 3)),
-}
 # Buffers a state dict may hold that no forward reads.
 UNREAD_SUFFIXES = (".num_batches_tracked",)
 POSTPROCESS_VERSIONS = ("v1", "v3")

@@ -35,13 +35,32 @@ MODES = ("mmdet_v1", "mmdet_v3", "torchvision")
 _LEVEL_KEYS = ("cls_logits", "bbox_reg", "centerness")
 
 
-def _flatten_level(level: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One image's level dict -> cls logits [HW, K], ltrb [HW, 4], centerness logits [HW]."""
+def _level_probabilities(
+    level: Mapping[str, jax.Array],
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One image's level dict -> cls sigmoid [HW, K], ltrb [HW, 4], centerness sigmoid [HW]."""
     height, width, num_classes = level["cls_logits"].shape
     cls_logits = level["cls_logits"].astype(jnp.float32).reshape(height * width, num_classes)
     ltrb = level["bbox_reg"].astype(jnp.float32).reshape(height * width, 4)
     ctr_logits = level["centerness"].astype(jnp.float32).reshape(height * width)
-    return cls_logits, ltrb, ctr_logits
+    return jax.nn.sigmoid(cls_logits), ltrb, jax.nn.sigmoid(ctr_logits)
+
+
+def _concatenated(
+    table: jax.Array,
+    box_index: list[jax.Array],
+    scores: list[jax.Array],
+    labels: list[jax.Array],
+    valid: list[jax.Array],
+) -> nms.Candidates:
+    """The candidates of all levels, concatenated in level order."""
+    return nms.Candidates(
+        table,
+        jnp.concatenate(box_index).astype(jnp.int32),
+        jnp.concatenate(scores),
+        jnp.concatenate(labels).astype(jnp.int32),
+        jnp.concatenate(valid),
+    )
 
 
 def _point_grids(
@@ -84,9 +103,7 @@ def _mmdet_v1_candidates(
     box_table, box_index, scores, labels, valid = [], [], [], [], []
     rows_so_far = 0
     for level, points in zip(levels, _point_grids(levels, strides, "mmdet_v1"), strict=True):
-        cls_logits, ltrb, ctr_logits = _flatten_level(level)
-        cls = jax.nn.sigmoid(cls_logits)
-        ctr = jax.nn.sigmoid(ctr_logits)
+        cls, ltrb, ctr = _level_probabilities(level)
         num_points, num_classes = cls.shape
         if num_points > nms_pre:
             point_score = jnp.max(cls * ctr[:, None], axis=1)
@@ -101,13 +118,7 @@ def _mmdet_v1_candidates(
         valid.append((cls > score_thr).reshape(-1))
         rows_so_far += num_points
     table = _divide_boxes(jnp.concatenate(box_table), _per_axis(scale))
-    return nms.Candidates(
-        table,
-        jnp.concatenate(box_index).astype(jnp.int32),
-        jnp.concatenate(scores),
-        jnp.concatenate(labels).astype(jnp.int32),
-        jnp.concatenate(valid),
-    )
+    return _concatenated(table, box_index, scores, labels, valid)
 
 
 def _pair_candidates(
@@ -124,9 +135,7 @@ def _pair_candidates(
     scores cls*ctr; torchvision selects and scores by sqrt(cls*ctr)."""
     boxes, scores, labels, valid = [], [], [], []
     for level, points in zip(levels, _point_grids(levels, strides, mode), strict=True):
-        cls_logits, ltrb, ctr_logits = _flatten_level(level)
-        cls = jax.nn.sigmoid(cls_logits)
-        ctr = jax.nn.sigmoid(ctr_logits)
+        cls, ltrb, ctr = _level_probabilities(level)
         num_points, num_classes = cls.shape
         if mode == "torchvision":
             select = jnp.sqrt(cls * ctr[:, None]).reshape(-1)
@@ -150,13 +159,8 @@ def _pair_candidates(
         labels.append(label)
         valid.append(passes[pairs])
     all_boxes = jnp.concatenate(boxes)
-    return nms.Candidates(
-        all_boxes,
-        jnp.arange(all_boxes.shape[0], dtype=jnp.int32),
-        jnp.concatenate(scores),
-        jnp.concatenate(labels).astype(jnp.int32),
-        jnp.concatenate(valid),
-    )
+    box_index = [jnp.arange(all_boxes.shape[0], dtype=jnp.int32)]  # one box per pair
+    return _concatenated(all_boxes, box_index, scores, labels, valid)
 
 
 def _detect_single(

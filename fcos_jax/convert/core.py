@@ -34,11 +34,6 @@ class Converted:
     num_tensors: int  # source tensors used
 
 
-def _listing(items: list[str], limit: int = 4) -> str:
-    more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
 def _find_rule(name_map: name_maps.NameMap, module: str) -> tuple[name_maps.Rule, re.Match]:
     for rule in name_map.rules:
         match = re.fullmatch(rule.target, module)
@@ -109,13 +104,13 @@ def convert_state_dict(
             flat_out[collection][path] = _to_target(rule.kind, leaf, state_dict[key])
 
     unexpected = [k for k in state_dict if k not in used and k not in ignorable]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} tensors missing: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors: {_listing(unexpected)}")
-    if wrong_shape:
-        problems.append(f"{len(wrong_shape)} wrongly shaped: {_listing(wrong_shape, 3)}")
+    problems = checkpoint.join_problems(
+        [
+            (f"{len(missing)} tensors missing:", missing, 4),
+            (f"{len(unexpected)} unexpected tensors:", unexpected, 4),
+            (f"{len(wrong_shape)} wrongly shaped:", wrong_shape, 3),
+        ]
+    )
     if problems:
         hint = ""
         if missing or unexpected:
@@ -123,9 +118,7 @@ def convert_state_dict(
             if guess and guess != fmt:
                 hint = f" (the keys look like --format {guess})"
         raise ConversionError(
-            f"{source}: does not fit --format {fmt} for config {config.name!r}: "
-            + "; ".join(problems)
-            + hint
+            f"{source}: does not fit --format {fmt} for config {config.name!r}: " + problems + hint
         )
 
     return Converted(
@@ -142,7 +135,7 @@ def describe(converted: Converted) -> list[str]:
     """Report lines: tensors used, tensors ignored on purpose, model parts left at init."""
     lines = [f"{converted.num_tensors} tensors fill: {', '.join(converted.parts)}"]
     if converted.ignored:
-        lines.append(f"ignored on purpose: {_listing(list(converted.ignored), 3)}")
+        lines.append(f"ignored on purpose: {checkpoint.listing(list(converted.ignored), 3)}")
     if converted.untouched:
         lines.append(
             f"left at their initialisation: {', '.join(converted.untouched)} "

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from fcos_jax.models.layers import Conv, Dtype, make_batch_norm, max_pool
 
-# depth -> (block type, blocks per stage)
+# depth -> (block type, blocks per stage), as mmdetection's and torchvision's ResNets define them
 ARCHS = {
     18: ("basic", (2, 2, 2, 2)),
     34: ("basic", (3, 4, 6, 3)),
