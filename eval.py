@@ -29,16 +29,17 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if bool(FLAGS.checkpoint) == bool(FLAGS.detections):
         raise app.UsageError("give exactly one of --checkpoint and --detections")
+    config = cli.config_from_flag()
     cli.start_jax(FLAGS)
     from fcos_jax import eval_lib
 
     if FLAGS.detections:
         eval_lib.evaluate_results_file(
-            FLAGS.config, FLAGS.detections, FLAGS.annotations or None, per_class=FLAGS.per_class
+            config, FLAGS.detections, FLAGS.annotations or None, per_class=FLAGS.per_class
         )
         return
     eval_lib.evaluate_checkpoint(
-        FLAGS.config,
+        config,
         FLAGS.checkpoint,
         annotations=FLAGS.annotations or None,
         results_path=FLAGS.results or None,

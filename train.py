@@ -24,11 +24,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = cli.config_from_flag()
     cli.start_jax(FLAGS)
     from fcos_jax import trainer  # after jax.distributed is up
 
-    logging.info("config %s, workdir %s", FLAGS.config.name, FLAGS.workdir)
-    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    logging.info("config %s, workdir %s", config.name, FLAGS.workdir)
+    trainer.train_and_evaluate(config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def main() -> None:
         c.data.num_parallel_calls = args.num_parallel_calls
         c.model.head.num_classes = len(classes.SHAPES_NAMES)
         c.preprocess.scale = scale
-        c.train.multiscale = (scale,)
+        c.augment.multiscale = (scale,)
         c.train.batch_size = c.test.batch_size = args.batch
 
         start = time.perf_counter()

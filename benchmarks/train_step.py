@@ -106,7 +106,7 @@ def jax_worker(args) -> dict:
     labels = optimizer_labels(config, state.params)
 
     images, boxes, classes = synthetic_inputs(args.batch, args.height, args.width)
-    m = int(config.train.max_boxes)
+    m = int(config.data.max_boxes)
     padded_boxes = np.zeros((args.batch, m, 4), np.float32)
     padded_labels = np.zeros((args.batch, m), np.int32)
     valid = np.zeros((args.batch, m), bool)

@@ -21,16 +21,16 @@ def get_config():
     h.regression = "scale_relu_stride"  # norm_on_bbox: relu(scale * x) * stride
 
     c.preprocess.mean = (103.53, 116.28, 123.675)  # detectron2/resnet50_caffe, BGR
+    c.preprocess.scale_factor = "per_axis"  # mmdet v2+ rescales each axis
     c.legacy_plus_one = False
 
     c.test.postprocess = "mmdet_v3"
     c.test.nms_iou = 0.6
 
-    t = c.train
-    t.center_sampling = True
-    t.norm_on_bbox = True
-    t.bbox_loss = "giou"
-    t.normalizer = "global"
-    t.grad_clip_norm = 35.0
-    t.warmup = "linear"
+    c.targets.center_sampling = True
+    c.targets.norm_on_bbox = True
+    c.loss.bbox_loss = "giou"
+    c.loss.normalizer = "global"
+    c.optim.grad_clip_norm = 35.0
+    c.optim.warmup = "linear"
     return c

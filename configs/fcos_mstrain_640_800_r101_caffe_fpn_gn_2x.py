@@ -13,6 +13,6 @@ def get_config():
     c = config_base.get_base_config()
     c.name = "fcos_mstrain_640_800_r101_caffe_fpn_gn_2x"
     c.model.backbone.depth = 101
-    c.train.epochs, c.train.lr_steps = 24, (16, 22)
-    c.train.multiscale, c.train.multiscale_mode = ((1333, 640), (1333, 800)), "value"
+    c.train.epochs, c.optim.lr_steps = 24, (16, 22)
+    c.augment.multiscale, c.augment.multiscale_mode = ((1333, 640), (1333, 800)), "value"
     return c

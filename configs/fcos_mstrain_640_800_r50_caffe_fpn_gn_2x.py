@@ -12,8 +12,8 @@ from fcos_jax import config_base
 def get_config():
     c = config_base.get_base_config()
     c.name = "fcos_mstrain_640_800_r50_caffe_fpn_gn_2x"
-    c.train.epochs, c.train.lr_steps = 24, (16, 22)
+    c.train.epochs, c.optim.lr_steps = 24, (16, 22)
     # One of the two scales per image (mmdet "value" mode), not a 640-800 range
     # (docs/modes.md §2.7).
-    c.train.multiscale, c.train.multiscale_mode = ((1333, 640), (1333, 800)), "value"
+    c.augment.multiscale, c.augment.multiscale_mode = ((1333, 640), (1333, 800)), "value"
     return c

@@ -18,7 +18,7 @@ def get_config():
     c.preprocess.mean = config_base.IMAGENET_MEAN_RGB
     c.preprocess.std = config_base.IMAGENET_STD_RGB
     c.preprocess.to_rgb = True
-    c.train.epochs, c.train.lr_steps = 24, (16, 22)
-    c.train.multiscale, c.train.multiscale_mode = ((1333, 640), (1333, 800)), "value"
-    c.train.downsample_bn_bias_as_bias = True  # mmdet v1 param-group quirk, docs/modes.md §2.10
+    c.train.epochs, c.optim.lr_steps = 24, (16, 22)
+    c.augment.multiscale, c.augment.multiscale_mode = ((1333, 640), (1333, 800)), "value"
+    c.optim.downsample_bn_bias_as_bias = True  # mmdet v1 param-group quirk, docs/modes.md §2.10
     return c

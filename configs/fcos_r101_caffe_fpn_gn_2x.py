@@ -13,5 +13,5 @@ def get_config():
     c = config_base.get_base_config()
     c.name = "fcos_r101_caffe_fpn_gn_2x"
     c.model.backbone.depth = 101
-    c.train.epochs, c.train.lr_steps = 24, (16, 22)
+    c.train.epochs, c.optim.lr_steps = 24, (16, 22)
     return c

@@ -12,5 +12,5 @@ from fcos_jax import config_base
 def get_config():
     c = config_base.get_base_config()
     c.name = "fcos_r50_caffe_fpn_gn_2x"
-    c.train.epochs, c.train.lr_steps = 24, (16, 22)
+    c.train.epochs, c.optim.lr_steps = 24, (16, 22)
     return c

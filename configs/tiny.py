@@ -27,11 +27,12 @@ def get_config():
     c.data.shapes.min_side, c.data.shapes.max_side = 96, 128
     c.preprocess.scale = (128, 128)
     c.model.backbone.norm = "frozen_bn"
+    c.augment.multiscale = ((128, 128),)
+    o = c.optim
+    o.optimizer, o.base_lr, o.weight_decay, o.bias_lr_mult = "sgd", 0.02, 1e-4, 2.0
+    o.reference_batch, o.lr_steps, o.warmup_iters = 4, (), 2
     t = c.train
-    t.multiscale = ((128, 128),)
-    t.batch_size, t.reference_batch = 4, 4
-    t.optimizer, t.base_lr, t.weight_decay, t.bias_lr_mult = "sgd", 0.02, 1e-4, 2.0
-    t.num_steps, t.lr_steps, t.warmup_iters = 10, (), 2
+    t.batch_size, t.num_steps = 4, 10
     t.log_every, t.checkpoint_every, t.keep_checkpoints = 1, 2, 5
     t.eval_at_end = False
     c.test.batch_size = 4

@@ -53,21 +53,23 @@ def get_config():
     p.unit_range = True
     p.mean, p.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     p.to_rgb = True
+    p.scale_factor = "per_axis"
     c.legacy_plus_one = False
 
     t = c.test
     t.postprocess = "torchvision"
     t.score_thr, t.nms_iou = 0.2, 0.6
 
-    tr = c.train
-    tr.assigner = "torchvision"
-    tr.center_sampling = True
-    tr.bbox_loss = "giou"
-    tr.normalizer = "torchvision"
-    tr.epochs, tr.lr_steps = 26, (16, 22)
-    tr.base_lr, tr.reference_batch, tr.momentum, tr.weight_decay = 0.01, 16, 0.9, 1e-4
-    tr.bias_lr_mult, tr.bias_decay_mult, tr.norm_decay_mult = 1.0, 1.0, 1.0
-    tr.warmup, tr.warmup_iters, tr.warmup_ratio = "torchvision", 1000, 1.0 / 1000
-    tr.multiscale, tr.flip_ratio = ((1333, 800),), 0.5
-    tr.grad_clip_norm = 0.0
+    c.targets.assigner = "torchvision"
+    c.targets.center_sampling = True
+    c.loss.bbox_loss = "giou"
+    c.loss.normalizer = "torchvision"
+    o = c.optim
+    o.lr_steps = (16, 22)
+    o.base_lr, o.reference_batch, o.momentum, o.weight_decay = 0.01, 16, 0.9, 1e-4
+    o.bias_lr_mult, o.bias_decay_mult, o.norm_decay_mult = 1.0, 1.0, 1.0
+    o.warmup, o.warmup_iters, o.warmup_ratio = "torchvision", 1000, 1.0 / 1000
+    o.grad_clip_norm = 0.0
+    c.augment.multiscale, c.augment.flip_ratio = ((1333, 800),), 0.5
+    c.train.epochs = 26
     return c

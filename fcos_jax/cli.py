@@ -1,16 +1,23 @@
 """Small helpers shared by the command-line tools (train, eval, predict, compare, convert,
 export)."""
 
+import re
 from pathlib import Path
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from fcos_jax import config_check
+
+# `--config.a.b=v` / `--noconfig.a.b`: an override of a config file flag's field.
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([\w.]+)")
+
 
 def config_from_flag(name: str = "config") -> ml_collections.ConfigDict:
-    """The parsed `--config` file flag; raises FileNotFoundError / OSError with one line naming
-    the file (ml_collections defers load errors to the first access of the config)."""
+    """The parsed and checked (`config_check.check`) `--config` file flag; raises
+    FileNotFoundError / OSError / ValueError with one line naming the file (ml_collections
+    defers load errors to the first access of the config)."""
     path = config_flags.get_config_filename(flags.FLAGS[name]).split(":")[0]
     if not Path(path).is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -20,7 +27,30 @@ def config_from_flag(name: str = "config") -> ml_collections.ConfigDict:
     except Exception as error:  # noqa: BLE001  (any load failure: one line naming the file)
         detail = str(error).strip().splitlines()[-1].strip()
         raise OSError(f"{path}: cannot load config: {detail}") from None
+    try:
+        config_check.check(config)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     return config
+
+
+def check_overrides(argv: list[str]) -> None:
+    """ValueError for a `--config.<field>` override of a field that moved (its new place)."""
+    for arg in argv[1:]:
+        match = _OVERRIDE.match(arg)
+        message = match and config_check.moved_message(match.group(1))
+        if message:
+            raise ValueError(f"{message} ({arg.split('=', 1)[0]})")
+
+
+def _unknown_override(argv: list[str], error: BaseException) -> str:
+    """One line for an override ml_collections refused because the config lacks the field."""
+    key = str(error).strip("'\" ")
+    for arg in argv[1:]:
+        match = _OVERRIDE.match(arg)
+        if match and match.group(1).split(".")[-1] == key:
+            return f"config.{match.group(1)}: no such field ({arg.split('=', 1)[0]})"
+    return f"a --config override names no field of the config: {error}"
 
 
 def define_distributed_flags() -> None:
@@ -111,9 +141,12 @@ def run(main, errors: tuple[type[BaseException], ...] = ()) -> None:
 
     def parse_flags(argv: list[str]) -> list[str]:
         try:
+            check_overrides(argv)
             return flags.FLAGS(argv)
-        except flags.Error as error:
+        except (flags.Error, ValueError) as error:
             fail(error)
+        except (AttributeError, KeyError) as error:  # an override of a field the config lacks
+            fail(ValueError(_unknown_override(argv, error)))
 
     def guarded(argv):
         try:

@@ -1,11 +1,23 @@
 """The settings every FCOS config shares; each file in `configs/` changes only what its row changes.
 
-Field groups:
-  model       architecture (backbone, FPN, head) and compute dtype.
-  preprocess  decoding, resizing, normalisation and padding of input images.
-  test        post-processing mode and its thresholds.
-  train       target assignment, losses, optimizer and schedule (used by train.py).
-  data        dataset source and class list.
+Field groups, each read by the modules named:
+  model       architecture (backbone, FPN, head) and compute dtype: models/.
+  preprocess  decoding, resizing, normalisation, padding and the scale-factor convention of
+              input images: preprocess.py, data/.
+  legacy_plus_one  the +1 pixel convention of the data, targets, losses and COCO results.
+  test        post-processing mode, its thresholds, the evaluation batch: postprocess.py,
+              eval_lib.py, inference.py.
+  data        dataset source, class list, canvases and ground-truth padding: data/.
+  targets     assignment of points to boxes (assigner, ranges, centre sampling): targets.py.
+  loss        box loss, normalisers and focal loss: losses.py.
+  optim       optimizer, parameter groups, learning-rate schedule and clipping: optim.py.
+  augment     training scales and flips: data/epoch_plan.py.
+  train       the loop: batch, run length, cadence of logs, checkpoints and evaluations:
+              trainer.py.
+  init_from, seed, name
+
+`fcos_jax/config_check.py` refuses unknown fields, fields of the old `train` group by their new
+place, and settings that disagree (`check`).
 """
 
 import ml_collections
@@ -62,9 +74,16 @@ def get_base_config() -> ml_collections.ConfigDict:
             to_rgb=False,  # False: the network sees BGR (caffe)
             unit_range=False,  # True: pixels / 255 before (x - mean) / std (torchvision)
             size_divisor=32,
+            # How boxes map between original and resized pixels: single (one factor for both
+            # axes, mmcv v1's scale_factor: test.postprocess mmdet_v1) or per_axis (new_h / h,
+            # new_w / w: mmdet_v3, torchvision). Checked against test.postprocess.
+            scale_factor="single",
         )
     )
-    c.legacy_plus_one = True  # mmdet v1 pixel convention: widths are x2 - x1 + 1
+    # mmdet v1 pixel convention (docs/modes.md §2.6): widths are x2 - x1 + 1 in the data, the
+    # targets, the losses and the COCO results; test.postprocess mmdet_v1 needs True, the other
+    # modes and targets.assigner torchvision False (fcos_jax/config_check.py).
+    c.legacy_plus_one = True
 
     c.test = ml_collections.ConfigDict(
         dict(
@@ -100,6 +119,7 @@ def get_base_config() -> ml_collections.ConfigDict:
             # Training canvases (H, W), each a multiple of size_divisor; () = landscape and
             # portrait of the largest training scale. An image goes to the smallest that fits.
             canvases=(),
+            max_boxes=100,  # ground-truth rows per image (training keeps the largest boxes)
             min_image_side=32,  # mmdet v1: training images with a shorter side are dropped
             # Evaluation padding: multiple (next multiple of size_divisor, exactly as predict) or
             # canvas (landscape and portrait of preprocess.scale: fewer compiles, outputs near
@@ -110,29 +130,29 @@ def get_base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    c.train = ml_collections.ConfigDict(
+    c.targets = ml_collections.ConfigDict(
         dict(
             assigner="mmdet",  # mmdet (docs/modes.md §2.8) or torchvision (§4.8)
             regress_ranges=((-1, 64), (64, 128), (128, 256), (256, 512), (512, 1e8)),
             center_sampling=False,
             center_sample_radius=1.5,
-            norm_on_bbox=False,
+            norm_on_bbox=False,  # regression targets / stride (mmdet v2.2+), read by the loss too
+        )
+    )
+    c.loss = ml_collections.ConfigDict(
+        dict(
             bbox_loss="iou",  # iou (-log IoU) or giou (1 - GIoU)
             normalizer="global",  # global, v1 or torchvision
             focal_alpha=0.25,
             focal_gamma=2.0,
-            batch_size=16,
-            max_boxes=100,
-            # The run's length and decay points share one unit: 'epochs' (train.epochs of the
-            # dataset at hand, lr_steps in epochs: the model-zoo recipes) or 'steps'
-            # (train.num_steps optimizer steps, lr_steps in steps, whatever the dataset's size).
-            schedule_unit="epochs",
-            epochs=12,
-            num_steps=0,
-            lr_steps=(8, 11),  # lr x0.1 from each of these (in schedule_unit)
-            base_lr=0.01,  # per reference_batch images, scaled linearly
-            reference_batch=16,
+        )
+    )
+    c.optim = ml_collections.ConfigDict(
+        dict(
             optimizer="sgd",  # sgd (torch.optim.SGD) or adamw (torch.optim.AdamW)
+            base_lr=0.01,  # per reference_batch images, scaled linearly with train.batch_size
+            reference_batch=16,
+            lr_steps=(8, 11),  # lr x0.1 from each of these (in train.schedule_unit)
             momentum=0.9,  # sgd only
             adam_betas=(0.9, 0.999),  # adamw only
             adam_eps=1e-8,  # adamw only
@@ -147,10 +167,25 @@ def get_base_config() -> ml_collections.ConfigDict:
             warmup_iters=500,
             warmup_ratio=1.0 / 3,
             grad_clip_norm=0.0,  # 0 disables; v2+ recipes use 35
-            multiscale=((1333, 800),),
-            multiscale_mode="value",
+        )
+    )
+    c.augment = ml_collections.ConfigDict(
+        dict(
+            multiscale=((1333, 800),),  # training scales (long side max, short side)
+            multiscale_mode="value",  # value: one of the scales; range: sampled between two
             flip_ratio=0.5,
-            accumulate_steps=1,
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            batch_size=16,  # global batch of an optimizer step
+            accumulate_steps=1,  # micro-batches per step (same update, less memory)
+            # The run's length and optim.lr_steps share one unit: 'epochs' (train.epochs of the
+            # dataset at hand: the model-zoo recipes) or 'steps' (train.num_steps optimizer
+            # steps, whatever the dataset's size).
+            schedule_unit="epochs",
+            epochs=12,
+            num_steps=0,
             log_every=20,
             checkpoint_every=1000,
             keep_checkpoints=3,

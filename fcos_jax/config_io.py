@@ -1,7 +1,8 @@
 """Loading `configs/*.py` files outside absl (Python API, tests).
 
 The command-line tools use `ml_collections.config_flags.DEFINE_config_file`, which accepts
-`path.py[:arg]` and `--config.field=value` overrides; this is the same for library callers.
+`path.py[:arg]` and `--config.field=value` overrides, and `cli.config_from_flag`; both paths run
+`config_check.check` on the result.
 """
 
 import importlib.util
@@ -9,9 +10,12 @@ from pathlib import Path
 
 import ml_collections
 
+from fcos_jax import config_check
+
 
 def load_config(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:
-    """Runs `get_config([arg])` of the config file at `path`; raises with the path on failure."""
+    """Runs `get_config([arg])` of the config file at `path` and checks the result; raises
+    FileNotFoundError / ValueError with the path on failure."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -20,4 +24,9 @@ def load_config(path: str | Path, arg: str | None = None) -> ml_collections.Conf
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path}: a config file must define get_config()")
-    return module.get_config(arg) if arg is not None else module.get_config()
+    config = module.get_config(arg) if arg is not None else module.get_config()
+    try:
+        config_check.check(config)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return config

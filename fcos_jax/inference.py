@@ -23,7 +23,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fcos_jax import canvas, checkpoint, compile_cache, postprocess, preprocess, sharding
+from fcos_jax import (
+    canvas,
+    checkpoint,
+    compile_cache,
+    config_check,
+    postprocess,
+    preprocess,
+    sharding,
+)
 from fcos_jax.classes import ClassList, class_list, from_meta, resolve_num_classes
 from fcos_jax.config_io import load_config
 from fcos_jax.models import build_model
@@ -67,6 +75,7 @@ class Detector:
         variables: dict[str, PyTree],
         classes: ClassList | None = None,
     ):
+        config_check.check(config)
         if classes is None:
             if config.data.classes == "dataset":
                 raise ValueError(
@@ -84,7 +93,6 @@ class Detector:
         self.variables = sharding.replicate(variables, sharding.make_mesh())
         self._category_ids = np.array([cid for cid, _ in self.classes], dtype=np.int64)
         self._names = np.array([name for _, name in self.classes], dtype=object)
-        self.mode = config.test.postprocess
         self.canvases = canvas.eval_canvases(config)  # None: pad to a multiple of size_divisor
         self._detect = functools.partial(
             postprocess.detect, **postprocess.options_from_config(config)
@@ -114,7 +122,7 @@ class Detector:
     def preprocess(self, image: ImageSource, name: str = "image") -> dict[str, np.ndarray]:
         """One image -> `fcos_jax.preprocess.preprocess` output for this detector's config, its
         image zero padded into its canvas in canvas mode (`data.eval_pad = 'canvas'`)."""
-        item = preprocess.preprocess(image, self.config.preprocess, self.mode, name=name)
+        item = preprocess.preprocess(image, self.config.preprocess, name=name)
         if self.canvases is not None:
             padded_hw = np.asarray([item["image"].shape[:2]])
             choice = int(canvas.assign_canvases(padded_hw, self.canvases, [name])[0])

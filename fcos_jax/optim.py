@@ -11,7 +11,7 @@ mmdet v1's parameter groups (docs/modes.md §2.10), driven by mmcv 0.2.x's `Step
 The learning rate multiplies the whole momentum buffer after accumulation, as torch does (and as
 `optax.sgd` does): a change of lr rescales the step of the entire buffer at once.
 
-`train.optimizer = 'adamw'` swaps SGD for `torch.optim.AdamW` (decoupled weight decay, betas
+`optim.optimizer = 'adamw'` swaps SGD for `torch.optim.AdamW` (decoupled weight decay, betas
 `adam_betas`, eps `adam_eps` added to the bias-corrected sqrt(v)) with the same groups, lr
 multipliers, schedule and clipping: p = p - lr * (m_hat / (sqrt(v_hat) + eps) + wd_group * p).
 
@@ -88,7 +88,7 @@ def _label_for(names: list[str], config: ml_collections.ConfigDict) -> str:
             return FROZEN
 
     if is_norm:
-        if module == "downsample_bn" and config.train.downsample_bn_bias_as_bias:
+        if module == "downsample_bn" and config.optim.downsample_bn_bias_as_bias:
             # mmdet v1 regex `(bn|gn)(\d+)?.(weight|bias)` misses `downsample.1.*`: its bias
             # falls in the bias group and its weight in the default group (docs/modes.md §2.10).
             return BIAS if leaf == "bias" else DEFAULT
@@ -99,35 +99,36 @@ def _label_for(names: list[str], config: ml_collections.ConfigDict) -> str:
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
-    train = config.train
+    train, optim = config.train, config.optim
     frozen_stages = config.model.backbone.frozen_stages
     if not -1 <= int(frozen_stages) <= 4:
         raise ValueError(
             f"config.model.backbone.frozen_stages must be in -1..4, got {frozen_stages}"
         )
-    if _warmup_kind(train) != "none":
-        if int(train.warmup_iters) <= 0:
-            raise ValueError(f"config.train.warmup_iters must be > 0, got {train.warmup_iters}")
-        if not 0.0 < float(train.warmup_ratio) <= 1.0:
+    if _warmup_kind(optim) != "none":
+        if int(optim.warmup_iters) <= 0:
+            raise ValueError(f"config.optim.warmup_iters must be > 0, got {optim.warmup_iters}")
+        if not 0.0 < float(optim.warmup_ratio) <= 1.0:
             raise ValueError(
-                f"config.train.warmup_ratio must be in (0, 1], got {train.warmup_ratio}"
+                f"config.optim.warmup_ratio must be in (0, 1], got {optim.warmup_ratio}"
             )
     unit = schedule_unit(train)
-    steps = list(train.lr_steps)
+    steps = list(optim.lr_steps)
     if any(int(s) <= 0 for s in steps) or steps != sorted(steps):
-        raise ValueError(f"config.train.lr_steps must be increasing positive {unit}, got {steps}")
-    if int(train.reference_batch) <= 0 or int(train.batch_size) <= 0:
-        raise ValueError("config.train.batch_size and config.train.reference_batch must be > 0")
-    if train.optimizer not in OPTIMIZERS:
+        raise ValueError(f"config.optim.lr_steps must be increasing positive {unit}, got {steps}")
+    if int(optim.reference_batch) <= 0 or int(train.batch_size) <= 0:
+        raise ValueError("config.train.batch_size and config.optim.reference_batch must be > 0")
+    if optim.optimizer not in OPTIMIZERS:
         raise ValueError(
-            f"config.train.optimizer must be one of {OPTIMIZERS}, got {train.optimizer!r}"
+            f"config.optim.optimizer must be one of {OPTIMIZERS}, got {optim.optimizer!r}"
         )
-    if float(train.grad_clip_norm) < 0:
-        raise ValueError(f"config.train.grad_clip_norm must be >= 0, got {train.grad_clip_norm}")
+    if float(optim.grad_clip_norm) < 0:
+        raise ValueError(f"config.optim.grad_clip_norm must be >= 0, got {optim.grad_clip_norm}")
 
 
 def schedule_unit(train: ml_collections.ConfigDict) -> str:
-    """'epochs' or 'steps': the unit of the run length and of `lr_steps` (`train.schedule_unit`).
+    """'epochs' or 'steps': the unit of the run length and of `optim.lr_steps`
+    (`train.schedule_unit`).
 
     epochs: the run is `train.epochs` epochs of the dataset at hand and `lr_steps` are epochs
     (the model-zoo recipes); steps: the run is `train.num_steps` optimizer steps and `lr_steps`
@@ -150,8 +151,9 @@ def schedule_unit(train: ml_collections.ConfigDict) -> str:
         flip = "steps" if unit == "epochs" else "epochs"
         raise ValueError(
             f"config.train.{other}={train.get(other)} but schedule_unit={unit!r}: the run length "
-            f"is config.train.{length} and lr_steps are {unit}; set config.train.{other}=0, or "
-            f"schedule_unit={flip!r} with config.train.{length}=0 and lr_steps in {flip}"
+            f"is config.train.{length} and config.optim.lr_steps are {unit}; set "
+            f"config.train.{other}=0, or schedule_unit={flip!r} with config.train.{length}=0 and "
+            f"config.optim.lr_steps in {flip}"
         )
     return unit
 
@@ -165,16 +167,15 @@ def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
 
 
 def decay_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> list[int]:
-    """Optimizer steps at which the learning rate drops x0.1 (`train.lr_steps` in its unit)."""
-    train = config.train
-    scale = steps_per_epoch if schedule_unit(train) == "epochs" else 1
-    return [int(s) * scale for s in train.lr_steps]
+    """Optimizer steps at which the learning rate drops x0.1 (`optim.lr_steps` in its unit)."""
+    scale = steps_per_epoch if schedule_unit(config.train) == "epochs" else 1
+    return [int(s) * scale for s in config.optim.lr_steps]
 
 
-def _warmup_kind(train: ml_collections.ConfigDict) -> str:
-    kind = "none" if train.warmup in (None, "") else str(train.warmup)
+def _warmup_kind(optim: ml_collections.ConfigDict) -> str:
+    kind = "none" if optim.warmup in (None, "") else str(optim.warmup)
     if kind not in _WARMUPS:
-        raise ValueError(f"config.train.warmup must be one of {_WARMUPS}, got {train.warmup!r}")
+        raise ValueError(f"config.optim.warmup must be one of {_WARMUPS}, got {optim.warmup!r}")
     return kind
 
 
@@ -204,22 +205,22 @@ def learning_rate_schedule(
     _check_config(config)
     if steps_per_epoch <= 0:
         raise ValueError(f"steps_per_epoch must be > 0, got {steps_per_epoch}")
-    train = config.train
-    warmup = _warmup_kind(train)
-    scaled_lr = float(train.base_lr) * int(train.batch_size) / int(train.reference_batch)
+    train, optim = config.train, config.optim
+    warmup = _warmup_kind(optim)
+    scaled_lr = float(optim.base_lr) * int(train.batch_size) / int(optim.reference_batch)
     boundaries = jnp.asarray(decay_steps(config, steps_per_epoch), jnp.int32)
     # regular lr after k decays, computed in float64 on the host as mmcv does: base * gamma**k.
     regular_table = jnp.asarray(
-        [scaled_lr * 0.1**k for k in range(len(train.lr_steps) + 1)], jnp.float32
+        [scaled_lr * 0.1**k for k in range(len(optim.lr_steps) + 1)], jnp.float32
     )
-    warmup_iters = int(train.warmup_iters)
+    warmup_iters = int(optim.warmup_iters)
     if warmup == "torchvision":
         # torchvision references/detection `train_one_epoch`: in epoch 0 only, LinearLR from
         # start_factor = warmup_ratio over min(warmup_iters, len(data_loader) - 1) iterations.
         warmup_iters = min(warmup_iters, steps_per_epoch - 1)
         if warmup_iters <= 0:
             warmup = "none"
-    ratio = float(train.warmup_ratio)
+    ratio = float(optim.warmup_ratio)
 
     def schedule(count: jax.Array) -> jax.Array:
         count = jnp.asarray(count, jnp.int32)
@@ -262,7 +263,7 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 
 
 def _torch_group(
-    train: ml_collections.ConfigDict,
+    optim: ml_collections.ConfigDict,
     schedule: optax.Schedule,
     lr_mult: float,
     weight_decay: float,
@@ -272,15 +273,15 @@ def _torch_group(
     def learning_rate(count: jax.Array) -> jax.Array:
         return schedule(count) * lr_mult
 
-    if train.optimizer == "adamw":
-        b1, b2 = (float(b) for b in train.adam_betas)
+    if optim.optimizer == "adamw":
+        b1, b2 = (float(b) for b in optim.adam_betas)
         return optax.adamw(
-            learning_rate, b1=b1, b2=b2, eps=float(train.adam_eps), weight_decay=weight_decay
+            learning_rate, b1=b1, b2=b2, eps=float(optim.adam_eps), weight_decay=weight_decay
         )
     steps = []
     if weight_decay:
         steps.append(optax.add_decayed_weights(weight_decay))
-    steps.append(optax.trace(decay=float(train.momentum), nesterov=False))
+    steps.append(optax.trace(decay=float(optim.momentum), nesterov=False))
     steps.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*steps)
 
@@ -294,23 +295,23 @@ def make_optimizer(
     steps_per_epoch: optimizer steps per epoch (after any gradient accumulation).
     Frozen leaves get exactly zero updates and hold no optimizer state.
     """
-    train = config.train
+    optim = config.optim
     labels = param_labels(params, config)
     schedule = learning_rate_schedule(config, steps_per_epoch)
-    wd = float(train.weight_decay)
+    wd = float(optim.weight_decay)
     groups = {
-        DEFAULT: _torch_group(train, schedule, 1.0, wd),
-        NORM: _torch_group(train, schedule, 1.0, wd * float(train.norm_decay_mult)),
+        DEFAULT: _torch_group(optim, schedule, 1.0, wd),
+        NORM: _torch_group(optim, schedule, 1.0, wd * float(optim.norm_decay_mult)),
         BIAS: _torch_group(
-            train, schedule, float(train.bias_lr_mult), wd * float(train.bias_decay_mult)
+            optim, schedule, float(optim.bias_lr_mult), wd * float(optim.bias_decay_mult)
         ),
         FROZEN: optax.set_to_zero(),
     }
     tx = optax.partition(groups, labels)
-    if float(train.grad_clip_norm) > 0:
+    if float(optim.grad_clip_norm) > 0:
         # mmcv OptimizerHook clips the raw grads of the trainable parameters, then steps.
         trainable = jax.tree.map(lambda label: label != FROZEN, labels)
-        clip = optax.masked(clip_by_global_norm_torch(float(train.grad_clip_norm)), trainable)
+        clip = optax.masked(clip_by_global_norm_torch(float(optim.grad_clip_norm)), trainable)
         tx = optax.chain(clip, tx)
     return tx
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 # Which family of reference each point convention belongs to, by the names configs use
-# (test.postprocess modes and train.assigner values).
+# (test.postprocess modes and targets.assigner values).
 _OFFSET_FAMILY = {
     "mmdet": "mmdet",
     "mmdet_v1": "mmdet",

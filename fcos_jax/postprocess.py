@@ -15,8 +15,8 @@ Three named modes (docs/modes.md, NMS in §5), each exactly its reference's test
 Candidates are ordered (level, then point in row-major order, then class): score ties in the
 NMS go to the lower of these. The NMS itself is `nms.greedy_nms` (exact greedy, class-aware, with
 mmcv's and torchvision's label shift and threshold comparisons, bit for bit); here it is given
-each mode's +1 convention, threshold comparison and shift. torchvision's rescale by
-float32(original / resized) is reproduced when original_hw is given.
+each mode's +1 convention (`modes.LEGACY_PLUS_ONE`), threshold comparison and shift.
+torchvision's rescale by float32(original / resized) is reproduced when original_hw is given.
 """
 
 import functools
@@ -28,10 +28,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from fcos_jax import boxes as box_ops
-from fcos_jax import nms
+from fcos_jax import modes, nms
 from fcos_jax.points import all_level_points
 
-MODES = ("mmdet_v1", "mmdet_v3", "torchvision")
+MODES = modes.POSTPROCESS_MODES
 _LEVEL_KEYS = ("cls_logits", "bbox_reg", "centerness")
 
 
@@ -111,7 +111,9 @@ def _mmdet_v1_candidates(
             cls, ctr, ltrb, points = cls[keep], ctr[keep], ltrb[keep], points[keep]
             num_points = nms_pre
         level_boxes = box_ops.decode_ltrb(points, ltrb)
-        box_table.append(box_ops.clip_boxes(level_boxes, image_hw, legacy_plus_one=True))
+        box_table.append(
+            box_ops.clip_boxes(level_boxes, image_hw, modes.LEGACY_PLUS_ONE["mmdet_v1"])
+        )
         box_index.append(rows_so_far + jnp.repeat(jnp.arange(num_points), num_classes))
         scores.append((cls * ctr[:, None]).reshape(-1))
         labels.append(jnp.tile(jnp.arange(num_classes), num_points))
@@ -154,7 +156,7 @@ def _pair_candidates(
         else:
             pair_score = select[pairs] * ctr[point]
         level_boxes = box_ops.decode_ltrb(points[point], ltrb[point])
-        boxes.append(box_ops.clip_boxes(level_boxes, image_hw, legacy_plus_one=False))
+        boxes.append(box_ops.clip_boxes(level_boxes, image_hw, modes.LEGACY_PLUS_ONE[mode]))
         scores.append(pair_score)
         labels.append(label)
         valid.append(passes[pairs])
@@ -208,7 +210,7 @@ def _detect_single(
     kept_idx, num_kept = nms.greedy_nms(
         nms_cands,
         threshold,
-        mode == "mmdet_v1",
+        modes.LEGACY_PLUS_ONE[mode],
         max_per_img,
         chunk_size,
         page_size,

@@ -20,11 +20,12 @@ them); `[H, W]`, `[H, W, 1]` (grey) and `[H, W, 4]` (RGBA, alpha dropped) are ac
 Files (paths) and encoded bytes are decoded with `cv2.imdecode(..., IMREAD_COLOR)` in every mode,
 which also maps grey, alpha and 16-bit files to 8-bit BGR, as mmcv does.
 
-The `scale` field is what post-processing divides resized-image boxes by, per axis (y, x):
-  mmdet_v1     (s, s): v1 divides by the single float scale factor.
-  mmdet_v3     (new_h / h, new_w / w): v2/v3 rescale each axis by its own factor.
-  torchvision  (new_h / h, new_w / w); `postprocess.detect` then rescales with
-               float32(original / resized), as torchvision does, when given `original_hw`.
+The `scale` field is what post-processing divides resized-image boxes by, per axis (y, x), as
+`preprocess.scale_factor` says (`fcos_jax/modes.py` pairs it with `test.postprocess`):
+  single       (s, s): mmdet v1 divides by the single float scale factor (mmdet resize only).
+  per_axis     (new_h / h, new_w / w): mmdet v2/v3 rescale each axis by its own factor;
+               torchvision's `postprocess.detect` then rescales with float32(original / resized),
+               as torchvision does, when given `original_hw`.
 """
 
 from pathlib import Path
@@ -33,9 +34,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from fcos_jax.modes import SCALE_FACTORS
+
 RESIZE_MODES = ("mmdet", "torchvision")
-# Post-processing modes that divide boxes by one scale factor for both axes (mmdet v1).
-_SINGLE_SCALE_MODES = ("mmdet_v1",)
 
 ImageSource = str | Path | bytes | np.ndarray
 
@@ -114,13 +115,17 @@ def pad_to_multiple(image: np.ndarray, divisor: int) -> np.ndarray:
 
 
 def check_modes(preprocess_config: Any) -> None:
-    """ValueError naming the field unless `preprocess.resize` is a known mode, and RGB for the
-    torchvision one."""
+    """ValueError naming the field unless `preprocess.resize` is a known mode (RGB for the
+    torchvision one) and `preprocess.scale_factor` a known convention."""
     p = preprocess_config
     if p.resize not in RESIZE_MODES:
         raise ValueError(f"preprocess.resize: expected one of {RESIZE_MODES}, got {p.resize!r}")
     if p.resize == "torchvision" and not p.to_rgb:
         raise ValueError("preprocess.to_rgb: the torchvision resize mode expects RGB (True)")
+    if p.scale_factor not in SCALE_FACTORS:
+        raise ValueError(
+            f"preprocess.scale_factor: expected one of {SCALE_FACTORS}, got {p.scale_factor!r}"
+        )
 
 
 def normalise(pixels: Any, mean: Any, std: Any, unit_range: bool) -> Any:
@@ -299,19 +304,19 @@ def preprocess_torchvision(
 
 
 def preprocess(
-    image: ImageSource, preprocess_config: Any, postprocess_mode: str, name: str = "image"
+    image: ImageSource, preprocess_config: Any, name: str = "image"
 ) -> dict[str, np.ndarray]:
     """One image (path, encoded bytes, or RGB uint8 array) -> network input and its geometry.
 
-    preprocess_config: `config.preprocess`; postprocess_mode: `config.test.postprocess`
-    (decides the `scale` convention, module docstring). name: used in error messages.
+    preprocess_config: `config.preprocess` (its `scale_factor` decides the `scale` convention,
+    module docstring). name: used in error messages.
     Returns image [Hp, Wp, 3] float32, image_hw [2] int32 (resized, unpadded),
     scale [2] float64 (y, x), original_hw [2] int32."""
     p = preprocess_config
     check_modes(p)
     common = {k: getattr(p, k) for k in ("scale", "mean", "std", "unit_range", "size_divisor")}
     if p.resize == "mmdet":
-        single = postprocess_mode in _SINGLE_SCALE_MODES
+        single = p.scale_factor == "single"
         return preprocess_mmdet(
             load_bgr(image, name), to_rgb=p.to_rgb, single_scale=single, **common
         )
@@ -319,7 +324,7 @@ def preprocess(
 
 
 def serving_image(
-    image: ImageSource, preprocess_config: Any, postprocess_mode: str, name: str = "image"
+    image: ImageSource, preprocess_config: Any, name: str = "image"
 ) -> dict[str, np.ndarray]:
     """One image -> what the exported detectors (`fcos_jax.export`) take for it, before it is
     placed on their canvas.
@@ -333,13 +338,12 @@ def serving_image(
     p = preprocess_config
     check_modes(p)
     if p.resize == "torchvision":
-        out = preprocess(image, p, postprocess_mode, name)
+        out = preprocess(image, p, name)
         new_h, new_w = (int(v) for v in out["image_hw"])
         out["image"] = out["image"][:new_h, :new_w]
         return out
     rgb = load_rgb(image, name)
     resized, factor = resize_mmdet(rgb, p.scale)
     original_hw, resized_hw = rgb.shape[:2], resized.shape[:2]
-    single = postprocess_mode in _SINGLE_SCALE_MODES
-    factors = scale_yx(original_hw, resized_hw, factor, single)
+    factors = scale_yx(original_hw, resized_hw, factor, p.scale_factor == "single")
     return _output(resized, resized_hw, factors, original_hw)

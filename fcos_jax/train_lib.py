@@ -42,7 +42,7 @@ class TrainState:
 
 def encode_batch(config: ml_collections.ConfigDict, batch: Batch) -> dict[str, jax.Array]:
     """`targets.encode` vmapped over the batch for the batch's (static) image size."""
-    t = config.train
+    t = config.targets
     levels = len(config.model.head.strides)
     encode = functools.partial(
         targets.encode,
@@ -82,15 +82,15 @@ def create_train_state(
 
 
 def _loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    t = config.train
+    loss = config.loss
     return dict(
         strides=tuple(config.model.head.strides),
         legacy_plus_one=config.legacy_plus_one,
-        bbox_loss=t.bbox_loss,
-        normalizer=t.normalizer,
-        norm_on_bbox=t.norm_on_bbox,
-        focal_alpha=t.focal_alpha,
-        focal_gamma=t.focal_gamma,
+        bbox_loss=loss.bbox_loss,
+        normalizer=loss.normalizer,
+        norm_on_bbox=config.targets.norm_on_bbox,
+        focal_alpha=loss.focal_alpha,
+        focal_gamma=loss.focal_gamma,
     )
 
 

@@ -109,9 +109,9 @@ def folder_config(data_dir: Path, train=None, val=None, **train_overrides):
         c.data.folder.val_json, c.data.folder.val_images = (str(p) for p in val)
     c.model.head.num_classes = 3
     c.preprocess.scale = (160, 128)
-    c.train.multiscale = ((160, 128),)
+    c.augment.multiscale = ((160, 128),)
     c.train.batch_size = 4
-    c.train.max_boxes = 8
+    c.data.max_boxes = 8
     c.test.batch_size = 4
     c.data.min_image_side = 1
     c.data.num_parallel_calls = 2

@@ -151,7 +151,7 @@ def test_state_of_another_dataset_or_batch_size_is_rejected(config):
 def test_training_boxes_map_back_to_the_json_boxes(config, folder):
     """Every slot flipped (flip_ratio 1): x1 = W - x2' - 1 (legacy), then / scale."""
     _, (train_json, _), _ = folder
-    config.train.flip_ratio = 1.0
+    config.augment.flip_ratio = 1.0
     train = _train(config)
     images, anns = _json(train_json)
     for _ in range(train.steps_per_epoch):
@@ -176,7 +176,7 @@ def test_training_boxes_map_back_to_the_json_boxes(config, folder):
 
 def test_training_image_is_the_reference_transform_of_the_file_within_one_level(config, folder):
     _, (_, image_dir), _ = folder
-    config.train.flip_ratio = 0.0
+    config.augment.flip_ratio = 0.0
     train = _train(config)
     batch = next(train)
     names = dict(zip(train.examples.image_ids.tolist(), train.examples.filenames, strict=True))
@@ -190,8 +190,8 @@ def test_training_image_is_the_reference_transform_of_the_file_within_one_level(
 
 
 def test_range_mode_sizes_vary_within_the_scales_and_fit_the_canvas(config):
-    config.train.multiscale = ((160, 96), (160, 128))
-    config.train.multiscale_mode = "range"
+    config.augment.multiscale = ((160, 96), (160, 128))
+    config.augment.multiscale_mode = "range"
     train = _train(config)
     shorts = set()
     for _ in range(3 * train.steps_per_epoch):
@@ -272,13 +272,14 @@ def test_evaluation_images_equal_predicts_bit_for_bit(config, folder, mode):
         p = config.preprocess
         p.resize, p.to_rgb, p.unit_range = "torchvision", True, True
         p.mean, p.std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        p.scale_factor = "per_axis"
         config.test.postprocess, config.legacy_plus_one = "torchvision", False
     images, _ = _json(val_json)
     checked = 0
     for batch in _eval(config):
         for k in np.flatnonzero(batch["example_valid"]):
             path = image_dir / images[int(batch["image_id"][k])]["file_name"]
-            want = preprocess.preprocess(path, config.preprocess, config.test.postprocess)
+            want = preprocess.preprocess(path, config.preprocess)
             np.testing.assert_array_equal(batch["image"][k], want["image"])
             np.testing.assert_array_equal(batch["image_hw"][k], want["image_hw"])
             np.testing.assert_array_equal(batch["original_hw"][k], want["original_hw"])

@@ -67,7 +67,7 @@ def test_coco_2017_source_feeds_the_training_pipeline(tmp_path):
     config = config_base.get_base_config()
     config.data.data_dir = str(tmp_path)
     config.preprocess.scale = (128, 96)
-    config.train.multiscale = ((128, 96),)
+    config.augment.multiscale = ((128, 96),)
     config.train.batch_size, config.data.min_image_side = 2, 1
     with tfds.testing.mock_data(num_examples=3, as_data_source_fn=_fake_coco_source):
         train = pipeline.TrainPipeline(config, process_index=0, process_count=1)

@@ -213,7 +213,7 @@ def test_pad_boxes_marks_padding_invalid():
     assert boxes.shape == (4, 4) and boxes.dtype == np.float32 and labels.dtype == np.int32
     assert valid.tolist() == [True, True, False, False]
     assert not boxes[2:].any() and labels.tolist() == [3, 1, 0, 0]
-    with pytest.raises(ValueError, match="train.max_boxes"):
+    with pytest.raises(ValueError, match="data.max_boxes"):
         geometry.pad_boxes(np.ones((5, 4)), np.zeros(5), 4)
 
 
@@ -244,7 +244,7 @@ def test_range_mode_draws_edges_between_the_two_scales_inclusive():
 @pytest.mark.parametrize(
     ("scales", "mode", "message"),
     [
-        (((1333, 800),), "ranges", "train.multiscale_mode"),
+        (((1333, 800),), "ranges", "augment.multiscale_mode"),
         ((), "value", "at least one scale"),
         (((1333, 800),), "range", "two scales"),
         (((1333,),), "value", r"\(long, short\)"),

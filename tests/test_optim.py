@@ -57,15 +57,15 @@ def flatten(tree, prefix=""):
 
 def make_config(setting, warmup="constant", clip=0.0):
     config = config_base.get_base_config()
-    train = config.train
-    train.base_lr, train.batch_size, train.reference_batch = 0.01, 8, 16
-    train.weight_decay, train.norm_decay_mult = 1e-3, 0.5  # large enough to be seen in 30 steps
-    train.warmup, train.warmup_iters, train.warmup_ratio = warmup, 10, 1.0 / 3
-    train.lr_steps, train.epochs = (3, 5), 6
-    train.grad_clip_norm = clip
+    train, opt = config.train, config.optim
+    opt.base_lr, train.batch_size, opt.reference_batch = 0.01, 8, 16
+    opt.weight_decay, opt.norm_decay_mult = 1e-3, 0.5  # large enough to be seen in 30 steps
+    opt.warmup, opt.warmup_iters, opt.warmup_ratio = warmup, 10, 1.0 / 3
+    opt.lr_steps, train.epochs = (3, 5), 6
+    opt.grad_clip_norm = clip
     config.model.backbone.frozen_stages = 1
     config.model.backbone.norm_trainable = setting == X101_QUIRK
-    train.downsample_bn_bias_as_bias = setting == X101_QUIRK
+    opt.downsample_bn_bias_as_bias = setting == X101_QUIRK
     return config
 
 
@@ -100,7 +100,7 @@ def test_schedule_hand_values_constant_warmup_and_steps():
 
 def test_schedule_hand_values_linear_warmup():
     config = config_base.get_base_config()
-    config.train.warmup, config.train.warmup_ratio = "linear", 0.001
+    config.optim.warmup, config.optim.warmup_ratio = "linear", 0.001
     lr = optim.learning_rate_schedule(config, steps_per_epoch=1000)
     # 0.01 * (1 - (1 - i/500) * 0.999)
     expected = {0: 1e-5, 250: 0.005005, 499: 0.01 * (1 - 0.002 * 0.999), 500: 0.01}
@@ -110,7 +110,7 @@ def test_schedule_hand_values_linear_warmup():
 
 def test_warmup_spanning_a_decay_uses_that_epochs_regular_lr():
     config = make_config(CAFFE)
-    config.train.warmup_iters, config.train.lr_steps = 20, (1,)
+    config.optim.warmup_iters, config.optim.lr_steps = 20, (1,)
     lr = optim.learning_rate_schedule(config, steps_per_epoch=5)
     np.testing.assert_allclose(float(lr(4)), 0.005 / 3, rtol=1e-6)
     np.testing.assert_allclose(float(lr(5)), 0.0005 / 3, rtol=1e-6)
@@ -119,7 +119,7 @@ def test_warmup_spanning_a_decay_uses_that_epochs_regular_lr():
 
 def test_lr_scales_linearly_with_batch_size():
     config = config_base.get_base_config()
-    config.train.warmup = "none"
+    config.optim.warmup = "none"
     for batch, expected in [(16, 0.01), (8, 0.005), (2, 0.00125), (32, 0.02)]:
         config.train.batch_size = batch
         lr = optim.learning_rate_schedule(config, steps_per_epoch=10)
@@ -135,7 +135,7 @@ def test_labels_follow_mmdet_v1_groups(setting):
 
 def test_downsample_bn_is_a_norm_without_the_quirk():
     config = make_config(X101_QUIRK)
-    config.train.downsample_bn_bias_as_bias = False
+    config.optim.downsample_bn_bias_as_bias = False
     params = nest({path: np.zeros(shape, np.float32) for path, (shape, *_) in PARAMS.items()})
     labels = flatten(optim.param_labels(params, config))
     assert labels["backbone/layer2_0/downsample_bn/bias"] == "norm"
@@ -156,7 +156,7 @@ def test_frozen_stages_follow_mmdet_freeze_stages(frozen_stages):
 
 def test_bad_config_and_auto_named_norm_raise_naming_the_field():
     config = make_config(CAFFE, warmup="cosine")
-    with pytest.raises(ValueError, match="config.train.warmup"):
+    with pytest.raises(ValueError, match="config.optim.warmup"):
         optim.learning_rate_schedule(config, 10)
     with pytest.raises(ValueError, match="GroupNorm_0"):
         optim.param_labels({"bbox_head": {"GroupNorm_0": {"scale": 0.0}}}, make_config(CAFFE))
@@ -230,7 +230,7 @@ def test_thirty_steps_match_torch_param_groups(warmup, clip, setting, optimizer)
 
     # ours: every grad given, frozen ones included (they must be ignored, also by the clip norm).
     config = make_config(setting, warmup, clip)
-    config.train.optimizer, config.train.adam_betas, config.train.adam_eps = (
+    config.optim.optimizer, config.optim.adam_betas, config.optim.adam_eps = (
         optimizer,
         (0.8, 0.99),
         1e-6,
@@ -300,7 +300,7 @@ def test_torchvision_row_trains_like_torchvisions_reference_recipe():
 
     steps_per_epoch, epochs = 4, 3
     config = load_config("configs/torchvision_fcos_r50_fpn.py")
-    config.train.epochs, config.train.lr_steps = epochs, (1, 2)
+    config.train.epochs, config.optim.lr_steps = epochs, (1, 2)
     model = pretrained_layout_fcos(seed=3)
     state_dict = model.state_dict()
     names = list(state_dict)
@@ -383,9 +383,9 @@ def test_torchvision_row_trains_like_torchvisions_reference_recipe():
 
 def test_steps_unit_places_decays_at_steps_whatever_the_epoch_length():
     config = config_base.get_base_config()  # lr 0.01 @ 16 images
-    train = config.train
+    train, opt = config.train, config.optim
     train.schedule_unit, train.epochs, train.num_steps = "steps", 0, 100
-    train.lr_steps, train.warmup = (60, 90), "none"
+    opt.lr_steps, opt.warmup = (60, 90), "none"
     for steps_per_epoch in (7, 50):
         lr = optim.learning_rate_schedule(config, steps_per_epoch)
         got = [float(lr(s)) for s in (0, 59, 60, 89, 90, 99)]

@@ -142,7 +142,7 @@ def test_results_are_original_pixel_boxes_with_class_ids_and_names(detector, ima
 
 def test_detections_equal_preprocess_forward_and_postprocess_composed_by_hand(detector, images):
     rgb = images[0][0]
-    item = preprocess.preprocess(rgb, detector.config.preprocess, "mmdet_v1")
+    item = preprocess.preprocess(rgb, detector.config.preprocess)
     heads = detector.forward(item["image"][None])
     t = detector.config.test
     out = postprocess.detect(
@@ -189,7 +189,7 @@ def test_canvas_mode_pads_each_image_into_its_orientation_canvas(detector, image
     assert detector.preprocess(rgbs[1])["image"].shape[:2] == (96, 128)  # next multiple of 32
     found = canvas_detector(rgbs, batch_size=2)
     for rgb, dets, canvas_hw in zip(rgbs, found, [(96, 160), (96, 160), (160, 96)], strict=True):
-        item = preprocess.preprocess(rgb, config.preprocess, "mmdet_v1")
+        item = preprocess.preprocess(rgb, config.preprocess)
         h, w = item["image"].shape[:2]
         padded = np.pad(item["image"], ((0, canvas_hw[0] - h), (0, canvas_hw[1] - w), (0, 0)))
         ref = canvas_detector.detect_batch(
@@ -303,6 +303,8 @@ def test_predict_runs_on_converted_mmdet_checkpoints(tmp_path, images, names, mo
     config = load_config(R50_GN)
     config.preprocess.scale = (160, 96)
     config.test.postprocess = mode
+    config.legacy_plus_one = mode == "mmdet_v1"
+    config.preprocess.scale_factor = "single" if mode == "mmdet_v1" else "per_axis"
     detector = inference.Detector.from_config(config, converted)
     rgb = images[0][0]
     (dets,) = detector([rgb])

@@ -40,15 +40,15 @@ def torchvision_reference(rgb: np.ndarray, scale=(1333, 800)):
     return batch.tensors[0].permute(1, 2, 0).numpy(), tuple(batch.image_sizes[0])
 
 
-def mmdet_config(mean=CAFFE_MEAN, std=(1.0, 1.0, 1.0), to_rgb=False):
+def mmdet_config(mean=CAFFE_MEAN, std=(1.0, 1.0, 1.0), to_rgb=False, scale_factor="single"):
     p = config_base.get_base_config().preprocess
-    p.mean, p.std, p.to_rgb = mean, std, to_rgb
+    p.mean, p.std, p.to_rgb, p.scale_factor = mean, std, to_rgb, scale_factor
     return p
 
 
 def torchvision_config(scale=(1333, 800)):
     p = config_base.get_base_config().preprocess
-    p.resize, p.unit_range, p.to_rgb = "torchvision", True, True
+    p.resize, p.unit_range, p.to_rgb, p.scale_factor = "torchvision", True, True, "per_axis"
     p.mean, p.std, p.scale = TV_MEAN, TV_STD, scale
     return p
 
@@ -61,7 +61,7 @@ def test_mmdet_path_matches_cv2_transcription_pixel_for_pixel(h, w, norm):
         (CAFFE_MEAN, (1.0, 1.0, 1.0), False) if norm == "caffe_bgr" else (X101_MEAN, X101_STD, True)
     )
     ref_image, ref_hw, ref_factor = mmdet_v1_reference(rgb[:, :, ::-1].copy(), mean, std, to_rgb)
-    out = preprocess.preprocess(rgb, mmdet_config(mean, std, to_rgb), "mmdet_v1")
+    out = preprocess.preprocess(rgb, mmdet_config(mean, std, to_rgb))
     np.testing.assert_array_equal(out["image"], ref_image)
     assert tuple(out["image_hw"]) == ref_hw
     assert tuple(out["original_hw"]) == (h, w)
@@ -70,7 +70,7 @@ def test_mmdet_path_matches_cv2_transcription_pixel_for_pixel(h, w, norm):
 
 def test_mmdet_v3_scale_is_per_axis_resized_over_original():
     rgb = natural_image(333, 500, seed=1)
-    out = preprocess.preprocess(rgb, mmdet_config(), "mmdet_v3")
+    out = preprocess.preprocess(rgb, mmdet_config(scale_factor="per_axis"))
     new_h, new_w = int(333 * 800 / 333 + 0.5), int(500 * 800 / 333 + 0.5)
     assert tuple(out["image_hw"]) == (new_h, new_w) == (800, 1201)
     assert tuple(out["scale"]) == (new_h / 333, new_w / 500)
@@ -83,8 +83,8 @@ def test_mmdet_path_decodes_files_and_bytes_like_cv2_imread(tmp_path):
     ref_image, _, _ = mmdet_v1_reference(
         cv2.imread(str(path), cv2.IMREAD_COLOR), CAFFE_MEAN, (1, 1, 1), False
     )
-    from_path = preprocess.preprocess(path, mmdet_config(), "mmdet_v1")
-    from_bytes = preprocess.preprocess(path.read_bytes(), mmdet_config(), "mmdet_v1")
+    from_path = preprocess.preprocess(path, mmdet_config())
+    from_bytes = preprocess.preprocess(path.read_bytes(), mmdet_config())
     np.testing.assert_array_equal(from_path["image"], ref_image)
     np.testing.assert_array_equal(from_bytes["image"], ref_image)
 
@@ -93,7 +93,7 @@ def test_mmdet_path_decodes_files_and_bytes_like_cv2_imread(tmp_path):
 def test_torchvision_path_matches_generalized_rcnn_transform(h, w):
     rgb = natural_image(h, w, seed=2 * h + w)
     ref_image, ref_hw = torchvision_reference(rgb)
-    out = preprocess.preprocess(rgb, torchvision_config(), "torchvision")
+    out = preprocess.preprocess(rgb, torchvision_config())
     assert out["image"].shape == ref_image.shape
     np.testing.assert_allclose(out["image"], ref_image, rtol=0, atol=1e-5)
     assert tuple(out["image_hw"]) == ref_hw
@@ -103,7 +103,7 @@ def test_torchvision_path_matches_generalized_rcnn_transform(h, w):
 def test_torchvision_path_with_a_smaller_scale_matches_the_transform():
     rgb = natural_image(333, 500, seed=7)
     ref_image, ref_hw = torchvision_reference(rgb, scale=(512, 320))
-    out = preprocess.preprocess(rgb, torchvision_config(scale=(512, 320)), "torchvision")
+    out = preprocess.preprocess(rgb, torchvision_config(scale=(512, 320)))
     np.testing.assert_allclose(out["image"], ref_image, rtol=0, atol=1e-5)
     assert tuple(out["image_hw"]) == ref_hw
 
@@ -138,12 +138,10 @@ def test_grey_alpha_and_16bit_files_decode_to_8bit_colour_like_cv2(tmp_path, kin
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     assert bgr.dtype == np.uint8 and bgr.shape == (61, 90, 3)
     ref_mmdet, _, _ = mmdet_v1_reference(bgr, CAFFE_MEAN, (1, 1, 1), False)
-    np.testing.assert_array_equal(
-        preprocess.preprocess(path, mmdet_config(), "mmdet_v1")["image"], ref_mmdet
-    )
+    np.testing.assert_array_equal(preprocess.preprocess(path, mmdet_config())["image"], ref_mmdet)
     ref_tv, _ = torchvision_reference(bgr[:, :, ::-1].copy())
     np.testing.assert_allclose(
-        preprocess.preprocess(path, torchvision_config(), "torchvision")["image"], ref_tv, atol=1e-5
+        preprocess.preprocess(path, torchvision_config())["image"], ref_tv, atol=1e-5
     )
 
 
@@ -160,19 +158,19 @@ def test_corrupt_file_error_names_the_file(tmp_path):
     path = tmp_path / "broken.jpg"
     path.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(ValueError, match="broken.jpg"):
-        preprocess.preprocess(path, mmdet_config(), "mmdet_v1")
+        preprocess.preprocess(path, mmdet_config())
     with pytest.raises(ValueError, match="broken.jpg"):
-        preprocess.preprocess(path, torchvision_config(), "torchvision")
+        preprocess.preprocess(path, torchvision_config())
 
 
 def test_missing_file_and_bad_arrays_raise_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.png"):
-        preprocess.preprocess(tmp_path / "nowhere.png", mmdet_config(), "mmdet_v1")
+        preprocess.preprocess(tmp_path / "nowhere.png", mmdet_config())
     with pytest.raises(ValueError, match="uint8"):
-        preprocess.preprocess(np.zeros((8, 8, 3), np.float32), mmdet_config(), "mmdet_v1")
+        preprocess.preprocess(np.zeros((8, 8, 3), np.float32), mmdet_config())
     with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
-        preprocess.preprocess(np.zeros((8, 8, 5), np.uint8), mmdet_config(), "mmdet_v1")
+        preprocess.preprocess(np.zeros((8, 8, 5), np.uint8), mmdet_config())
     bad = mmdet_config()
     bad.resize = "bicubic"
     with pytest.raises(ValueError, match="preprocess.resize"):
-        preprocess.preprocess(np.zeros((8, 8, 3), np.uint8), bad, "mmdet_v1")
+        preprocess.preprocess(np.zeros((8, 8, 3), np.uint8), bad)

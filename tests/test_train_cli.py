@@ -187,8 +187,8 @@ def test_custom_coco_config_trains_a_users_folder_from_the_four_paths(folder, tm
             *[f"--config.data.folder.{k}={v}" for k, v in folder.items()],
             f"--config.data.data_dir={tmp_path / 'data'}",
             "--config.train.num_steps=2",
-            "--config.train.lr_steps=(1,)",
-            "--config.train.warmup_iters=1",
+            "--config.optim.lr_steps=(1,)",
+            "--config.optim.warmup_iters=1",
             "--config.train.progress_bar=False",
         ]
     )
@@ -308,9 +308,9 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(data_dir, train_command
         train_command(
             workdir,
             data_dir,
-            "--config.train.base_lr=1e30",
-            "--config.train.grad_clip_norm=0.0",
-            "--config.train.warmup=none",
+            "--config.optim.base_lr=1e30",
+            "--config.optim.grad_clip_norm=0.0",
+            "--config.optim.warmup=none",
             "--config.train.checkpoint_every=1",
         )
     )

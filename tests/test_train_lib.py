@@ -68,12 +68,12 @@ def tiny_config(norm: str, accumulate_steps: int = 1):
     h.num_classes, h.feat_channels, h.gn_groups, h.stacked_convs = NUM_CLASSES, 32, 8, 1
     c.legacy_plus_one = False
     t = c.train
-    t.batch_size, t.reference_batch = GLOBAL_BATCH, GLOBAL_BATCH
-    t.base_lr = 0.005
-    t.epochs, t.lr_steps = 4, (3,)
-    t.warmup, t.warmup_iters = "linear", 10
-    t.grad_clip_norm = 35.0
+    t.batch_size, t.epochs = GLOBAL_BATCH, 4
     t.accumulate_steps = accumulate_steps
+    o = c.optim
+    o.reference_batch, o.base_lr, o.lr_steps = GLOBAL_BATCH, 0.005, (3,)
+    o.warmup, o.warmup_iters = "linear", 10
+    o.grad_clip_norm = 35.0
     return c
 
 

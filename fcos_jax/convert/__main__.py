@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.log_warnings_only()  # keep stderr for the one-line error
-    config, fmt = _CONFIG.value, _FORMAT.value
+    config, fmt = cli.config_from_flag(), _FORMAT.value
     checkpoint.check_output_free(_OUTPUT.value)  # fail before a long conversion
     converted = convert_file(_INPUT.value, fmt, config)
     source = f"{fmt}: {Path(_INPUT.value).name}"

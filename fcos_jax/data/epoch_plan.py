@@ -5,8 +5,8 @@
    group sampler groups by aspect (`train_canvases`).
 2. `plan_epoch(seed, epoch)`: each canvas group is shuffled and filled up to whole global batches
    by repeating its own images, the batches are shuffled, and every slot draws its scale
-   (`train.multiscale`, 'value' or 'range' mode, as mmdet v1 `random_scale`) and flip
-   (`train.flip_ratio`). The plan depends on (seed, epoch) and the examples only, so every
+   (`augment.multiscale`, 'value' or 'range' mode, as mmdet v1 `random_scale`) and flip
+   (`augment.flip_ratio`). The plan depends on (seed, epoch) and the examples only, so every
    process computes the same one; the pipeline (pipeline.py) loads its slice of each batch.
 """
 
@@ -27,18 +27,20 @@ MULTISCALE_MODES = ("value", "range")
 
 
 def check_multiscale(scales: Sequence[Sequence[float]], mode: str) -> list[tuple[int, int]]:
-    """train.multiscale as [(long, short)]; raises ValueError naming the field."""
+    """augment.multiscale as [(long, short)]; raises ValueError naming the field."""
     if mode not in MULTISCALE_MODES:
-        raise ValueError(f"train.multiscale_mode: expected one of {MULTISCALE_MODES}, got {mode!r}")
+        raise ValueError(
+            f"augment.multiscale_mode: expected one of {MULTISCALE_MODES}, got {mode!r}"
+        )
     out = []
     for s in scales:
         if len(s) != 2 or min(s) < 1:
-            raise ValueError(f"train.multiscale: expected (long, short) pairs, got {scales}")
+            raise ValueError(f"augment.multiscale: expected (long, short) pairs, got {scales}")
         out.append((int(max(s)), int(min(s))))
     if not out:
-        raise ValueError("train.multiscale: at least one scale is needed")
+        raise ValueError("augment.multiscale: at least one scale is needed")
     if mode == "range" and len(out) != 2:
-        raise ValueError(f"train.multiscale: 'range' mode needs two scales, got {scales}")
+        raise ValueError(f"augment.multiscale: 'range' mode needs two scales, got {scales}")
     return out
 
 

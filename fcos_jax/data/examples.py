@@ -1,7 +1,7 @@
 """The usable examples of a split (NumPy, no TensorFlow): every box cleaned once, at index time.
 
 Crowd boxes dropped (mmdet v1 `with_crowd=False`), boxes clipped to the image, boxes outside it
-or with w or h < 1 dropped, at most `train.max_boxes` kept (the largest); for training, images
+or with w or h < 1 dropped, at most `data.max_boxes` kept (the largest); for training, images
 left without a box or with a side < `data.min_image_side` are skipped. Everything dropped or
 skipped is counted (`Examples.counts`). The ground truth stays in original pixels; the epoch and
 evaluation plans place it into the network input per slot (geometry.py).
@@ -63,7 +63,7 @@ def prepare_examples(
     largest); when `training`, drops images without a box or with a side < min_image_side.
     Raises ValueError naming `where` when nothing is left."""
     if max_boxes < 1:
-        raise ValueError(f"train.max_boxes: expected >= 1, got {max_boxes}")
+        raise ValueError(f"data.max_boxes: expected >= 1, got {max_boxes}")
     channel_of = channel_lookup(class_list)
     counts: collections.Counter = collections.Counter()
     kept_rows, kept_boxes, kept_labels = [], [], []

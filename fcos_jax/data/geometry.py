@@ -76,7 +76,7 @@ def pad_boxes(
     box_valid [M] bool, M = max_boxes; padding rows are zero and invalid."""
     n = len(boxes)
     if n > max_boxes:
-        raise ValueError(f"train.max_boxes: {n} boxes do not fit in {max_boxes} rows")
+        raise ValueError(f"data.max_boxes: {n} boxes do not fit in {max_boxes} rows")
     out_boxes = np.zeros((max_boxes, 4), np.float32)
     out_labels = np.zeros((max_boxes,), np.int32)
     valid = np.zeros((max_boxes,), bool)

@@ -40,7 +40,6 @@ from fcos_jax.canvas import eval_canvases
 from fcos_jax.data import epoch_plan, eval_plan, geometry, sources, transforms
 from fcos_jax.data.examples import Examples, prepare_examples
 
-SINGLE_SCALE_MODES = ("mmdet_v1",)  # post-processing modes that divide by one scale factor
 GROUND_TRUTH = ("boxes", "labels", "box_valid", "image_id")  # the batch keys of the plan
 
 
@@ -151,8 +150,8 @@ class _Pipeline:
             self.global_batch_size, process_index, process_count, field
         )
         self.legacy_plus_one = bool(config.legacy_plus_one)
-        self.single_scale = config.test.postprocess in SINGLE_SCALE_MODES
-        self.max_boxes = int(config.train.max_boxes)
+        self.single_scale = config.preprocess.scale_factor == "single"
+        self.max_boxes = int(config.data.max_boxes)
 
     def _prepare(self, training: bool, min_image_side: int = 0) -> Examples:
         return prepare_examples(
@@ -215,21 +214,21 @@ class TrainPipeline(_Pipeline):
         process_count: int | None = None,
         state: dict[str, Any] | None = None,
     ):
-        t = config.train
+        a = config.augment
         super().__init__(
             config,
             source,
             config.data.train_split,
-            t.batch_size,
+            config.train.batch_size,
             "train.batch_size",
             process_index,
             process_count,
         )
-        self.scales = epoch_plan.check_multiscale(t.multiscale, t.multiscale_mode)
-        self.multiscale_mode = t.multiscale_mode
-        if not 0.0 <= float(t.flip_ratio) <= 1.0:
-            raise ValueError(f"train.flip_ratio: expected 0..1, got {t.flip_ratio}")
-        self.flip_ratio = float(t.flip_ratio)
+        self.scales = epoch_plan.check_multiscale(a.multiscale, a.multiscale_mode)
+        self.multiscale_mode = a.multiscale_mode
+        if not 0.0 <= float(a.flip_ratio) <= 1.0:
+            raise ValueError(f"augment.flip_ratio: expected 0..1, got {a.flip_ratio}")
+        self.flip_ratio = float(a.flip_ratio)
         self.examples = self._prepare(True, int(config.data.min_image_side))
         self.canvases, self.canvas_of = epoch_plan.train_canvases(
             self.examples.original_hw,
@@ -470,7 +469,7 @@ class EvalPipeline(_Pipeline):
             )
         name = filename.decode()
         config = self.config
-        out = preprocess.preprocess(encoded, config.preprocess, config.test.postprocess, name)
+        out = preprocess.preprocess(encoded, config.preprocess, name)
         image = out["image"]
         h, w = image.shape[:2]
         if h > ph or w > pw or (self.config.data.eval_pad == "multiple" and (h, w) != (ph, pw)):

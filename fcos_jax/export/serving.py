@@ -150,7 +150,7 @@ def serving_inputs(
     }
     for i, image in enumerate(images):
         name = str(image) if isinstance(image, str) else f"images[{i}]"
-        item = preprocess.serving_image(image, config.preprocess, config.test.postprocess, name)
+        item = preprocess.serving_image(image, config.preprocess, name)
         batch["images"][i] = canvas.pad_to(item["image"], canvas_hw, name)
         batch["image_hw"][i] = item["image_hw"]
         batch["original_hw"][i] = item["original_hw"]

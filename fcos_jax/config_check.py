@@ -1,0 +1,103 @@
+"""The one check of a loaded config: known field names, and settings that cannot disagree.
+
+Every entry point runs `check` on the config it was given (`config_io.load_config`,
+`cli.config_from_flag` for train, eval, predict, compare, convert and export, and
+`inference.Detector`); it raises ValueError with one line naming the fields:
+
+  * a field the base config (`config_base.get_base_config`) does not have: a typo, or a field
+    that moved out of the `train` group, named with its new place (`MOVED`);
+  * `legacy_plus_one` against `test.postprocess` (`modes.LEGACY_PLUS_ONE`) and against
+    `targets.assigner` (torchvision's assigner has no +1), so the data, targets, losses,
+    post-processing and COCO results all follow one convention;
+  * `preprocess.scale_factor` against `test.postprocess` (`modes.SCALE_FACTOR`) and against
+    `preprocess.resize` (the torchvision resize scales each axis by its own factor).
+"""
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import ml_collections
+
+from fcos_jax import config_base, modes
+
+# The fields that moved out of `train`, by their group now. MOVED: old name -> new name; the old
+# name is refused with its new place, never read.
+_NEW_GROUP = {
+    "targets": ("assigner", "regress_ranges", "center_sampling", "center_sample_radius")
+    + ("norm_on_bbox",),
+    "loss": ("bbox_loss", "normalizer", "focal_alpha", "focal_gamma"),
+    "optim": ("optimizer", "base_lr", "reference_batch", "lr_steps", "momentum", "adam_betas")
+    + ("adam_eps", "weight_decay", "bias_lr_mult", "bias_decay_mult", "norm_decay_mult")
+    + ("downsample_bn_bias_as_bias", "warmup", "warmup_iters", "warmup_ratio", "grad_clip_norm"),
+    "augment": ("multiscale", "multiscale_mode", "flip_ratio"),
+    "data": ("max_boxes",),
+}
+MOVED = {
+    f"train.{name}": f"{group}.{name}" for group, names in _NEW_GROUP.items() for name in names
+}
+
+
+def moved_message(path: str) -> str | None:
+    """'config.train.x moved to config.g.x' when `path` ('train.x') is an old name, else None."""
+    new = MOVED.get(path)
+    return None if new is None else f"config.{path} moved to config.{new}"
+
+
+def _leaf_paths(config: Any, prefix: str = "") -> Iterator[str]:
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict | dict):
+            yield from _leaf_paths(value, f"{path}.")
+        else:
+            yield path
+
+
+def check_fields(config: Any, known: Sequence[str] | None = None) -> None:
+    """ValueError naming the first field `config` has and the base config has not."""
+    known = set(known if known is not None else _leaf_paths(config_base.get_base_config()))
+    groups = {path.rsplit(".", 1)[0] for path in known if "." in path}
+    for path in _leaf_paths(config):
+        if path in known or path in groups:
+            continue
+        raise ValueError(moved_message(path) or f"config.{path}: no such field")
+
+
+def check_conventions(config: Any) -> None:
+    """ValueError naming both fields when the +1 or scale-factor convention disagrees."""
+    mode = config.test.postprocess
+    if mode not in modes.POSTPROCESS_MODES:
+        raise ValueError(
+            f"config.test.postprocess: expected one of {modes.POSTPROCESS_MODES}, got {mode!r}"
+        )
+    plus_one = bool(config.legacy_plus_one)
+    if plus_one != modes.LEGACY_PLUS_ONE[mode]:
+        raise ValueError(
+            f"config.legacy_plus_one={plus_one} disagrees with config.test.postprocess={mode!r} "
+            f"(which needs legacy_plus_one={modes.LEGACY_PLUS_ONE[mode]}, docs/modes.md §1)"
+        )
+    if plus_one and config.targets.assigner == "torchvision":
+        raise ValueError(
+            "config.legacy_plus_one=True disagrees with config.targets.assigner='torchvision' "
+            "(torchvision's assigner has no +1 widths, docs/modes.md §4.8)"
+        )
+    factor = config.preprocess.scale_factor
+    if factor not in modes.SCALE_FACTORS:
+        raise ValueError(
+            f"config.preprocess.scale_factor: expected one of {modes.SCALE_FACTORS}, got {factor!r}"
+        )
+    if factor != modes.SCALE_FACTOR[mode]:
+        raise ValueError(
+            f"config.preprocess.scale_factor={factor!r} disagrees with "
+            f"config.test.postprocess={mode!r} (which needs {modes.SCALE_FACTOR[mode]!r})"
+        )
+    if factor == "single" and config.preprocess.resize == "torchvision":
+        raise ValueError(
+            "config.preprocess.scale_factor='single' disagrees with "
+            "config.preprocess.resize='torchvision' (which scales each axis: 'per_axis')"
+        )
+
+
+def check(config: Any) -> None:
+    """`check_fields` then `check_conventions` (module docstring)."""
+    check_fields(config)
+    check_conventions(config)
