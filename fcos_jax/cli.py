@@ -44,13 +44,17 @@ def check_overrides(argv: list[str]) -> None:
 
 
 def _unknown_override(argv: list[str], error: BaseException) -> str:
-    """One line for an override ml_collections refused because the config lacks the field."""
-    key = str(error).strip("'\" ")
+    """One line for an override ml_collections refused because the config lacks the field
+    (with its did-you-mean suggestion, if any)."""
+    text = str(error)
+    key = re.search(r"\w+", text)
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    suffix = f"; did you mean {hint.group(1)}?" if hint else ""
     for arg in argv[1:]:
         match = _OVERRIDE.match(arg)
-        if match and match.group(1).split(".")[-1] == key:
-            return f"config.{match.group(1)}: no such field ({arg.split('=', 1)[0]})"
-    return f"a --config override names no field of the config: {error}"
+        if key and match and match.group(1).split(".")[-1] == key.group(0):
+            return f"config.{match.group(1)}: no such field ({arg.split('=', 1)[0]}){suffix}"
+    return f"a --config override names no field of the config: {text}"
 
 
 def define_distributed_flags() -> None:

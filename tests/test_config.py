@@ -1,0 +1,161 @@
+"""The configs and their one check (fcos_jax/config_check.py): every row loads through both
+loaders and passes; old `train.*` names, typos and disagreeing conventions are refused in one
+line, in a config file and on the command line (exit 2)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from fcos_jax import config_base, config_check, inference, modes
+from fcos_jax.config_io import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads_and_passes_the_check_through_both_loaders(path):
+    config = load_config(path)
+    config_check.check(config)
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
+    values(["prog", f"--config={path}"])
+    assert values.config.to_dict() == config.to_dict()
+    expected = modes.SCALE_FACTOR[config.test.postprocess]
+    assert config.preprocess.scale_factor == expected
+    assert config.legacy_plus_one == modes.LEGACY_PLUS_ONE[config.test.postprocess]
+
+
+def test_moved_fields_name_their_new_place_and_exist_only_there():
+    fields = set(config_check._leaf_paths(config_base.get_base_config()))
+    assert len(config_check.MOVED) == 29  # of the 40 train fields, 11 stay (the loop)
+    for old, new in config_check.MOVED.items():
+        assert old not in fields and new in fields
+        assert config_check.moved_message(old) == f"config.{old} moved to config.{new}"
+    assert len([f for f in fields if f.startswith("train.")]) == 11
+
+
+def _base():
+    return config_base.get_base_config()
+
+
+def test_old_names_and_typos_are_refused_naming_the_field():
+    config = _base()
+    config.train.base_lr = 0.02
+    moved = r"^config\.train\.base_lr moved to config\.optim\.base_lr$"
+    with pytest.raises(ValueError, match=moved):
+        config_check.check(config)
+    config = _base()
+    config.loss.bbox_los = "giou"
+    with pytest.raises(ValueError, match=r"^config\.loss\.bbox_los: no such field$"):
+        config_check.check(config)
+
+
+@pytest.mark.parametrize(
+    "change,fields",
+    [
+        (dict(postprocess="mmdet_v3"), ("legacy_plus_one=True", "test.postprocess='mmdet_v3'")),
+        (
+            dict(legacy_plus_one=False),
+            ("legacy_plus_one=False", "test.postprocess='mmdet_v1'"),
+        ),
+        (
+            dict(postprocess="mmdet_v3", legacy_plus_one=False),
+            ("preprocess.scale_factor='single'", "test.postprocess='mmdet_v3'"),
+        ),
+        (
+            dict(scale_factor="per_axis"),
+            ("preprocess.scale_factor='per_axis'", "test.postprocess='mmdet_v1'"),
+        ),
+        (
+            dict(assigner="torchvision"),
+            ("legacy_plus_one=True", "targets.assigner='torchvision'"),
+        ),
+        (
+            dict(resize="torchvision"),
+            ("preprocess.scale_factor='single'", "preprocess.resize='torchvision'"),
+        ),
+        (dict(scale_factor="both"), ("preprocess.scale_factor: expected one of",)),
+        (dict(postprocess="v1"), ("test.postprocess: expected one of",)),
+    ],
+)
+def test_disagreeing_conventions_are_refused_naming_both_fields(change, fields):
+    config = _base()
+    config.test.postprocess = change.get("postprocess", config.test.postprocess)
+    config.legacy_plus_one = change.get("legacy_plus_one", config.legacy_plus_one)
+    config.preprocess.scale_factor = change.get("scale_factor", config.preprocess.scale_factor)
+    config.preprocess.resize = change.get("resize", config.preprocess.resize)
+    config.targets.assigner = change.get("assigner", config.targets.assigner)
+    with pytest.raises(ValueError) as error:
+        config_check.check(config)
+    message = str(error.value)
+    assert "\n" not in message
+    for field in fields:
+        assert f"config.{field}" in message, message
+
+
+def test_the_detector_refuses_a_disagreeing_config():
+    config = _base()
+    config.test.postprocess = "torchvision"
+    with pytest.raises(ValueError, match="config.legacy_plus_one=True disagrees"):
+        inference.Detector(config, {})
+
+
+def test_a_config_file_setting_an_old_name_is_refused_with_its_path(tmp_path):
+    path = tmp_path / "old.py"
+    path.write_text(
+        "from fcos_jax import config_base\n\n\ndef get_config():\n"
+        "    c = config_base.get_base_config()\n    c.train.flip_ratio = 0.0\n    return c\n"
+    )
+    with pytest.raises(ValueError, match=f"^{path}: config.train.flip_ratio moved to config."):
+        load_config(path)
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize("tool", ["train.py", "eval.py"])
+def test_an_old_name_on_the_command_line_fails_in_one_line_with_exit_2(tool):
+    where = "--workdir=/nonexistent" if tool == "train.py" else "--checkpoint=/nonexistent"
+    run = _run(tool, "--config=configs/shapes.py", where, "--config.train.base_lr=0.02")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "error: config.train.base_lr moved to config.optim.base_lr (--config.train.base_lr)"
+    ]
+
+
+def test_a_config_file_with_an_old_name_fails_in_one_line_with_exit_2(tmp_path):
+    path = tmp_path / "old.py"
+    path.write_text(
+        "from fcos_jax import config_base\n\n\ndef get_config():\n"
+        "    c = config_base.get_base_config()\n"
+        "    c.train.assigner = 'torchvision'\n    return c\n"
+    )
+    run = _run("eval.py", f"--config={path}", "--checkpoint=/nonexistent")
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"error: {path}: config.train.assigner moved to config.targets.assigner"
+    ]
+
+
+def test_a_missing_field_and_a_mismatch_on_the_command_line_fail_in_one_line():
+    typo = _run(
+        "eval.py", "--config=configs/shapes.py", "--checkpoint=x", "--config.optim.base_rl=1"
+    )
+    assert typo.returncode == 2
+    assert typo.stderr.strip().splitlines() == [
+        "error: config.optim.base_rl: no such field (--config.optim.base_rl); did you mean base_lr?"
+    ]
+    mismatch = _run(
+        "eval.py", "--config=configs/shapes.py", "--checkpoint=x", "--config.legacy_plus_one=True"
+    )
+    assert mismatch.returncode == 2
+    (line,) = mismatch.stderr.strip().splitlines()
+    assert "config.legacy_plus_one=True" in line and "config.test.postprocess='mmdet_v3'" in line
