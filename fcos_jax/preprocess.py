@@ -115,17 +115,24 @@ def pad_to_multiple(image: np.ndarray, divisor: int) -> np.ndarray:
 
 
 def check_modes(preprocess_config: Any) -> None:
-    """ValueError naming the field unless `preprocess.resize` is a known mode (RGB for the
-    torchvision one) and `preprocess.scale_factor` a known convention."""
+    """ValueError naming the field unless `preprocess.resize` is a known mode, and RGB for the
+    torchvision one."""
     p = preprocess_config
     if p.resize not in RESIZE_MODES:
         raise ValueError(f"preprocess.resize: expected one of {RESIZE_MODES}, got {p.resize!r}")
     if p.resize == "torchvision" and not p.to_rgb:
         raise ValueError("preprocess.to_rgb: the torchvision resize mode expects RGB (True)")
-    if p.scale_factor not in SCALE_FACTORS:
+
+
+def single_scale(preprocess_config: Any) -> bool:
+    """True when `preprocess.scale_factor` is 'single' (mmdet v1's one factor), False for
+    'per_axis'; ValueError naming the field otherwise (module docstring, `scale`)."""
+    factor = preprocess_config.scale_factor
+    if factor not in SCALE_FACTORS:
         raise ValueError(
-            f"preprocess.scale_factor: expected one of {SCALE_FACTORS}, got {p.scale_factor!r}"
+            f"preprocess.scale_factor: expected one of {SCALE_FACTORS}, got {factor!r}"
         )
+    return factor == "single"
 
 
 def normalise(pixels: Any, mean: Any, std: Any, unit_range: bool) -> Any:
@@ -316,9 +323,8 @@ def preprocess(
     check_modes(p)
     common = {k: getattr(p, k) for k in ("scale", "mean", "std", "unit_range", "size_divisor")}
     if p.resize == "mmdet":
-        single = p.scale_factor == "single"
         return preprocess_mmdet(
-            load_bgr(image, name), to_rgb=p.to_rgb, single_scale=single, **common
+            load_bgr(image, name), to_rgb=p.to_rgb, single_scale=single_scale(p), **common
         )
     return preprocess_torchvision(load_rgb(image, name), **common)
 
@@ -345,5 +351,5 @@ def serving_image(
     rgb = load_rgb(image, name)
     resized, factor = resize_mmdet(rgb, p.scale)
     original_hw, resized_hw = rgb.shape[:2], resized.shape[:2]
-    factors = scale_yx(original_hw, resized_hw, factor, p.scale_factor == "single")
+    factors = scale_yx(original_hw, resized_hw, factor, single_scale(p))
     return _output(resized, resized_hw, factors, original_hw)

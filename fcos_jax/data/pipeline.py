@@ -150,7 +150,7 @@ class _Pipeline:
             self.global_batch_size, process_index, process_count, field
         )
         self.legacy_plus_one = bool(config.legacy_plus_one)
-        self.single_scale = config.preprocess.scale_factor == "single"
+        self.single_scale = preprocess.single_scale(config.preprocess)
         self.max_boxes = int(config.data.max_boxes)
 
     def _prepare(self, training: bool, min_image_side: int = 0) -> Examples:
