@@ -16,8 +16,8 @@ Field groups, each read by the modules named:
               trainer.py.
   init_from, seed, name
 
-`fcos_jax/config_check.py` refuses unknown fields, fields of the old `train` group by their new
-place, and settings that disagree (`check`).
+`fcos_jax/config_check.py` refuses unknown fields, a field that moved out of `train` (naming its
+new place), and conventions that disagree (`check`).
 """
 
 import ml_collections
