@@ -25,6 +25,16 @@ ARCHS = {
 STYLES = ("caffe", "pytorch")
 
 
+def _add_shortcut(x: jax.Array, out: jax.Array, stride: int, bn, dtype: Dtype) -> jax.Array:
+    """relu(out + shortcut(x)): x itself, or a strided 1x1 conv + BN (`downsample_*`) where the
+    shape changes. Called inside a block's compact `__call__`, so its modules are the block's."""
+    channels = out.shape[-1]
+    if stride != 1 or x.shape[-1] != channels:
+        x = Conv(channels, 1, stride, dtype=dtype, name="downsample_conv")(x)
+        x = bn("downsample_bn")(x)
+    return nn.relu(out + x)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions (ResNet-18/34). Stride on the first."""
 
@@ -40,11 +50,7 @@ class BasicBlock(nn.Module):
         out = Conv(self.planes, 3, self.stride, 1, dtype=self.dtype, name="conv1")(x)
         out = nn.relu(bn("bn1")(out))
         out = Conv(self.planes, 3, 1, 1, dtype=self.dtype, name="conv2")(out)
-        out = bn("bn2")(out)
-        if self.stride != 1 or x.shape[-1] != self.planes:
-            x = Conv(self.planes, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
-            x = bn("downsample_bn")(x)
-        return nn.relu(out + x)
+        return _add_shortcut(x, bn("bn2")(out), self.stride, bn, self.dtype)
 
 
 class Bottleneck(nn.Module):
@@ -69,11 +75,7 @@ class Bottleneck(nn.Module):
         out = Conv(width, 3, stride2, 1, groups=self.groups, dtype=self.dtype, name="conv2")(out)
         out = nn.relu(bn("bn2")(out))
         out = Conv(self.planes * 4, 1, dtype=self.dtype, name="conv3")(out)
-        out = bn("bn3")(out)
-        if self.stride != 1 or x.shape[-1] != self.planes * 4:
-            x = Conv(self.planes * 4, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x)
-            x = bn("downsample_bn")(x)
-        return nn.relu(out + x)
+        return _add_shortcut(x, bn("bn3")(out), self.stride, bn, self.dtype)
 
 
 class ResNet(nn.Module):
