@@ -25,6 +25,7 @@ import optax
 from jax.sharding import Mesh
 
 from fcos_jax import losses, points, sharding, targets
+from fcos_jax.models import layers
 
 PyTree = Any
 Batch = dict[str, jax.Array]
@@ -159,9 +160,10 @@ def make_train_step(
             def body(carry, micro_batch):
                 grads_sum, terms_sum, stats_sum = carry
                 micro_targets = encode_batch(config, micro_batch)
-                g, (t, stats) = grad_fn(
-                    state.params, state.batch_stats, micro_batch, micro_targets, normalizers
-                )
+                with layers.inside_a_loop():  # the conv kernel gradients XLA:CPU runs fast here
+                    g, (t, stats) = grad_fn(
+                        state.params, state.batch_stats, micro_batch, micro_targets, normalizers
+                    )
                 return (
                     jax.tree.map(jnp.add, grads_sum, g),
                     jax.tree.map(jnp.add, terms_sum, t),

@@ -66,6 +66,18 @@ def test_conv_on_other_backends_is_xlas_own_and_matches_torch(monkeypatch, case)
     check_conv_against_torch(*case)
 
 
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_conv_gradients_traced_for_a_loop_match_torch(case):
+    """Inside `inside_a_loop` (gradient accumulation's micro-batch scan) every kernel gradient is
+    the per-tap one and ungrouped input gradients are per-tap products added into their windows:
+    the same values as torch's."""
+    h, w, cin, cout, k, stride, padding, groups = case
+    with layers.inside_a_loop():
+        assert layers._uses_tap_kernel_gradient((k, k, cin // groups, cout), groups, 1)
+        check_conv_against_torch(*case)
+    assert not layers._uses_tap_kernel_gradient((3, 3, 16, 16), 1, 1)  # the context ended
+
+
 def check_conv_against_torch(h, w, cin, cout, k, stride, padding, groups):
     """Conv's value, input gradient and kernel gradient equal torch's conv2d (1e-5 of max)."""
     rng = np.random.default_rng(k * 100 + stride * 10 + groups)

@@ -303,21 +303,22 @@ def test_micro_batches_update_batch_statistics_once_with_their_mean():
 
 
 def test_accumulation_shrinks_the_compiled_steps_working_memory():
-    """XLA's buffer assignment of the step: with 2 micro-batches (activations and targets of one
-    micro-batch alive at a time) the temporary memory is smaller than with one whole batch.
+    """XLA's buffer assignment of the step: with 4 micro-batches (activations and targets of one
+    micro-batch alive at a time) the temporary memory is well under that of one whole batch.
 
-    Compiled (not run) at 256x256: at the other tests' 96x96 the gradients, their accumulators
-    and the optimizer's temporaries (~6 MB each) outweigh the activations, and the two differ
-    by under 10 %; at 256x256 activations dominate (45 vs 32 MB measured)."""
+    Compiled (not run) at 512x512, where activations outweigh the gradients, their accumulators
+    and the optimizer's temporaries (at the other tests' 96x96 those dominate). Measured:
+    147 MB at k = 1, 116 MB at k = 2, 69 MB at k = 4 (the per-tap gradients the micro-batch loop
+    uses for speed cost some of the saving: 89 MB at k = 2 with XLA's own)."""
     temp = {}
-    for k in (1, 2):
+    for k in (1, 4):
         t = trainer("frozen_bn", k)
         batch = synthetic_batch((0, 1, 2, 3))
-        batch["image"] = np.zeros((GLOBAL_BATCH, 256, 256, 3), np.float32)
+        batch["image"] = np.zeros((GLOBAL_BATCH, 512, 512, 3), np.float32)
         state, batch = t.fresh_state(), t.put(batch)
         stats = t.step.lower(state, batch).compile().memory_analysis()
         temp[k] = stats.temp_size_in_bytes
-    assert temp[2] < 0.8 * temp[1], temp
+    assert temp[4] < 0.6 * temp[1], temp
 
 
 # --------------------------------------------------------------------------------------------

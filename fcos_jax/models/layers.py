@@ -108,15 +108,32 @@ def _uses_tap_sum(kernel_shape: tuple[int, ...], groups: int) -> bool:
     return groups > 1 and width <= TAP_SUM_MAX_GROUP_WIDTH and _tuned_for_xla_cpu()
 
 
+# Set (at trace time) by `inside_a_loop`: the gradients being traced run inside a while loop.
+_IN_A_LOOP = contextvars.ContextVar("conv_gradients_in_a_loop", default=False)
+
+
+@contextlib.contextmanager
+def inside_a_loop():
+    """Within this context every kernel gradient `conv2d` traces is the per-tap one on XLA:CPU.
+    For gradients that run inside a `lax.scan` (gradient accumulation's micro-batch loop): there
+    XLA:CPU's own kernel-gradient convolution runs tens of times slower than outside a loop, the
+    per-tap matrix products do not (`benchmarks/loop_conv.py`)."""
+    token = _IN_A_LOOP.set(True)
+    try:
+        yield
+    finally:
+        _IN_A_LOOP.reset(token)
+
+
 def _uses_tap_kernel_gradient(
     kernel_shape: tuple[int, ...], groups: int, out_positions: int
 ) -> bool:
     """True: `conv2d`'s per-tap kernel gradient; False: XLA's own (module notes above).
     Grouped kernels always take the loop on XLA:CPU (its grouped kernel gradient is ~200x
-    slower)."""
+    slower), and so does every kernel inside `inside_a_loop`."""
     if not _tuned_for_xla_cpu():
         return False
-    if groups > 1:
+    if groups > 1 or _IN_A_LOOP.get():
         return True
     _, _, cin, cout = kernel_shape
     return (
@@ -187,6 +204,28 @@ def _tap_kernel_gradient(patch: jax.Array, dy_rows: jax.Array, groups: int) -> j
     return product.reshape(patch.shape[-1], -1)
 
 
+def _tap_input_gradient(
+    dy: jax.Array, kernel: jax.Array, stride: int, padding: int, in_hw: tuple[int, int]
+) -> jax.Array:
+    """The input gradient of an ungrouped `conv2d` as one matrix product per kernel tap, each
+    added into its strided window of the padded input (inside a loop XLA:CPU runs this several
+    times faster than its transposed convolution: `benchmarks/loop_conv.py`). Taps written out:
+    a `fori_loop` over them measured more temporary memory, not less.
+
+    dy: [B, H', W', Cout], kernel: [k, k, Cin, Cout] -> dx [B, H, W, Cin], in_hw = (H, W).
+    """
+    kh, kw, cin, _ = kernel.shape
+    batch, out_h, out_w = dy.shape[:3]
+    height, width = in_hw
+    dx = jnp.zeros((batch, height + 2 * padding, width + 2 * padding, cin), dy.dtype)
+    span_h, span_w = stride * (out_h - 1) + 1, stride * (out_w - 1) + 1
+    for i in range(kh):
+        for j in range(kw):
+            tap = jnp.einsum("bhwo,io->bhwi", dy, kernel[i, j].astype(dy.dtype))
+            dx = dx.at[:, i : i + span_h : stride, j : j + span_w : stride, :].add(tap)
+    return dx[:, padding : padding + height, padding : padding + width, :]
+
+
 def _conv2d_bwd(stride, padding, groups, residuals, dy):
     x, kernel = residuals
     if not _uses_tap_kernel_gradient(kernel.shape, groups, dy.shape[0] * dy.shape[1] * dy.shape[2]):
@@ -194,6 +233,8 @@ def _conv2d_bwd(stride, padding, groups, residuals, dy):
         return vjp(dy)
     if _uses_tap_sum(kernel.shape, groups):
         dx = _tap_sum_input_gradient(dy, kernel, stride, padding, groups, x.shape[1:3])
+    elif groups == 1 and _IN_A_LOOP.get():
+        dx = _tap_input_gradient(dy, kernel, stride, padding, x.shape[1:3])
     else:
         _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding, groups), x)
         (dx,) = input_vjp(dy)
