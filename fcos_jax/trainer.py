@@ -14,7 +14,6 @@
     the latest (a checkpoint is written only after its step's loss was checked).
 """
 
-import logging
 import math
 from pathlib import Path
 
@@ -31,7 +30,6 @@ from fcos_jax.train_checkpoints import TrainCheckpoints
 from fcos_jax.train_log import TrainLog
 
 TRAIN_INPUTS = ("image", "boxes", "labels", "box_valid")
-log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -64,13 +62,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         raise ValueError(
             f"train.batch_size {t.batch_size} must divide into train.accumulate_steps "
             f"{t.accumulate_steps} micro-batches over {mesh.size} devices"
-        )
-    if int(t.accumulate_steps) > 1 and jax.default_backend() == "cpu" and lead:
-        log.warning(
-            "train.accumulate_steps=%s on XLA:CPU: the micro-batch loop saves memory, but XLA:CPU "
-            "runs convolution gradients inside a loop many times slower (README: Many devices "
-            "and hosts)",
-            t.accumulate_steps,
         )
     evaluates = int(t.eval_every) > 0 or bool(t.get("eval_at_end", True))
     data_sources.prepare_splits(

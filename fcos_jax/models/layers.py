@@ -13,8 +13,11 @@ convolution is about 200x slower (64 groups of 4 channels at 2x80x80: 47 s vs 0.
 Narrow groups (at most 4 channels: ResNeXt-64x4d's stage 1) also run forward and input gradient as
 an elementwise sum over taps and channels with the groups as the minor axis (`_grouped_tap_sum`),
 about 2x faster there than XLA:CPU's grouped convolution inside the backbone. Other forward values
-are XLA's convolution, unchanged. All of this is for XLA:CPU: on other backends every convolution
-and both its gradients are XLA's own.
+are XLA's convolution, unchanged. Inside a while loop (gradient accumulation's micro-batch scan,
+traced within `inside_a_loop`) XLA:CPU's kernel-gradient convolution is ~66x and its transposed
+convolution ~4x slower than outside one, so there every kernel gradient is per tap and ungrouped
+input gradients are per-tap products added into their windows. All of this is for XLA:CPU: on
+other backends every convolution and both its gradients are XLA's own.
 """
 
 import contextlib
