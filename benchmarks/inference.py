@@ -227,6 +227,7 @@ def make_inputs(directory: Path, height: int, width: int, count: int) -> tuple[P
     import numpy as np
     import torch
 
+    sys.path.insert(0, str(REPO))
     from fcos_jax.testing.images import natural_image
     from fcos_jax.testing.torchvision_random import random_fcos
 
