@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fcos_jax import classes as class_lists
-from fcos_jax import compile_cache, evaluation, jsonio, postprocess, sharding
+from fcos_jax import compile_cache, compile_options, evaluation, jsonio, postprocess, sharding
 from fcos_jax.models import build_model
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ def make_predict_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable
         predict,
         in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
+        compiler_options=compile_options.compiler_options(),
     )
 
 

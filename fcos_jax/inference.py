@@ -27,6 +27,7 @@ from fcos_jax import (
     canvas,
     checkpoint,
     compile_cache,
+    compile_options,
     config_check,
     postprocess,
     preprocess,
@@ -45,7 +46,7 @@ def _model_and_forward(model_config_json: str):
     """(model, jitted model.apply) per model config, shared by every Detector of that config so
     its compiled programs are reused."""
     model = build_model(ml_collections.ConfigDict(json.loads(model_config_json)))
-    return model, jax.jit(model.apply)
+    return model, jax.jit(model.apply, compiler_options=compile_options.compiler_options())
 
 
 def _as_image_list(images: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:

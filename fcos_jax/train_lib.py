@@ -24,7 +24,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from fcos_jax import losses, points, sharding, targets
+from fcos_jax import compile_options, losses, points, sharding, targets
 from fcos_jax.models import layers
 
 PyTree = Any
@@ -203,4 +203,5 @@ def jit_train_step(step: Callable, mesh: Mesh) -> Callable:
         in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
         out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
         donate_argnums=(0,),
+        compiler_options=compile_options.compiler_options(),
     )
