@@ -8,16 +8,22 @@ stage 3: 64 groups of 16; stride 1 and the strided first block).
 
   .venv/bin/python benchmarks/grouped_forward.py [--runs 5]
 
-Prints the median milliseconds of each and the largest difference from XLA's output.
+Prints the median milliseconds of each and the largest difference from XLA's output. Each is
+compiled with the library's compile options (`fcos_jax.compile_options`, as the model is).
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from common import cpu_model  # benchmarks/common.py
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fcos_jax import compile_options  # noqa: E402
 
 GROUPS = 64
 # (height, width, channels, stride) of the input of a stage's grouped 3x3 convolution
@@ -88,7 +94,8 @@ def main() -> None:
         reference = None
         cells = []
         for fn in (xla_grouped, per_tap, im2col):
-            jitted = jax.jit(fn, static_argnums=2)
+            options = compile_options.compiler_options()
+            jitted = jax.jit(fn, static_argnums=2, compiler_options=options)
             y = np.asarray(jitted(x, kernel, s))
             reference = y if reference is None else reference
             times = []

@@ -66,7 +66,7 @@ def jax_worker(args) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import checkpoint, compile_cache, postprocess
+    from fcos_jax import checkpoint, compile_cache, compile_options, postprocess
     from fcos_jax.config_io import load_config
     from fcos_jax.models import build_model
 
@@ -96,7 +96,8 @@ def jax_worker(args) -> dict:
             max_per_img=t.max_per_img,
         )
 
-    forward = jax.jit(model.apply)
+    options = compile_options.compiler_options()  # the library's own (fcos_jax.inference)
+    forward = jax.jit(model.apply, compiler_options=options)
     result = {"device": str(jax.devices()[0].device_kind), "versions": {"jax": jax.__version__}}
     if args.batches:
         result["compile_s"], result["batches"] = {}, {}
@@ -116,9 +117,9 @@ def jax_worker(args) -> dict:
     # XLA may fold, which the whole-model program cannot do).
     backbone_vars = {"params": params["backbone"], "batch_stats": stats["backbone"]}
     neck_vars, head_vars = {"params": params["neck"]}, {"params": params["bbox_head"]}
-    backbone = jax.jit(model.backbone.apply)
-    neck = jax.jit(lambda v, feats: model.neck.apply(v, feats[1:]))
-    head = jax.jit(model.bbox_head.apply)
+    backbone = jax.jit(model.backbone.apply, compiler_options=options)
+    neck = jax.jit(lambda v, feats: model.neck.apply(v, feats[1:]), compiler_options=options)
+    head = jax.jit(model.bbox_head.apply, compiler_options=options)
 
     start = time.perf_counter()
     heads = jax.block_until_ready(forward(variables, image))

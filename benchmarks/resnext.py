@@ -2,6 +2,7 @@
 
   .venv/bin/python benchmarks/resnext.py [--modes forward,backward] [--runs 3] [--rounds 1]
       [--forward-size 1,800,1344] [--backward-size 2,320,320]
+      [--profile DIR]   (per-operation table of both sides: benchmarks/op_profile.py)
 
 Both sides are the same network (torchvision's `resnext101_64x4d` body, conv1 to layer4, is
 mmdetection's X-101-64x4d pytorch-style backbone) with the same seeded random weights: torchvision's
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import op_profile  # noqa: E402  (benchmarks/op_profile.py)
 from common import print_result, run_command  # noqa: E402  (benchmarks/common.py)
 from inference import timed  # noqa: E402
 
@@ -56,6 +58,7 @@ def jax_worker(args) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
+    from fcos_jax import compile_options
     from fcos_jax.config_io import load_config
     from fcos_jax.convert import convert_file
     from fcos_jax.models import build_model
@@ -67,17 +70,22 @@ def jax_worker(args) -> dict:
     stats = jax.device_put(converted.batch_stats["backbone"])
     backbone = build_model(config.model).backbone
     images = jax.device_put(synthetic_images(*args.size))
+    options = compile_options.compiler_options()  # as the library's own programs
 
     if args.mode == "forward":
-        run = jax.jit(lambda p, s, x: backbone.apply({"params": p, "batch_stats": s}, x))
+        run = jax.jit(
+            lambda p, s, x: backbone.apply({"params": p, "batch_stats": s}, x),
+            compiler_options=options,
+        )
     else:
 
         def loss(p, s, x):
             outputs = backbone.apply({"params": p, "batch_stats": s}, x)
             return sum(jnp.mean(o) for o in outputs)
 
-        run = jax.jit(jax.value_and_grad(loss))
+        run = jax.jit(jax.value_and_grad(loss), compiler_options=options)
     start = time.perf_counter()
+    run = run.lower(params, stats, images).compile()
     out = jax.block_until_ready(run(params, stats, images))
     compile_s = time.perf_counter() - start
     result = {
@@ -85,6 +93,13 @@ def jax_worker(args) -> dict:
         "compile_s": compile_s,
         "versions": {"jax": jax.__version__},
     }
+    if args.profile:
+        result["profile_wall_s"] = op_profile.capture_jax(
+            lambda: jax.block_until_ready(run(params, stats, images)),
+            run.as_text(),
+            args.runs,
+            args.profile,
+        )
     if args.mode == "forward":
         np.save(args.output, np.asarray(out[-1]))
     return result
@@ -132,10 +147,20 @@ def torch_worker(args) -> dict:
             loss.backward()
 
         times = timed(step, args.runs)
-    return {
+    result = {
         "time": times,
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
     }
+    if args.profile:
+        if args.mode == "forward":
+            with torch.inference_mode():
+                wall = op_profile.capture_torch(
+                    model, lambda: torch_body(model, images), args.runs, args.profile
+                )
+        else:
+            wall = op_profile.capture_torch(model, step, args.runs, args.profile)
+        result["profile_wall_s"] = wall
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,6 +196,8 @@ def run_worker(side: str, mode: str, size: str, args, weights: Path, output: Pat
         "--weights", str(weights), "--output", str(output), "--runs", str(args.runs),
         "--torch-threads", str(args.torch_threads),
     ]  # fmt: skip
+    if args.profile:
+        command += ["--profile", str(Path(args.profile) / f"{mode}_{side}")]
     return run_command(command, env, f"{side} {mode}", str(REPO))
 
 
@@ -219,6 +246,12 @@ def main() -> None:
     parser.add_argument("--backward-size", default="2,320,320", help="B,H,W of backward mode")
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--xla-flags", default="", help="XLA_FLAGS for our side only")
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="directory: after the timed runs, each side runs --runs more under its profiler "
+        "(benchmarks/op_profile.py) and the per-operation table of both is printed",
+    )
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -249,11 +282,17 @@ def main() -> None:
                     results[side].append(run_worker(side, mode, size, args, weights, outputs[side]))
             c5_diff = None
             if mode == "forward":
-                ours, theirs = np.load(outputs["jax"]), np.load(outputs["torch"])
-                c5_diff = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
-            report(
-                mode, size, best_round(results["jax"]), best_round(results["torch"]), c5_diff, args
-            )
+                c5_ours, c5_torch = np.load(outputs["jax"]), np.load(outputs["torch"])
+                c5_diff = float(np.abs(c5_ours - c5_torch).max() / np.abs(c5_torch).max())
+            ours, theirs = best_round(results["jax"]), best_round(results["torch"])
+            report(mode, size, ours, theirs, c5_diff, args)
+            if args.profile:
+                print(f"\nPer-operation profile, {mode}, ms per run (benchmarks/op_profile.py)")
+                op_profile.print_table(
+                    op_profile.jax_profile(Path(args.profile) / f"{mode}_jax"),
+                    op_profile.torch_profile(Path(args.profile) / f"{mode}_torch"),
+                    (ours["profile_wall_s"], theirs["profile_wall_s"]),
+                )
 
 
 if __name__ == "__main__":

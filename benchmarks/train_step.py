@@ -2,6 +2,7 @@
 
   .venv/bin/python benchmarks/train_step.py [--config configs/fcos_r50_caffe_fpn_gn_1x.py]
       [--steps 5] [--warmup 2] [--rounds 1] [--height 800] [--width 1344] [--batch 2]
+      [--profile DIR]   (per-operation table of both sides: benchmarks/op_profile.py)
 
 One step = forward, loss, backward and an SGD update (momentum 0.9, weight decay 1e-4) on a global
 batch of 2 images of 800x1344 with 8 random boxes each (padded to the config's max_boxes, 100, on
@@ -40,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import op_profile  # benchmarks/op_profile.py
 from common import best_round, cpu_model, print_result, run_command  # benchmarks/common.py
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +86,7 @@ def jax_worker(args) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import compile_cache, losses, optim, sharding, train_lib
+    from fcos_jax import compile_cache, compile_options, losses, optim, sharding, train_lib
     from fcos_jax.config_io import load_config
     from fcos_jax.models import build_model
 
@@ -129,7 +131,7 @@ def jax_worker(args) -> dict:
     )
     loss_kwargs = train_lib._loss_kwargs(config)  # the step's own loss settings
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compile_options.compiler_options())
     def forward_and_loss(params, batch_stats, batch):
         variables = {"params": params, "batch_stats": batch_stats}
         if train_lib.trains_batch_stats(config):  # the step's BN mode: batch statistics
@@ -156,6 +158,9 @@ def jax_worker(args) -> dict:
         jax.block_until_ready((holder["state"], out))
 
     step_times = timed(one_step, args.steps)
+    profile_wall = None
+    if args.profile:
+        profile_wall = op_profile.capture_jax(one_step, step.as_text(), args.steps, args.profile)
     state = holder["state"]
     start = time.perf_counter()
     jax.block_until_ready(forward_and_loss(state.params, state.batch_stats, batch))
@@ -179,6 +184,7 @@ def jax_worker(args) -> dict:
         # XLA's buffer assignment of the compiled step (arguments, outputs, temporaries).
         "xla_temp_gib": compiled_memory.temp_size_in_bytes / 2**30,
         "accumulate_steps": args.accumulate,
+        "profile_wall_s": profile_wall,
     }
 
 
@@ -265,6 +271,9 @@ def torch_worker(args) -> dict:
     for _ in range(args.warmup):
         one_step()
     step_times = timed(one_step, args.steps)
+    profile_wall = None
+    if args.profile:
+        profile_wall = op_profile.capture_torch(model, one_step, args.steps, args.profile)
     forward_times = timed(forward_and_loss, args.steps)
     transform_times = timed(transform, args.steps)
     first_conv = model.backbone.body.conv1.weight
@@ -276,6 +285,7 @@ def torch_worker(args) -> dict:
         "trainable_params": int(sum(p.numel() for p in trainable)),
         "channels_last": first_conv.is_contiguous(memory_format=torch.channels_last),
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
+        "profile_wall_s": profile_wall,
     }
 
 
@@ -295,6 +305,8 @@ def run_worker(side: str, args) -> dict:
     ]  # fmt: skip
     if side == "jax" and args.cache_dir:
         command += ["--cache-dir", args.cache_dir]
+    if args.profile:
+        command += ["--profile", str(Path(args.profile) / side)]
     return run_command(command, env, side, str(REPO))
 
 
@@ -302,9 +314,8 @@ def run_jax_warm(args) -> tuple[dict, dict]:
     """(cache-filling run, timed run): the first JAX worker compiles into `args.cache_dir`, the
     second loads its programs from there, so its peak RSS is the steady state without XLA's
     compilation peak (which the first reports; it runs one step after one warm-up)."""
-    return run_worker("jax", argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1})), (
-        run_worker("jax", args)
-    )
+    filling = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1, "profile": ""})
+    return run_worker("jax", filling), run_worker("jax", args)
 
 
 def report(ours: dict, theirs: dict, args) -> None:
@@ -401,6 +412,12 @@ def main() -> None:
         help="e.g. 1,4: our step only, once per accumulate_steps value; peak RSS and XLA's "
         "temporary memory of each (no torchvision side)",
     )
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="directory: after the timed steps, each side runs --steps more under its profiler "
+        "(benchmarks/op_profile.py) and the per-operation table of both is printed",
+    )
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -426,7 +443,15 @@ def main() -> None:
             results["jax"].append(timed)
     ours = best_round(results["jax"])
     ours["compile_s"], ours["compile_rss_gib"] = compiling["compile_s"], compiling["max_rss_gib"]
-    report(ours, best_round(results["torch"]), args)
+    theirs = best_round(results["torch"])
+    report(ours, theirs, args)
+    if args.profile:
+        print("\nPer-operation profile of the train step, ms per step (benchmarks/op_profile.py)")
+        op_profile.print_table(
+            op_profile.jax_profile(Path(args.profile) / "jax"),
+            op_profile.torch_profile(Path(args.profile) / "torch"),
+            (ours["profile_wall_s"], theirs["profile_wall_s"]),
+        )
 
 
 if __name__ == "__main__":
