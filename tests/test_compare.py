@@ -8,6 +8,7 @@ Images are 97 x 130 at scale (160, 128) (X-101: (96, 64)), so each model compile
 
 import re
 
+import numpy as np
 import pytest
 import safetensors.numpy
 import torch
@@ -183,3 +184,28 @@ def test_configs_without_an_mmdet_counterpart_are_refused():
     assert "\n" not in message
     for field in ("preprocess.resize", "model.head.regression", "test.postprocess"):
         assert field in message
+
+
+def test_match_detections_tolerances_and_min_score_hand_computed():
+    """Hand-built sets: a box 1.5 px off and a score 0.01 off match at (2 px, 0.02) but not at
+    the float32 defaults; with min_score a weak reference detection without a partner (and a
+    count that differs) is no problem, while a strong one still is."""
+    from fcos_jax.compare import checks
+
+    ref = {
+        "boxes": np.array([[10.0, 10.0, 50.0, 60.0], [0.0, 0.0, 8.0, 8.0]], np.float32),
+        "scores": np.array([0.9, 0.1], np.float32),
+        "labels": np.array([2, 1]),
+    }
+    ours = {
+        "boxes": np.array([[11.5, 10.0, 50.0, 60.0]], np.float32),
+        "scores": np.array([0.91], np.float32),
+        "labels": np.array([2]),
+    }
+    assert checks.match_detections(ours, ref)[0].startswith("count: ours 1 vs reference 2")
+    assert len(checks.match_detections(ours, ref, 2.0, 0.02, min_score=0.0)) == 1  # the weak one
+    assert checks.match_detections(ours, ref, 2.0, 0.02, min_score=0.5) == []
+    assert len(checks.match_detections(ours, ref, 1.0, 0.02, min_score=0.5)) == 1  # 1.5 px > 1
+    assert len(checks.match_detections(ours, ref, 2.0, 0.005, min_score=0.5)) == 1  # 0.01 > 0.005
+    ours["labels"] = np.array([1])
+    assert len(checks.match_detections(ours, ref, 2.0, 0.02, min_score=0.5)) == 1  # other label
