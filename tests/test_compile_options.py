@@ -13,7 +13,8 @@ import torch
 from fcos_jax import compile_options, eval_lib, inference, sharding, train_lib
 from fcos_jax.config_io import load_config
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU options")
+CPU = jax.devices("cpu")[0]  # the options are XLA:CPU's; every JAX install has this backend
+CPU_OPTIONS = compile_options.compiler_options("cpu")
 
 
 def grouped_conv_and_product(x, kernel, w):
@@ -31,11 +32,12 @@ def grouped_conv_and_product(x, kernel, w):
 
 
 def operands():
+    """x [2, 9, 11, 32], kernel [3, 3, 4, 32], w [32, 16], on the CPU device."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 9, 11, 32), dtype=np.float32)
     kernel = rng.standard_normal((3, 3, 4, 32), dtype=np.float32)
     w = rng.standard_normal((32, 16), dtype=np.float32)
-    return x, kernel, w
+    return tuple(jax.device_put(a, CPU) for a in (x, kernel, w))
 
 
 def ynn_fusions(compiled_text: str) -> collections.Counter:
@@ -49,8 +51,7 @@ def ynn_fusions(compiled_text: str) -> collections.Counter:
 def test_convolutions_leave_ynnpack_the_rest_stays():
     args = operands()
     default = ynn_fusions(jax.jit(grouped_conv_and_product).lower(*args).compile().as_text())
-    options = compile_options.compiler_options()
-    tuned = jax.jit(grouped_conv_and_product, compiler_options=options).lower(*args).compile()
+    tuned = jax.jit(grouped_conv_and_product, compiler_options=CPU_OPTIONS).lower(*args).compile()
     tuned = ynn_fusions(tuned.as_text())
     # Without the options YNNPACK takes the convolution too (what the options are for; should a
     # jaxlib stop doing so, this says the options may go).
@@ -61,8 +62,9 @@ def test_convolutions_leave_ynnpack_the_rest_stays():
 
 def test_values_with_the_options_are_torchs():
     x, kernel, w = operands()
-    fn = jax.jit(grouped_conv_and_product, compiler_options=compile_options.compiler_options())
+    fn = jax.jit(grouped_conv_and_product, compiler_options=CPU_OPTIONS)
     y, product, _ = fn(x, kernel, w)
+    x, kernel, w = (np.asarray(a) for a in (x, kernel, w))
     ty = torch.nn.functional.conv2d(
         torch.from_numpy(x).permute(0, 3, 1, 2),
         torch.from_numpy(kernel).permute(3, 2, 0, 1),
