@@ -64,7 +64,7 @@ def test_values_with_the_options_are_torchs():
     x, kernel, w = operands()
     fn = jax.jit(grouped_conv_and_product, compiler_options=CPU_OPTIONS)
     y, product, _ = fn(x, kernel, w)
-    x, kernel, w = (np.asarray(a) for a in (x, kernel, w))
+    x, kernel, w = (np.array(a) for a in (x, kernel, w))  # writable, for torch.from_numpy
     ty = torch.nn.functional.conv2d(
         torch.from_numpy(x).permute(0, 3, 1, 2),
         torch.from_numpy(kernel).permute(3, 2, 0, 1),
