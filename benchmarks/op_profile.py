@@ -26,6 +26,7 @@ flops per multiply-add.
 import collections
 import gzip
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -139,13 +140,6 @@ def _dims(text: str) -> tuple[int, ...]:
     return tuple(int(d) for d in text.split(",") if d)
 
 
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
-
-
 def parse_hlo(text: str) -> tuple[dict, dict]:
     """HLO module text -> (instructions, computations): instructions[name] = dict(op, shape,
     operands, line, computation); computations[name] = [instruction names]."""
@@ -187,7 +181,7 @@ def _matmul_kind(inst: dict, instructions: dict) -> tuple[str, int] | None:
         window = _attribute(line, "size") or "1"
         groups = int(_attribute(line, "feature_group_count") or 1)
         batch_groups = int(_attribute(line, "batch_group_count") or 1)
-        flops = 2 * _prod(inst["shape"]) * _prod(rhs) // out_features
+        flops = 2 * math.prod(inst["shape"]) * math.prod(rhs) // out_features
         if batch_groups > 1:
             return f"conv {window} batch-grouped", flops
         group = f" g{groups}" if groups > 1 else ""
@@ -196,10 +190,10 @@ def _matmul_kind(inst: dict, instructions: dict) -> tuple[str, int] | None:
         lhs = instructions[inst["operands"][0]]["shape"]
         contracting = _dims(_attribute(line, "lhs_contracting_dims") or "")
         batch = _dims(_attribute(line, "lhs_batch_dims") or "")
-        k = _prod(lhs[d] for d in contracting)
+        k = math.prod(lhs[d] for d in contracting)
         n = inst["shape"][-1] if inst["shape"] else 1
-        flops = 2 * _prod(inst["shape"]) * k
-        prefix = f"batched[{_prod(lhs[d] for d in batch)}] " if batch else ""
+        flops = 2 * math.prod(inst["shape"]) * k
+        prefix = f"batched[{math.prod(lhs[d] for d in batch)}] " if batch else ""
         return f"{prefix}matmul {k}->{n}", flops
     return None
 
@@ -220,10 +214,7 @@ def classify_jax(name: str, instructions: dict, computations: dict) -> tuple[str
         return "other (not in the HLO)", 0
     scope = _module_scope(inst["line"])
     direction = "backward" if _is_backward(scope) else "forward"
-    members = [inst]
-    if inst["op"] == "fusion":
-        called = _attribute(inst["line"], "calls")
-        members = [instructions[m] for m in computations.get((called or "").lstrip("%"), [])]
+    members = _members(inst, instructions, computations)
     kinds = [k for k in (_matmul_kind(m, instructions) for m in members) if k]
     if kinds:
         kernel = max(kinds, key=lambda k: k[1])[0]
@@ -253,11 +244,16 @@ def _launched_asynchronously(inst: dict | None, instructions: dict, computations
     after their thunk returns: their trace events end at the launch."""
     if inst is None or '"__ynn_fusion"' in inst["line"]:
         return False
-    members = [inst]
-    if inst["op"] == "fusion":
-        called = (_attribute(inst["line"], "calls") or "").lstrip("%")
-        members = [instructions[m] for m in computations.get(called, [])]
+    members = _members(inst, instructions, computations)
     return any(m["op"] in ("convolution", "dot") for m in members)
+
+
+def _members(inst: dict, instructions: dict, computations: dict) -> list[dict]:
+    """A fusion's instructions (those of the computation it calls), else [inst]."""
+    if inst["op"] != "fusion":
+        return [inst]
+    called = (_attribute(inst["line"], "calls") or "").lstrip("%")
+    return [instructions[m] for m in computations.get(called, [])]
 
 
 def jax_profile(directory: str) -> dict:
