@@ -13,13 +13,23 @@ import sys
 import numpy as np
 
 INPUTS = ("images", "image_hw", "original_hw", "scale")
+# What fcos_jax.compile_options.compiler_options() gives on CPU, written out (this client never
+# imports fcos_jax; tests/test_export.py checks the two agree): compiled with them the artifact
+# runs the same XLA program as Detector, so its detections equal Detector's to rounding.
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": (
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+    )
+}
 
 
 def stablehlo_runner(path):
     import jax
 
     exported = jax.export.deserialize(open(path, "rb").read())
-    return lambda inputs: exported.call(*[inputs[name] for name in INPUTS])
+    options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    call = jax.jit(exported.call, compiler_options=options)
+    return lambda inputs: call(*[inputs[name] for name in INPUTS])
 
 
 def savedmodel_runner(path):

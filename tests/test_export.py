@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fcos_jax import compare, eval_lib, evaluation, export, inference
+from fcos_jax import compare, compile_options, eval_lib, evaluation, export, inference
 from fcos_jax.config_io import load_config
 from fcos_jax.convert import convert_state_dict
 from fcos_jax.testing.images import natural_image
@@ -40,8 +40,9 @@ TV_SCALE = (512, 320)
 TV_IMAGES = ((333, 500, 11), (340, 497, 12))  # resize to 320x480 and 320x467: canvas 320x512
 TINY_STEPS = 40
 # StableHLO and Detector run one XLA, but the symbolic-batch module is compiled apart from
-# Detector's jit: bit-equal on AMD EPYC (Zen 3/4), a few float32 ulps apart on an Intel Xeon with
-# AVX-512 (7.6e-6 px at 13.7 px, 2026-12-03). Same detections in the same order, rounding only.
+# Detector's jit (with the same compile options: tests/export_client.py): bit-equal on AMD EPYC
+# (Zen 3/4) and, with the options, on the Intel Xeon of 2026-12-03 (without them, YNNPACK's
+# convolutions in the client moved a box by 7.1e-4 px). Same detections in the same order.
 STABLEHLO_RTOL = STABLEHLO_ATOL = 1e-5  # boxes in pixels, scores
 
 
@@ -332,3 +333,11 @@ def test_serving_inputs_place_each_resized_image_top_left_on_a_zero_canvas(torch
         assert not inputs["images"][row, h:].any() and not inputs["images"][row, :, w:].any()
     with pytest.raises(ValueError, match=r"images\[0\].*canvas"):
         export.serving_inputs(images[:1], detector.config, (320, 320))
+
+
+def test_the_serving_client_compiles_stablehlo_as_detector_does():
+    """tests/export_client.py never imports fcos_jax, so it writes the CPU compile options out:
+    they must be the library's (else its StableHLO run is not Detector's program)."""
+    from export_client import CPU_COMPILER_OPTIONS  # tests/ is on sys.path, as subprocess_cli
+
+    assert CPU_COMPILER_OPTIONS == compile_options.compiler_options("cpu")
