@@ -34,6 +34,7 @@ from pathlib import Path
 JAX_TRACE = "jax_trace"
 JAX_HLO = "jax_hlo.txt"
 TORCH_ROWS = "torch_rows.json"
+MAX_KERNEL_TAPS = 49  # 7x7, the largest kernel of the ResNet / FPN / FCOS models
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,6 +185,10 @@ def _matmul_kind(inst: dict, instructions: dict) -> tuple[str, int] | None:
         flops = 2 * math.prod(inst["shape"]) * math.prod(rhs) // out_features
         if batch_groups > 1:
             return f"conv {window} batch-grouped", flops
+        if math.prod(_dims(window.replace("x", ","))) > MAX_KERNEL_TAPS:
+            # A window larger than any kernel of these models: XLA's kernel-gradient convolution
+            # (the window is dy's spatial extent, the "channels" the batch).
+            return f"kernel gradient (window {window})", flops
         group = f" g{groups}" if groups > 1 else ""
         return f"{window}{group} {in_features}ch", flops
     if inst["op"] == "dot":
@@ -257,18 +262,18 @@ def _members(inst: dict, instructions: dict, computations: dict) -> list[dict]:
 
 
 def jax_profile(directory: str) -> dict:
-    """{row: [ms per run, flops per run]} and the executed thunks' total, from a JAX capture."""
+    """{row: [ms per run, flops per run]} from a `capture_jax`, the warm-up run left out."""
     out = Path(directory)
     instructions, computations = parse_hlo((out / JAX_HLO).read_text())
     trace = next((out / JAX_TRACE).rglob("perfetto_trace.json.gz"))
     events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
-    starts = {}  # run id -> its first event's time
+    run_starts = {}  # run id -> its first event's time
     for e in events:
         run_id = e.get("args", {}).get("run_id")
         if run_id is not None and "hlo_op" in e["args"]:
-            starts[run_id] = min(starts.get(run_id, e["ts"]), e["ts"])
-    first = min(starts, key=starts.get)  # the warm-up run of `capture_jax`
-    runs = max(1, len(starts) - 1)
+            run_starts[run_id] = min(run_starts.get(run_id, e["ts"]), e["ts"])
+    first = min(run_starts, key=run_starts.get)  # the warm-up run of `capture_jax`
+    runs = max(1, len(run_starts) - 1)
     thunks = collections.defaultdict(list)  # run id -> [(start us, end us, instruction)]
     for event in events:
         args = event.get("args", {})
@@ -283,20 +288,28 @@ def jax_profile(directory: str) -> dict:
     for name, inst in instructions.items():
         for operand in inst["operands"]:
             consumers[operand].add(name)
+    # What each executed instruction is: (row, flops, launched asynchronously), once per name.
+    kinds = {
+        op: (
+            *classify_jax(op, instructions, computations),
+            _launched_asynchronously(instructions.get(op), instructions, computations),
+        )
+        for op in {op for run in thunks.values() for _, _, op in run}
+    }
     rows = collections.defaultdict(lambda: [0.0, 0])
     for run in thunks.values():
         run.sort()
-        starts = collections.defaultdict(list)
+        starts = collections.defaultdict(list)  # instruction -> its thunks' start times
         for start, _, op in run:
             starts[op].append(start)
         for index, (start, end, op) in enumerate(run):
-            if _launched_asynchronously(instructions.get(op), instructions, computations):
+            row, flops, asynchronous = kinds[op]
+            if asynchronous:
                 # Its work ends when the first thunk reading its result starts (or the next
                 # thunk, if none of this program reads it).
                 later = [t for c in consumers[op] for t in starts.get(c, ()) if t >= end]
                 following = run[index + 1][0] if index + 1 < len(run) else end
                 end = max(end, min(later) if later else following)
-            row, flops = classify_jax(op, instructions, computations)
             rows[row][0] += (end - start) / 1e3 / runs
             rows[row][1] += flops / runs
     return dict(rows)
