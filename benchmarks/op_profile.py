@@ -366,3 +366,20 @@ def print_table(ours: dict, theirs: dict, walls: tuple[float, float], top: int =
             "independent thunks at the same time, and the asynchronously launched ones are "
             "charged until their result is read, so our rows overlap; read them as upper bounds."
         )
+
+
+def add_flag(parser, runs_flag: str) -> None:
+    """The benchmarks' `--profile DIR` option (`runs_flag`: the option giving the run count)."""
+    parser.add_argument(
+        "--profile",
+        default="",
+        help=f"directory: after the timed runs, each side runs {runs_flag} more under its "
+        "profiler (benchmarks/op_profile.py) and the per-operation table of both is printed",
+    )
+
+
+def report(title: str, ours_dir: Path, theirs_dir: Path, walls: tuple[float, float]) -> None:
+    """Prints `title` and the table of a JAX capture in `ours_dir` against a torch capture in
+    `theirs_dir` (walls: each side's profiled wall seconds per run)."""
+    print(f"\nPer-operation profile, {title} (benchmarks/op_profile.py)")
+    print_table(jax_profile(ours_dir), torch_profile(theirs_dir), walls)

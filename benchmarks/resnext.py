@@ -246,12 +246,7 @@ def main() -> None:
     parser.add_argument("--backward-size", default="2,320,320", help="B,H,W of backward mode")
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--xla-flags", default="", help="XLA_FLAGS for our side only")
-    parser.add_argument(
-        "--profile",
-        default="",
-        help="directory: after the timed runs, each side runs --runs more under its profiler "
-        "(benchmarks/op_profile.py) and the per-operation table of both is printed",
-    )
+    op_profile.add_flag(parser, "--runs")
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -287,10 +282,10 @@ def main() -> None:
             ours, theirs = best_round(results["jax"]), best_round(results["torch"])
             report(mode, size, ours, theirs, c5_diff, args)
             if args.profile:
-                print(f"\nPer-operation profile, {mode}, ms per run (benchmarks/op_profile.py)")
-                op_profile.print_table(
-                    op_profile.jax_profile(Path(args.profile) / f"{mode}_jax"),
-                    op_profile.torch_profile(Path(args.profile) / f"{mode}_torch"),
+                op_profile.report(
+                    f"{mode}, ms per run",
+                    Path(args.profile) / f"{mode}_jax",
+                    Path(args.profile) / f"{mode}_torch",
                     (ours["profile_wall_s"], theirs["profile_wall_s"]),
                 )
 

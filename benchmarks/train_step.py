@@ -412,12 +412,7 @@ def main() -> None:
         help="e.g. 1,4: our step only, once per accumulate_steps value; peak RSS and XLA's "
         "temporary memory of each (no torchvision side)",
     )
-    parser.add_argument(
-        "--profile",
-        default="",
-        help="directory: after the timed steps, each side runs --steps more under its profiler "
-        "(benchmarks/op_profile.py) and the per-operation table of both is printed",
-    )
+    op_profile.add_flag(parser, "--steps")
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -446,10 +441,10 @@ def main() -> None:
     theirs = best_round(results["torch"])
     report(ours, theirs, args)
     if args.profile:
-        print("\nPer-operation profile of the train step, ms per step (benchmarks/op_profile.py)")
-        op_profile.print_table(
-            op_profile.jax_profile(Path(args.profile) / "jax"),
-            op_profile.torch_profile(Path(args.profile) / "torch"),
+        op_profile.report(
+            "train step, ms per step",
+            Path(args.profile) / "jax",
+            Path(args.profile) / "torch",
             (ours["profile_wall_s"], theirs["profile_wall_s"]),
         )
 
