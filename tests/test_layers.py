@@ -10,11 +10,11 @@ from fcos_jax.models import layers
 from fcos_jax.models.layers import Conv, max_pool
 
 # (height, width, in channels, out channels, kernel, stride, padding, groups): odd sizes so strided
-# outputs drop border rows; 1x1 takes the einsum path, larger ungrouped kernels the per-tap kernel
-# gradient or XLA's own (both are run: the size thresholds that choose are lowered to force the
-# loop); grouped cases have ResNeXt's 3x3 shape at group widths 4, 8 and 2 -> 3 (output width
-# unequal to input width, so a transposed group layout would show): 4 and 2 -> 3 take the
-# tap-sum path, 8 and 16 XLA's convolution; grouped kernel gradients are always per tap.
+# outputs drop border rows; 1x1 takes the einsum path, larger ungrouped kernels XLA's convolution
+# and its gradients (per-tap ones inside a loop: the loop test below); grouped cases have
+# ResNeXt's 3x3 shape at group widths 4, 8 and 2 -> 3 (output width unequal to input width, so a
+# transposed group layout would show): 4 and 2 -> 3 take the tap-sum path, 8 and 16 XLA's
+# convolution; grouped kernel gradients are always per tap.
 CASES = [
     (9, 12, 5, 7, 3, 1, 1, 1),
     (10, 13, 4, 6, 3, 2, 1, 1),
@@ -28,31 +28,11 @@ CASES = [
 ]
 
 
-# Grouped kernel gradients are always per tap on XLA:CPU: no "xla" case for them.
-PATH_CASES = [(*c, "per_tap") for c in CASES] + [(*c, "xla") for c in CASES if c[7] == 1]
-
-
-@pytest.mark.parametrize("h, w, cin, cout, k, stride, padding, groups, kernel_gradient", PATH_CASES)
-def test_conv_value_and_gradients_match_torch(
-    monkeypatch, h, w, cin, cout, k, stride, padding, groups, kernel_gradient
-):
-    if kernel_gradient == "per_tap":  # these small shapes would take XLA's kernel gradient
-        monkeypatch.setattr(layers, "TAP_KERNEL_GRADIENT_MIN_POSITIONS", 0)
-        monkeypatch.setattr(layers, "TAP_KERNEL_GRADIENT_MIN_CHANNELS", 0)
-    if k > 1:  # 1x1 kernels are einsums
-        taps = layers._uses_tap_kernel_gradient((k, k, cin // groups, cout), groups, 2 * h * w)
-        assert taps == (kernel_gradient == "per_tap")
-    check_conv_against_torch(h, w, cin, cout, k, stride, padding, groups)
-
-
-def test_kernel_gradient_path_follows_the_convolutions_size():
-    """The per-tap loop for large ungrouped convolutions (R-50's P3 head), XLA's own for small
-    ones (the demo's narrow model) and always for grouped ones (ResNeXt)."""
-    assert layers._uses_tap_kernel_gradient((3, 3, 256, 256), 1, 2 * 100 * 168)
-    assert not layers._uses_tap_kernel_gradient((3, 3, 256, 256), 1, 2 * 50 * 84)
-    assert not layers._uses_tap_kernel_gradient((3, 3, 16, 16), 1, 8 * 80 * 80)
-    assert not layers._uses_tap_kernel_gradient((7, 7, 3, 16), 1, 8 * 160 * 160)
-    assert layers._uses_tap_kernel_gradient((3, 3, 4, 256), 64, 2 * 10 * 10)
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_conv_value_and_gradients_match_torch(case):
+    h, w, cin, cout, k, stride, padding, groups = case
+    assert layers._uses_tap_kernel_gradient(groups) == (groups > 1)
+    check_conv_against_torch(*case)
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[6]], ids=["3x3", "7x7-s2", "grouped"])
@@ -62,7 +42,7 @@ def test_conv_on_other_backends_is_xlas_own_and_matches_torch(monkeypatch, case)
     monkeypatch.setattr(layers, "_tuned_for_xla_cpu", lambda: False)
     kernel_shape = (case[4], case[4], case[2] // case[7], case[3])
     assert not layers._uses_tap_sum(kernel_shape, case[7])
-    assert not layers._uses_tap_kernel_gradient(kernel_shape, case[7], 10**9)
+    assert not layers._uses_tap_kernel_gradient(case[7])
     check_conv_against_torch(*case)
 
 
@@ -73,9 +53,9 @@ def test_conv_gradients_traced_for_a_loop_match_torch(case):
     the same values as torch's."""
     h, w, cin, cout, k, stride, padding, groups = case
     with layers.inside_a_loop():
-        assert layers._uses_tap_kernel_gradient((k, k, cin // groups, cout), groups, 1)
+        assert layers._uses_tap_kernel_gradient(groups)
         check_conv_against_torch(*case)
-    assert not layers._uses_tap_kernel_gradient((3, 3, 16, 16), 1, 1)  # the context ended
+    assert not layers._uses_tap_kernel_gradient(1)  # the context ended
 
 
 def check_conv_against_torch(h, w, cin, cout, k, stride, padding, groups):

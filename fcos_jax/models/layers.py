@@ -3,13 +3,13 @@
 Kernels are HWIO float32 parameters; computation runs in the module's `dtype`. A 1x1 convolution is
 computed as an einsum over channels (after a strided slice when stride > 1): the same math, but
 XLA:CPU differentiates einsums several times faster than 1x1 convolutions. Larger kernels run
-XLA's convolution forward and for the input gradient. Their kernel gradient (`conv2d`) is XLA's
-own for small convolutions, and for large ones one matrix product per kernel tap, taps in a loop:
-about 3-4x faster on XLA:CPU than its weight-gradient convolution there (3x3, 256->256 at
-2x100x168: 0.42 s vs 1.4 s), with the same temporary memory (`_uses_tap_kernel_gradient` says
-where the line runs). Grouped kernels (ResNeXt's 64 groups) always take the per-tap loop, each tap
-one matrix product per group batched over the groups: XLA:CPU's grouped weight-gradient
-convolution is about 200x slower (64 groups of 4 channels at 2x80x80: 47 s vs 0.23 s of CPU time).
+XLA's convolution forward and for both gradients when ungrouped: with the model's compile
+options (`compile_options`: convolutions stay with XLA, not YNNPACK) XLA:CPU's kernel-gradient
+convolution beats one matrix product per kernel tap at every ungrouped shape of the R-50 step
+(`benchmarks/kernel_gradient.py`; 3x3 256->256 at 2x100x168, dx + dk: 339 vs 419 ms). Grouped
+kernels (ResNeXt's 64 groups) always take the per-tap loop, each tap one matrix product per group
+batched over the groups: XLA:CPU's grouped weight-gradient convolution is 37 to 280x slower
+(dx + dk, 64 groups of 4 channels at 2x50x84: 13.6 s vs 0.37 s; of 8 at 2x25x42: 4.8 s vs 17 ms).
 Narrow groups (at most 4 channels: ResNeXt-64x4d's stage 1) also run forward and input gradient as
 an elementwise sum over taps and channels with the groups as the minor axis (`_grouped_tap_sum`),
 about 2x faster there than XLA:CPU's grouped convolution inside the backbone. Other forward values
@@ -87,18 +87,6 @@ def _groups_major(x: jax.Array) -> jax.Array:
     return x.swapaxes(3, 4).reshape(*x.shape[:3], -1)
 
 
-# XLA:CPU's own kernel gradient is slow only for large convolutions (it degrades with the number
-# of output positions N = B * H' * W' and the channels): ungrouped kernels take the per-tap loop
-# when N > TAP_KERNEL_GRADIENT_MIN_POSITIONS and Cin * Cout > TAP_KERNEL_GRADIENT_MIN_CHANNELS,
-# XLA's otherwise. Measured at 3x3 (ms, XLA vs per-tap): 2x100x168 256->256 1445 vs 421,
-# 128->128 282 vs 112; 2x50x84 256->256 66 vs 83; 8x40x40 32->32 3.6 vs 5.0; 8x80x80 16->16
-# 4.4 vs 4.4; the from-scratch stem, 7x7 3->16 at 8x320x320, 22 vs 67 (each tap a thin pass over
-# dy). Below the thresholds the loop's slices and products cost more than XLA's one convolution:
-# the demo's whole step took 0.31 s instead of 0.38 s.
-TAP_KERNEL_GRADIENT_MIN_POSITIONS = 16384
-TAP_KERNEL_GRADIENT_MIN_CHANNELS = 64 * 64
-
-
 def _tuned_for_xla_cpu() -> bool:
     """The per-tap kernel gradient and the tap sums work around XLA:CPU's convolutions; other
     backends (cuDNN, TPU) run XLA's own convolution and its gradients."""
@@ -128,21 +116,11 @@ def inside_a_loop():
         _IN_A_LOOP.reset(token)
 
 
-def _uses_tap_kernel_gradient(
-    kernel_shape: tuple[int, ...], groups: int, out_positions: int
-) -> bool:
-    """True: `conv2d`'s per-tap kernel gradient; False: XLA's own (module notes above).
-    Grouped kernels always take the loop on XLA:CPU (its grouped kernel gradient is ~200x
-    slower), and so does every kernel inside `inside_a_loop`."""
-    if not _tuned_for_xla_cpu():
-        return False
-    if groups > 1 or _IN_A_LOOP.get():
-        return True
-    _, _, cin, cout = kernel_shape
-    return (
-        out_positions > TAP_KERNEL_GRADIENT_MIN_POSITIONS
-        and cin * cout > TAP_KERNEL_GRADIENT_MIN_CHANNELS
-    )
+def _uses_tap_kernel_gradient(groups: int) -> bool:
+    """True: `conv2d`'s per-tap kernel gradient; False: XLA's own (module notes above). On
+    XLA:CPU grouped kernels take the per-tap loop (its grouped kernel gradient is far slower), and
+    so does every kernel inside `inside_a_loop`; ungrouped ones outside a loop take XLA's."""
+    return _tuned_for_xla_cpu() and (groups > 1 or _IN_A_LOOP.get())
 
 
 def _tap_sum_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int):
@@ -183,8 +161,8 @@ def conv2d(
     x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int = 1
 ) -> jax.Array:
     """NHWC x HWIO convolution, symmetric zero padding, `groups` feature groups; forward and input
-    gradient are XLA's (narrow groups: `_grouped_tap_sum`), the kernel gradient is a sum of per-tap
-    matrix products (module docstring).
+    gradient are XLA's (narrow groups: `_grouped_tap_sum`), the kernel gradient XLA's when
+    ungrouped, else a sum of per-tap matrix products (module docstring).
 
     x: [B, H, W, Cin], kernel: [k, k, Cin / groups, Cout] -> [B, H', W', Cout],
     H' = (H + 2p - k) // s + 1; output channels [g * Cout / groups, (g + 1) * Cout / groups) see
@@ -231,7 +209,7 @@ def _tap_input_gradient(
 
 def _conv2d_bwd(stride, padding, groups, residuals, dy):
     x, kernel = residuals
-    if not _uses_tap_kernel_gradient(kernel.shape, groups, dy.shape[0] * dy.shape[1] * dy.shape[2]):
+    if not _uses_tap_kernel_gradient(groups):
         _, vjp = jax.vjp(lambda x_, k_: _xla_conv(x_, k_, stride, padding, groups), x, kernel)
         return vjp(dy)
     if _uses_tap_sum(kernel.shape, groups):
