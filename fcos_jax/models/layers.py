@@ -13,11 +13,14 @@ batched over the groups: XLA:CPU's grouped weight-gradient convolution is 37 to 
 Narrow groups (at most 4 channels: ResNeXt-64x4d's stage 1) also run forward and input gradient as
 an elementwise sum over taps and channels with the groups as the minor axis (`_grouped_tap_sum`),
 about 2x faster there than XLA:CPU's grouped convolution inside the backbone. Other forward values
-are XLA's convolution, unchanged. Inside a while loop (gradient accumulation's micro-batch scan,
-traced within `inside_a_loop`) XLA:CPU's kernel-gradient convolution is ~66x and its transposed
-convolution ~4x slower than outside one, so there every kernel gradient is per tap and ungrouped
-input gradients are per-tap products added into their windows. All of this is for XLA:CPU: on
-other backends every convolution and both its gradients are XLA's own.
+are XLA's convolution, except wide float32 3x3 ones with many positions (the FCOS head and FPN at
+P3/P4, ResNet stage 3), whose forward is Winograd F(4x4, 3x3) (`models.winograd`: 4x fewer
+products, about 1.5e-5 of the output's magnitude in rounding; `_uses_winograd`). Inside a while
+loop (gradient accumulation's micro-batch scan, traced within `inside_a_loop`) XLA:CPU's
+kernel-gradient convolution is ~66x and its transposed convolution ~4x slower than outside one,
+so there every kernel gradient is per tap and ungrouped input gradients are per-tap products
+added into their windows. All of this is for XLA:CPU: on other backends every convolution and
+both its gradients are XLA's own.
 """
 
 import contextlib
@@ -30,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from fcos_jax.models import winograd
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -150,7 +155,30 @@ def _tap_sum_input_gradient(dy, kernel, stride, padding, groups, in_hw):
     return _groups_major(_grouped_tap_sum(dy, weights[::-1, ::-1], 1, in_hw))
 
 
+# Wide, large 3x3 convolutions (at least this many input and output channels and output positions
+# B * H * W) run forward as Winograd F(4x4, 3x3) on XLA:CPU, in float32 only (bfloat16 would lose
+# too much in the transforms). Measured forward, ms, XLA vs F(4, 3) (`benchmarks/winograd.py`):
+# 256->256 at 1x100x168 66 vs 54, 2x100x168 143 vs 124, 1x50x84 17.8 vs 12.0, but 1x25x42 4.9 vs
+# 6.6, and 128->128 at 1x100x168 17 vs 24, 64->64 at 1x200x336 20 vs 43 (the transforms cost more
+# than the products they save). Gradients stay XLA's: through the transforms they were slower.
+WINOGRAD_MIN_CHANNELS = 256
+WINOGRAD_MIN_POSITIONS = 4096
+
+
+def _uses_winograd(x: jax.Array, kernel_shape: tuple[int, ...], stride, padding, groups) -> bool:
+    kh, kw, cin, cout = kernel_shape
+    return (
+        (kh, kw, stride, padding, groups) == (3, 3, 1, 1, 1)
+        and min(cin, cout) >= WINOGRAD_MIN_CHANNELS
+        and x.shape[0] * x.shape[1] * x.shape[2] >= WINOGRAD_MIN_POSITIONS
+        and x.dtype == jnp.float32
+        and _tuned_for_xla_cpu()
+    )
+
+
 def _conv_forward(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int):
+    if _uses_winograd(x, kernel.shape, stride, padding, groups):
+        return winograd.conv3x3(x, winograd.kernel_transform(kernel))
     if _uses_tap_sum(kernel.shape, groups):
         return _tap_sum_conv(x, kernel, stride, padding, groups)
     return _xla_conv(x, kernel, stride, padding, groups)

@@ -1,0 +1,78 @@
+"""models.winograd: F(2x2, 3x3) and F(4x4, 3x3) against torch.nn.functional.conv2d, and where
+`layers.conv2d` uses it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from fcos_jax.models import layers, winograd
+
+
+def torch_conv3x3(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """NHWC x HWIO, stride 1, padding 1, in float64 (the reference)."""
+    y = torch.nn.functional.conv2d(
+        torch.from_numpy(x).double().permute(0, 3, 1, 2),
+        torch.from_numpy(kernel).double().permute(3, 2, 0, 1),
+        padding=1,
+    )
+    return y.permute(0, 2, 3, 1).numpy()
+
+
+# F(2, 3) rounds like a direct convolution; F(4, 3)'s transforms lose about 20x more in float32.
+@pytest.mark.parametrize(
+    "transforms, tolerance", [(winograd.F2X3, 2e-6), (winograd.F4X3, 5e-5)], ids=["F2", "F4"]
+)
+@pytest.mark.parametrize("h, w", [(8, 8), (9, 14), (5, 3), (1, 1)])
+def test_winograd_equals_torch_conv(transforms, tolerance, h, w):
+    """Any height and width (not only multiples of the tile), 2 images, 6 -> 5 channels."""
+    rng = np.random.default_rng(h * 100 + w)
+    x = rng.standard_normal((2, h, w, 6)).astype(np.float32)
+    kernel = rng.standard_normal((3, 3, 6, 5)).astype(np.float32)
+    ours = winograd.conv3x3(
+        jnp.asarray(x), winograd.kernel_transform(jnp.asarray(kernel), transforms), transforms
+    )
+    ref = torch_conv3x3(x, kernel)
+    assert ours.shape == ref.shape
+    assert np.abs(np.asarray(ours) - ref).max() <= tolerance * np.abs(ref).max()
+
+
+def test_conv2d_takes_winograd_for_wide_large_float32_3x3_only(monkeypatch):
+    """The forward of a wide 3x3 convolution is F(4, 3) on XLA:CPU (float32, stride 1, padding 1,
+    ungrouped, enough positions), its value torch's and its gradients XLA's exact ones."""
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 8)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_POSITIONS", 2 * 12 * 11)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 12, 11, 8)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 8, 8)), jnp.float32)
+    uses = layers._uses_winograd
+    assert uses(x, kernel.shape, 1, 1, 1)
+    assert not uses(x[:, :-1], kernel.shape, 1, 1, 1)  # fewer positions
+    assert not uses(x, (3, 3, 8, 4), 1, 1, 1)  # narrower output
+    assert not uses(x, kernel.shape, 2, 1, 1) and not uses(x, kernel.shape, 1, 0, 1)
+    assert not uses(x, (3, 3, 4, 8), 1, 1, 2)  # grouped
+    assert not uses(x.astype(jnp.bfloat16), kernel.shape, 1, 1, 1)
+    monkeypatch.setattr(layers, "_tuned_for_xla_cpu", lambda: False)
+    assert not uses(x, kernel.shape, 1, 1, 1)
+    monkeypatch.undo()
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 8)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_POSITIONS", 2 * 12 * 11)
+
+    forward = str(jax.make_jaxpr(lambda x_, k_: layers.conv2d(x_, k_, 1, 1))(x, kernel))
+    assert "conv_general_dilated" not in forward  # Winograd's products are einsums
+
+    weights = jnp.asarray(rng.standard_normal((2, 12, 11, 8)), jnp.float32)
+    y, (dx, dk) = jax.value_and_grad(
+        lambda x_, k_: jnp.sum(layers.conv2d(x_, k_, 1, 1) * weights), argnums=(0, 1)
+    )(x, kernel)
+    xt = torch.from_numpy(np.array(x)).double().permute(0, 3, 1, 2).requires_grad_()
+    kt = torch.from_numpy(np.array(kernel)).double().permute(3, 2, 0, 1).requires_grad_()
+    wt = torch.from_numpy(np.array(weights)).double().permute(0, 3, 1, 2)
+    yt = (torch.nn.functional.conv2d(xt, kt, padding=1) * wt).sum()
+    yt.backward()
+    assert abs(float(y) - yt.item()) <= 5e-5 * abs(yt.item()) + 1e-3
+    dx_ref = xt.grad.permute(0, 2, 3, 1).numpy()
+    dk_ref = kt.grad.permute(2, 3, 1, 0).numpy()
+    assert np.abs(np.asarray(dx) - dx_ref).max() <= 1e-5 * np.abs(dx_ref).max()
+    assert np.abs(np.asarray(dk) - dk_ref).max() <= 1e-5 * np.abs(dk_ref).max()
