@@ -57,3 +57,19 @@ def cpu_model() -> str:
     name = fields.get("Model name", "unknown CPU").strip()
     family = fields.get("CPU family", "").strip()
     return f"{name}, family {family}" if family else name
+
+
+def median_ms(fn, *args, runs: int) -> float:
+    """Median milliseconds of `runs` calls of the jitted fn(*args) after one untimed call."""
+    import time
+
+    import jax
+    import numpy as np
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))

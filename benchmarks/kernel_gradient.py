@@ -13,7 +13,6 @@ Prints the median milliseconds of each and the ratio per-tap / XLA.
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from common import cpu_model  # noqa: E402  (benchmarks/common.py)
+from common import cpu_model, median_ms  # noqa: E402  (benchmarks/common.py)
 
 from fcos_jax import compile_options  # noqa: E402
 from fcos_jax.models import layers  # noqa: E402
@@ -66,16 +65,6 @@ def backward(tap: bool, stride: int, groups: int):
             layers._uses_tap_kernel_gradient = chooser
 
     return jax.jit(traced, compiler_options=compile_options.compiler_options())
-
-
-def median_ms(fn, *args, runs: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def main() -> None:

@@ -11,12 +11,11 @@ Prints the median milliseconds of each and the ratio scan / written out.
 """
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import cpu_model  # benchmarks/common.py
+from common import cpu_model, median_ms  # benchmarks/common.py
 
 
 def conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -35,16 +34,6 @@ PARTS = {
     "input gradient": (jax.grad(loss, argnums=1), lambda kernel, x: jnp.zeros_like(x)),
     "kernel gradient": (jax.grad(loss, argnums=0), lambda kernel, x: jnp.zeros_like(kernel)),
 }
-
-
-def median_ms(fn, *args, runs: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def main() -> None:

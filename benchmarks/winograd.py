@@ -18,7 +18,6 @@ library's compile options.
 import argparse
 import functools
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from common import cpu_model  # noqa: E402  (benchmarks/common.py)
+from common import cpu_model, median_ms  # noqa: E402  (benchmarks/common.py)
 
 from fcos_jax import compile_options  # noqa: E402
 from fcos_jax.models import winograd  # noqa: E402
@@ -50,16 +49,6 @@ def xla_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(
         x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
-
-
-def median_ms(fn, *args, runs: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def main() -> None:
