@@ -93,8 +93,8 @@ def _groups_major(x: jax.Array) -> jax.Array:
 
 
 def _tuned_for_xla_cpu() -> bool:
-    """The per-tap kernel gradient and the tap sums work around XLA:CPU's convolutions; other
-    backends (cuDNN, TPU) run XLA's own convolution and its gradients."""
+    """The per-tap kernel gradient, the tap sums and Winograd work around XLA:CPU's convolutions;
+    other backends (cuDNN, TPU) run XLA's own convolution and its gradients."""
     return jax.default_backend() == "cpu"
 
 
@@ -189,8 +189,9 @@ def conv2d(
     x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int = 1
 ) -> jax.Array:
     """NHWC x HWIO convolution, symmetric zero padding, `groups` feature groups; forward and input
-    gradient are XLA's (narrow groups: `_grouped_tap_sum`), the kernel gradient XLA's when
-    ungrouped, else a sum of per-tap matrix products (module docstring).
+    gradient are XLA's (narrow groups: `_grouped_tap_sum`; wide float32 3x3 forwards: Winograd),
+    the kernel gradient XLA's when ungrouped, else a sum of per-tap matrix products (module
+    docstring).
 
     x: [B, H, W, Cin], kernel: [k, k, Cin / groups, Cout] -> [B, H', W', Cout],
     H' = (H + 2p - k) // s + 1; output channels [g * Cout / groups, (g + 1) * Cout / groups) see
