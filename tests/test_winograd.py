@@ -42,13 +42,14 @@ def test_conv2d_takes_winograd_for_wide_large_float32_3x3_only(monkeypatch):
     """The forward of a wide 3x3 convolution is F(4, 3) on XLA:CPU (float32, stride 1, padding 1,
     ungrouped, enough positions), its value torch's and its gradients XLA's exact ones."""
     monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 8)
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_POSITIONS", 2 * 12 * 11)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_POSITIONS", 12 * 11)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 12, 11, 8)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 8, 8)), jnp.float32)
     uses = layers._uses_winograd
     assert uses(x, kernel.shape, 1, 1, 1)
     assert not uses(x[:, :-1], kernel.shape, 1, 1, 1)  # fewer positions
+    assert uses(x[:1], kernel.shape, 1, 1, 1)  # per image: the batch does not decide
     assert not uses(x, (3, 3, 8, 4), 1, 1, 1)  # narrower output
     assert not uses(x, kernel.shape, 2, 1, 1) and not uses(x, kernel.shape, 1, 0, 1)
     assert not uses(x, (3, 3, 4, 8), 1, 1, 2)  # grouped
@@ -57,7 +58,7 @@ def test_conv2d_takes_winograd_for_wide_large_float32_3x3_only(monkeypatch):
     assert not uses(x, kernel.shape, 1, 1, 1)
     monkeypatch.undo()
     monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 8)
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_POSITIONS", 2 * 12 * 11)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_POSITIONS", 12 * 11)
 
     forward = str(jax.make_jaxpr(lambda x_, k_: layers.conv2d(x_, k_, 1, 1))(x, kernel))
     assert "conv_general_dilated" not in forward  # Winograd's products are einsums
@@ -76,3 +77,26 @@ def test_conv2d_takes_winograd_for_wide_large_float32_3x3_only(monkeypatch):
     dk_ref = kt.grad.permute(2, 3, 1, 0).numpy()
     assert np.abs(np.asarray(dx) - dx_ref).max() <= 1e-5 * np.abs(dx_ref).max()
     assert np.abs(np.asarray(dk) - dk_ref).max() <= 1e-5 * np.abs(dk_ref).max()
+
+
+@pytest.mark.parametrize(
+    "min_positions, winograd_expected", [(12 * 11, True), (2 * 12 * 11, False)]
+)
+def test_conv2d_with_a_symbolic_batch_decides_as_with_a_concrete_one(
+    monkeypatch, min_positions, winograd_expected
+):
+    """`jax.export` with a symbolic batch (the serving artifacts) traces the forward a concrete
+    batch takes: the choice reads the image size only (a threshold above one image's positions
+    once made `batch * positions >= threshold` an undecidable comparison)."""
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 8)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_POSITIONS", min_positions)
+    kernel = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 8, 8)), jnp.float32)
+    (batch,) = jax.export.symbolic_shape("batch")
+    spec = jax.ShapeDtypeStruct((batch, 12, 11, 8), jnp.float32)
+    exported = jax.export.export(jax.jit(lambda x_: layers.conv2d(x_, kernel, 1, 1)))(spec)
+    assert ("convolution" not in exported.mlir_module()) == winograd_expected
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 12, 11, 8)), jnp.float32)
+    assert layers._uses_winograd(x, kernel.shape, 1, 1, 1) == winograd_expected
+    np.testing.assert_allclose(
+        exported.call(x), torch_conv3x3(np.asarray(x), np.asarray(kernel)), rtol=0, atol=1e-4
+    )

@@ -156,11 +156,13 @@ def _tap_sum_input_gradient(dy, kernel, stride, padding, groups, in_hw):
 
 
 # Wide, large 3x3 convolutions (at least this many input and output channels and output positions
-# B * H * W) run forward as Winograd F(4x4, 3x3) on XLA:CPU, in float32 only (bfloat16 would lose
-# too much in the transforms). Measured forward, ms, XLA vs F(4, 3) (`benchmarks/winograd.py`):
+# H * W per image) run forward as Winograd F(4x4, 3x3) on XLA:CPU, in float32 only (bfloat16 would
+# lose too much in the transforms). Measured forward, ms, XLA vs F(4, 3) (`benchmarks/winograd.py`):
 # 256->256 at 1x100x168 66 vs 54, 2x100x168 143 vs 124, 1x50x84 17.8 vs 12.0, but 1x25x42 4.9 vs
 # 6.6, and 128->128 at 1x100x168 17 vs 24, 64->64 at 1x200x336 20 vs 43 (the transforms cost more
 # than the products they save). Gradients stay XLA's: through the transforms they were slower.
+# The choice depends on the image size, never on the batch: an image's outputs do not change with
+# the images it is batched with, and a symbolic batch (`jax.export`) decides as a concrete one.
 WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_MIN_POSITIONS = 4096
 
@@ -170,7 +172,7 @@ def _uses_winograd(x: jax.Array, kernel_shape: tuple[int, ...], stride, padding,
     return (
         (kh, kw, stride, padding, groups) == (3, 3, 1, 1, 1)
         and min(cin, cout) >= WINOGRAD_MIN_CHANNELS
-        and x.shape[0] * x.shape[1] * x.shape[2] >= WINOGRAD_MIN_POSITIONS
+        and x.shape[1] * x.shape[2] >= WINOGRAD_MIN_POSITIONS
         and x.dtype == jnp.float32
         and _tuned_for_xla_cpu()
     )
