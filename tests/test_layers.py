@@ -10,17 +10,18 @@ from fcos_jax.models import layers
 from fcos_jax.models.layers import Conv, max_pool
 
 # (height, width, in channels, out channels, kernel, stride, padding, groups): odd sizes so strided
-# outputs drop border rows; 1x1 takes the einsum path, larger ungrouped kernels XLA's convolution
-# and its gradients (per-tap ones inside a loop: the loop test below); grouped cases have
-# ResNeXt's 3x3 shape at group widths 4, 8 and 2 -> 3 (output width unequal to input width, so a
-# transposed group layout would show): 4 and 2 -> 3 take the tap-sum path, 8 and 16 XLA's
-# convolution; grouped kernel gradients are always per tap.
+# outputs drop border rows; 1x1 takes `layers.pointwise` (one 2-D matrix product), larger ungrouped
+# kernels XLA's convolution and its gradients (per-tap ones inside a loop: the loop test below);
+# grouped cases have ResNeXt's 3x3 shape at group widths 4, 8 and 2 -> 3 (output width unequal to
+# input width, so a transposed group layout would show): 4 and 2 -> 3 take the tap-sum path, 8 and
+# 16 XLA's convolution; grouped kernel gradients are always per tap.
 CASES = [
     (9, 12, 5, 7, 3, 1, 1, 1),
     (10, 13, 4, 6, 3, 2, 1, 1),
     (17, 15, 3, 8, 7, 2, 3, 1),
     (8, 8, 4, 4, 3, 1, 0, 1),
     (11, 9, 6, 5, 1, 2, 0, 1),
+    (9, 12, 5, 7, 1, 1, 0, 1),
     (9, 12, 16, 16, 3, 1, 1, 4),
     (10, 13, 32, 32, 3, 2, 1, 4),
     (11, 10, 8, 12, 3, 2, 1, 4),

@@ -1,26 +1,29 @@
 """Building blocks shared by backbone, neck and head: convolution and normalisation layers.
 
 Kernels are HWIO float32 parameters; computation runs in the module's `dtype`. A 1x1 convolution is
-computed as an einsum over channels (after a strided slice when stride > 1): the same math, but
-XLA:CPU differentiates einsums several times faster than 1x1 convolutions. Larger kernels run
-XLA's convolution forward and for both gradients when ungrouped: with the model's compile
-options (`compile_options`: convolutions stay with XLA, not YNNPACK) XLA:CPU's kernel-gradient
-convolution beats one matrix product per kernel tap at every ungrouped shape of the R-50 step
+one 2-D matrix product, positions as rows (`pointwise`, after a strided slice when stride > 1): the
+same math, but XLA:CPU differentiates matrix products several times faster than 1x1 convolutions,
+and a 2-D product's kernel gradient (rows^T @ dy, one contracting axis) is faster than the 4-D
+einsum's (three contracting axes): the backward of R-50's expanding 1x1 convolutions takes
+0.42-0.69x the einsum's time, the others about 0.9x (`benchmarks/pointwise.py`). Larger kernels run
+XLA's convolution forward and for both gradients when ungrouped: with the model's compile options
+(`compile_options`: convolutions stay with XLA, not YNNPACK) XLA:CPU's kernel-gradient convolution
+beats one matrix product per kernel tap at every ungrouped shape of the R-50 step
 (`benchmarks/kernel_gradient.py`; 3x3 256->256 at 2x100x168, dx + dk: 339 vs 419 ms). Grouped
 kernels (ResNeXt's 64 groups) always take the per-tap loop, each tap one matrix product per group
-batched over the groups: XLA:CPU's grouped weight-gradient convolution is 37 to 280x slower
-(dx + dk, 64 groups of 4 channels at 2x50x84: 13.6 s vs 0.37 s; of 8 at 2x25x42: 4.8 s vs 17 ms).
-Narrow groups (at most 4 channels: ResNeXt-64x4d's stage 1) also run forward and input gradient as
-an elementwise sum over taps and channels with the groups as the minor axis (`_grouped_tap_sum`),
-about 2x faster there than XLA:CPU's grouped convolution inside the backbone. Other forward values
-are XLA's convolution, except wide float32 3x3 ones with many positions (the FCOS head and FPN at
-P3/P4, ResNet stage 3), whose forward is Winograd F(4x4, 3x3) (`models.winograd`: 4x fewer
-products, about 1.5e-5 of the output's magnitude in rounding; `_uses_winograd`). Inside a while
-loop (gradient accumulation's micro-batch scan, traced within `inside_a_loop`) XLA:CPU's
-kernel-gradient convolution is ~66x and its transposed convolution ~4x slower than outside one,
-so there every kernel gradient is per tap and ungrouped input gradients are per-tap products
-added into their windows. All of this is for XLA:CPU: on other backends every convolution and
-both its gradients are XLA's own.
+batched over the groups: XLA:CPU's grouped weight-gradient convolution is 37 to 280x slower (dx +
+dk, 64 groups of 4 channels at 2x50x84: 13.6 s vs 0.37 s; of 8 at 2x25x42: 4.8 s vs 17 ms). Narrow
+groups (at most 4 channels: ResNeXt-64x4d's stage 1) also run forward and input gradient as an
+elementwise sum over taps and channels with the groups as the minor axis (`_grouped_tap_sum`), about
+2x faster there than XLA:CPU's grouped convolution inside the backbone. Other forward values are
+XLA's convolution, except wide float32 3x3 ones with many positions (the FCOS head and FPN at P3/P4,
+ResNet stage 3), whose forward is Winograd F(4x4, 3x3) (`models.winograd`: 4x fewer products, about
+1.5e-5 of the output's magnitude in rounding; `_uses_winograd`). Inside a while loop (gradient
+accumulation's micro-batch scan, traced within `inside_a_loop`) XLA:CPU's kernel-gradient
+convolution is ~66x and its transposed convolution ~4x slower than outside one, so there every
+kernel gradient is per tap and ungrouped input gradients are per-tap products added into their
+windows. All of this is for XLA:CPU: on other backends every convolution and both its gradients are
+XLA's own.
 """
 
 import contextlib
@@ -387,6 +390,13 @@ def _max_pool_bwd(kernel_size, stride, padding, as_taps, x, dy):
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A 1x1 convolution as one 2-D matrix product: x [B, H, W, Cin] @ kernel [Cin, Cout] ->
+    [B, H, W, Cout], with positions flattened into rows."""
+    rows = x.reshape(-1, x.shape[-1]) @ kernel
+    return rows.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 class Conv(nn.Module):
     """2-D convolution with PyTorch semantics (symmetric zero padding, groups).
 
@@ -417,7 +427,7 @@ class Conv(nn.Module):
         if k == 1 and self.groups == 1 and self.padding == 0:
             if self.stride > 1:
                 x = x[:, :: self.stride, :: self.stride, :]
-            y = jnp.einsum("bhwc,cf->bhwf", x, kernel[0, 0])
+            y = pointwise(x, kernel[0, 0])
         else:
             y = conv2d(x, kernel, self.stride, self.padding, self.groups)
         if self.use_bias:
