@@ -42,4 +42,5 @@ def get_config():
     c.optim.base_lr, c.optim.lr_steps = 3e-3, (1512, 1815)
     c.train.num_steps = 2000
     c.augment.multiscale, c.augment.multiscale_mode = ((256, 256), (320, 320)), "range"
+    c.preprocess.scale = (320, 320)  # evaluation (the demo's is 256)
     return c

@@ -14,10 +14,10 @@ from subprocess_cli import run_module
 from fcos_jax import eval_lib
 from fcos_jax.config_io import load_config
 
-TRAIN_STEPS = 250
-LR_STEPS = (190, 225)  # the demo's two lr drops (x0.1 each), moved with the shorter run
+TRAIN_STEPS = 300
+LR_STEPS = (227, 272)  # the demo's two lr drops (x0.1 each), moved with the shorter run
 AP_TOLERANCE = 0.005  # |AP(bfloat16) - AP(float32)|
-MIN_AP = 0.1  # float32 AP (measured 0.130): far from 0 and 1, so ranks and scores matter
+MIN_AP = 0.1  # float32 AP (measured 0.136): far from 0 and 1, so ranks and scores matter
 
 
 def shapes_config(data_dir, dtype: str = "float32"):
