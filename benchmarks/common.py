@@ -4,7 +4,9 @@ machine's description."""
 import json
 import os
 import resource
+import statistics
 import subprocess
+import time
 
 MARK = "RESULT "  # a worker's result: one line "RESULT {json}" on its stdout
 
@@ -73,3 +75,27 @@ def median_ms(fn, *args, runs: int) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return 1e3 * float(np.median(times))
+
+
+def timed(fn, runs: int) -> dict[str, float]:
+    """Median and min wall time of `runs` calls of fn (which must block until done) after one
+    untimed call, and the median CPU time of the process (all threads) per call."""
+    fn()  # untimed: the first call after a compile or another program touches fresh memory
+    times, cpu_times = [], []
+    for _ in range(runs):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        fn()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    return {
+        "median": statistics.median(times),
+        "min": min(times),
+        "cpu": statistics.median(cpu_times),
+    }
+
+
+def synthetic_images(batch: int, height: int, width: int):
+    """Normalised random images [B, H, W, 3] float32 (standard normal, seeded)."""
+    import numpy as np
+
+    return np.random.default_rng(0).standard_normal((batch, height, width, 3), dtype=np.float32)

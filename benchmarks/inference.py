@@ -28,33 +28,15 @@ torchvision runs in its fastest CPU configuration: channels_last, torch.inferenc
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import best_round, cpu_model, print_result, run_command  # benchmarks/common.py
+from common import best_round, cpu_model, print_result, run_command, timed  # benchmarks/common.py
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def timed(fn, runs: int) -> dict[str, float]:
-    """Median and min wall time of `runs` calls of fn (which must block until done) after one
-    untimed call, and the median CPU time of the process (all threads) per call."""
-    fn()  # untimed: the first call after a compile or another program touches fresh memory
-    times, cpu_times = [], []
-    for _ in range(runs):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        fn()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-    return {
-        "median": statistics.median(times),
-        "min": min(times),
-        "cpu": statistics.median(cpu_times),
-    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,19 +33,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import op_profile  # noqa: E402  (benchmarks/op_profile.py)
-from common import print_result, run_command  # noqa: E402  (benchmarks/common.py)
-from inference import timed  # noqa: E402
+from common import print_result, run_command, synthetic_images, timed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "fcos_mstrain_640_800_x101_64x4d_fpn_gn_2x.py"
 MODES = ("forward", "backward")
-
-
-def synthetic_images(batch: int, height: int, width: int):
-    """Normalised random images [B, H, W, 3] float32 (standard normal, seeded)."""
-    import numpy as np
-
-    return np.random.default_rng(0).standard_normal((batch, height, width, 3), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,34 +26,21 @@ thunks at once; timing the parts alone does not.
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
-from common import best_round, cpu_model, print_result, run_command  # benchmarks/common.py
+from common import (  # benchmarks/common.py
+    best_round,
+    cpu_model,
+    print_result,
+    run_command,
+    synthetic_images,
+    timed,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/fcos_r50_caffe_fpn_gn_1x.py"
 COTANGENT = 1e-3  # the weight of each output in the parts' losses
-
-
-def timed(fn, runs: int) -> dict[str, float]:
-    """Median and min wall seconds of `runs` calls of fn (which blocks) after one untimed call."""
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"median": statistics.median(times), "min": min(times)}
-
-
-def images(args):
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    return rng.standard_normal((args.batch, args.height, args.width, 3)).astype(np.float32)
 
 
 def jax_worker(args) -> dict:
@@ -67,7 +54,7 @@ def jax_worker(args) -> dict:
 
     config = load_config(REPO / CONFIG)
     model = build_model(config.model)
-    x = jnp.asarray(images(args))
+    x = jnp.asarray(synthetic_images(args.batch, args.height, args.width))
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1, :64, :64])
     params, stats = variables["params"], variables["batch_stats"]
     jit = lambda f: jax.jit(f, compiler_options=compile_options.compiler_options())  # noqa: E731
@@ -126,7 +113,7 @@ def torch_worker(args) -> dict:
         resnet, 3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256)
     ).to(memory_format=torch.channels_last)
     head = FCOSHead(256, 1, 91).to(memory_format=torch.channels_last)
-    x = torch.from_numpy(images(args)).permute(0, 3, 1, 2)
+    x = torch.from_numpy(synthetic_images(args.batch, args.height, args.width)).permute(0, 3, 1, 2)
     x = x.contiguous(memory_format=torch.channels_last)
 
     def weighted_sum(outputs):
