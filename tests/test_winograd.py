@@ -13,8 +13,8 @@ from fcos_jax.models import layers, winograd
 def torch_conv3x3(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """NHWC x HWIO, stride 1, padding 1, in float64 (the reference)."""
     y = torch.nn.functional.conv2d(
-        torch.from_numpy(x).double().permute(0, 3, 1, 2),
-        torch.from_numpy(kernel).double().permute(3, 2, 0, 1),
+        torch.tensor(np.asarray(x)).double().permute(0, 3, 1, 2),
+        torch.tensor(np.asarray(kernel)).double().permute(3, 2, 0, 1),
         padding=1,
     )
     return y.permute(0, 2, 3, 1).numpy()
