@@ -9,7 +9,9 @@ F(4x4, 3x3), at the price of larger rounding errors (the transforms' coefficient
 F(2, 3); `benchmarks/winograd.py` measures both against XLA's convolution).
 
 Everything is written as XLA sees it: strided slices of the padded input, elementwise sums for
-the transforms (their coefficients are constants, zeros skipped) and one batched einsum.
+the transforms (their coefficients are constants, zeros skipped) and one 2-D matrix product per
+tile position ((m + 2)^2 of them, independent, so XLA can run them at once): on XLA:CPU these
+plain products ran faster than one batched einsum over the tile positions (docs/benchmarks.md).
 """
 
 import jax
@@ -78,16 +80,21 @@ def conv3x3(x: jax.Array, transformed: jax.Array, transforms: Transforms = F4X3)
     tiles are computed on zero padding and cropped)."""
     bt, at = transforms["BT"], transforms["AT"]
     alpha, m = len(bt), len(at)
-    batch, height, width, _ = x.shape
+    batch, height, width, channels = x.shape
     th, tw = -(-height // m), -(-width // m)  # tiles per column and per row
     x = jnp.pad(x, ((0, 0), (1, th * m + 1 - height), (1, tw * m + 1 - width), (0, 0)))
     # B^T d B, rows then columns: offset a of every tile is one strided slice.
     rows = _combine(bt, [x[:, a : a + m * th : m] for a in range(alpha)])  # [B, th, W', C] each
     v = [_combine(bt, [r[:, :, b : b + m * tw : m] for b in range(alpha)]) for r in rows]
-    v = jnp.stack([jnp.stack(vi) for vi in v])  # [a, a, B, th, tw, Cin]
-    products = jnp.einsum("xynhwc,xyco->xynhwo", v, transformed.astype(x.dtype))
+    # M = V U at each of the a x a tile positions: [B * th * tw, Cin] @ [Cin, Cout].
+    u = transformed.astype(x.dtype)
+    products = [
+        [jnp.dot(v[xi][yi].reshape(-1, channels), u[xi, yi]).reshape(batch, th, tw, -1)
+         for yi in range(alpha)]
+        for xi in range(alpha)
+    ]  # fmt: skip
     # A^T M A, then each tile's m x m outputs into place.
-    cols = [_combine(at, list(products[xi])) for xi in range(alpha)]  # [a][m] of [B, th, tw, O]
+    cols = [_combine(at, products[xi]) for xi in range(alpha)]  # [a][m] of [B, th, tw, O]
     y = [_combine(at, [cols[xi][j] for xi in range(alpha)]) for j in range(m)]
     y = jnp.stack([jnp.stack(yj, axis=3) for yj in y], axis=5)  # [B, th, tw, m (i), O, m (j)]
     y = y.transpose(0, 1, 3, 2, 5, 4).reshape(batch, th * m, tw * m, -1)
