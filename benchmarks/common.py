@@ -61,26 +61,12 @@ def cpu_model() -> str:
     return f"{name}, family {family}" if family else name
 
 
-def median_ms(fn, *args, runs: int) -> float:
-    """Median milliseconds of `runs` calls of the jitted fn(*args) after one untimed call."""
-    import time
-
-    import jax
-    import numpy as np
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
-
-
-def timed(fn, runs: int) -> dict[str, float]:
-    """Median and min wall time of `runs` calls of fn (which must block until done) after one
-    untimed call, and the median CPU time of the process (all threads) per call."""
-    fn()  # untimed: the first call after a compile or another program touches fresh memory
+def timed(fn, runs: int, warmup: int = 1) -> dict:
+    """Wall time of `runs` calls of fn (which must block until done) after `warmup` untimed ones
+    (the first call after a compile or another program touches fresh memory): seconds, "median",
+    "min" and "all", and the process's median CPU seconds (all threads) per call, "cpu"."""
+    for _ in range(warmup):
+        fn()
     times, cpu_times = [], []
     for _ in range(runs):
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -90,8 +76,26 @@ def timed(fn, runs: int) -> dict[str, float]:
     return {
         "median": statistics.median(times),
         "min": min(times),
+        "all": times,
         "cpu": statistics.median(cpu_times),
     }
+
+
+def median_ms(fn, *args, runs: int) -> float:
+    """Median milliseconds of `runs` calls of the jitted fn(*args) after one untimed call."""
+    import jax
+
+    return 1e3 * timed(lambda: jax.block_until_ready(fn(*args)), runs)["median"]
+
+
+def alternating_rounds(run_side, rounds: int) -> tuple[dict, dict]:
+    """(ours, theirs): `run_side("torch")` and `run_side("jax")` alternately, `rounds` times each
+    (so a change of load hits both sides), each side's results merged by `best_round`."""
+    results = {"torch": [], "jax": []}
+    for _ in range(rounds):
+        for side in ("torch", "jax"):
+            results[side].append(run_side(side))
+    return best_round(results["jax"]), best_round(results["torch"])
 
 
 def synthetic_images(batch: int, height: int, width: int):

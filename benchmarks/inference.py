@@ -34,7 +34,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import best_round, cpu_model, print_result, run_command, timed  # benchmarks/common.py
+from common import (  # benchmarks/common.py
+    alternating_rounds,
+    cpu_model,
+    print_result,
+    run_command,
+    timed,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -364,11 +370,7 @@ def main() -> None:
         paths = {"weights": weights, "checkpoint": converted, "input": image}
         paths["cache"] = Path(tmp) / "jax_cache"
         warmup = run_worker("jax", args, paths)  # compiles into the empty cache
-        results = {"torch": [], "jax": []}
-        for _ in range(args.rounds):  # alternate the sides so a change of load hits both
-            for side in ("torch", "jax"):
-                results[side].append(run_worker(side, args, paths))
-    ours, theirs = best_round(results["jax"]), best_round(results["torch"])
+        ours, theirs = alternating_rounds(lambda side: run_worker(side, args, paths), args.rounds)
     (report_throughput if args.batches else report)(ours, theirs, warmup, args)
     print(
         f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} "

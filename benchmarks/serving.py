@@ -31,8 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from common import MARK, print_result  # noqa: E402  (benchmarks/common.py)
-from inference import make_inputs, timed  # noqa: E402  (benchmarks/inference.py)
+from common import MARK, print_result, timed  # noqa: E402  (benchmarks/common.py)
+from inference import make_inputs  # noqa: E402  (benchmarks/inference.py)
 
 RUNTIMES = ("torchvision", "jit", "stablehlo", "savedmodel", "onnxruntime", "openvino")
 ARTIFACT_FORMAT = {"stablehlo": "stablehlo", "savedmodel": "savedmodel", "onnxruntime": "onnx"}

@@ -19,9 +19,9 @@ both sides start from their own initialisation, and the losses (the outputs' sum
 weight) differ; the work per part is the same up to the class count (80 vs 91 channels).
 Each side runs in its own process (`--rounds` alternates them; each timing from its fastest
 round), compiled with the library's compile options; the median of `--runs` after one warm-up.
-Why: `op_profile.py`'s per-operation table of the whole step charges XLA's asynchronously
-launched convolutions until their result is read, which over-counts them when the step runs many
-thunks at once; timing the parts alone does not.
+Why: in `op_profile.py`'s per-operation table of the whole step, XLA's asynchronously launched
+convolutions are charged until their result is read, so a row can carry time other thunks spent;
+timing the parts alone does not mix them.
 """
 
 import argparse
@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from common import (  # benchmarks/common.py
-    best_round,
+    alternating_rounds,
     cpu_model,
     print_result,
     run_command,
@@ -172,11 +172,7 @@ def main() -> None:
     if args.worker:
         print_result((jax_worker if args.worker == "jax" else torch_worker)(args))
         return
-    results = {"torch": [], "jax": []}
-    for _ in range(args.rounds):  # alternate the sides so a change of load hits both
-        for side in ("torch", "jax"):
-            results[side].append(run_worker(side, args))
-    ours, theirs = best_round(results["jax"]), best_round(results["torch"])
+    ours, theirs = alternating_rounds(lambda side: run_worker(side, args), args.rounds)
     print(
         f"\nFCOS R-50 GN train-step parts, batch {args.batch}, {args.height}x{args.width}, float32,"
         f" {os.cpu_count()} cores ({cpu_model()}), median (min) wall seconds of {args.runs} runs"

@@ -35,27 +35,16 @@ load on a shared machine only ever adds time).
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import op_profile  # benchmarks/op_profile.py
-from common import best_round, cpu_model, print_result, run_command  # benchmarks/common.py
+from common import best_round, cpu_model, print_result, run_command, timed  # benchmarks/common.py
 
 REPO = Path(__file__).resolve().parents[1]
 BOXES_PER_IMAGE = 8
-
-
-def timed(fn, runs: int) -> dict[str, float]:
-    """Median and min wall time of `runs` calls of fn (which must block until done)."""
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"median": statistics.median(times), "min": min(times), "all": times}
 
 
 def synthetic_inputs(batch: int, height: int, width: int):
@@ -157,7 +146,7 @@ def jax_worker(args) -> dict:
         holder["state"], out = step(holder["state"], batch)
         jax.block_until_ready((holder["state"], out))
 
-    step_times = timed(one_step, args.steps)
+    step_times = timed(one_step, args.steps, warmup=0)  # warmed up above
     profile_wall = None
     if args.profile:
         profile_wall = op_profile.capture_jax(one_step, step.as_text(), args.steps, args.profile)
@@ -168,8 +157,8 @@ def jax_worker(args) -> dict:
     forward_times = timed(
         lambda: jax.block_until_ready(forward_and_loss(state.params, state.batch_stats, batch)),
         args.steps,
+        warmup=0,  # its compiling call above
     )
-    jax.block_until_ready(encode(batch))
     encode_times = timed(lambda: jax.block_until_ready(encode(batch)), args.steps)
     metrics = jax.device_get(metrics)
     return {
@@ -270,12 +259,12 @@ def torch_worker(args) -> dict:
 
     for _ in range(args.warmup):
         one_step()
-    step_times = timed(one_step, args.steps)
+    step_times = timed(one_step, args.steps, warmup=0)  # warmed up above
     profile_wall = None
     if args.profile:
         profile_wall = op_profile.capture_torch(model, one_step, args.steps, args.profile)
-    forward_times = timed(forward_and_loss, args.steps)
-    transform_times = timed(transform, args.steps)
+    forward_times = timed(forward_and_loss, args.steps, warmup=0)
+    transform_times = timed(transform, args.steps, warmup=0)
     first_conv = model.backbone.body.conv1.weight
     return {
         "step": step_times,
