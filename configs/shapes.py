@@ -16,7 +16,7 @@ scratch and in under 1000 steps, SGD (best lr 0.05; 0.1 diverged) and AdamW at 1
 classifier unsure between shapes (AP 0.44-0.45 after 700 steps, most false positives a second
 class on a found object), AdamW at 2e-3 reached AP 0.70 / AP50 0.93 after the same 700 steps. A
 wider FPN and head (64 channels) did not help. Inputs of at most 256 px instead of 320 cost a
-little AP (800 steps: 0.72 / AP50 0.95 against 0.76 / 0.98) for 0.64x the pixels and 0.7x the
+little AP (800 steps: 0.72 / AP50 0.95 against 0.78 / 0.98) for 0.64x the pixels and 0.7x the
 step time; `--config.preprocess.scale='(320, 320)' --config.augment.multiscale='((320, 320),)'`
 trains at 320. At 256 px, 720 steps gave AP50 0.91 and 560 steps at 320 px 0.85: the 800 steps
 keep a margin above AP50 0.9.
