@@ -36,15 +36,45 @@ def test_conv_value_and_gradients_match_torch(case):
     check_conv_against_torch(*case)
 
 
+def _lowered_gradients(case, platforms: tuple[str, ...]) -> str:
+    """StableHLO of Conv's value and both gradients for `case`, exported for `platforms`."""
+    h, w, cin, cout, k, stride, padding, groups = case
+    conv = Conv(cout, k, stride, padding, groups)
+
+    def loss(x, kernel):
+        return jnp.sum(conv.apply({"params": {"kernel": kernel}}, x) ** 2)
+
+    specs = (
+        jax.ShapeDtypeStruct((2, h, w, cin), jnp.float32),
+        jax.ShapeDtypeStruct((k, k, cin // groups, cout), jnp.float32),
+    )
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return jax.export.export(grad, platforms=platforms)(*specs).mlir_module()
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[6]], ids=["3x3", "7x7-s2", "grouped"])
-def test_conv_on_other_backends_is_xlas_own_and_matches_torch(monkeypatch, case):
-    """Off XLA:CPU (GPU, TPU) no per-tap kernel gradient and no tap sum: XLA's convolution and its
-    own gradients, with the same values."""
-    monkeypatch.setattr(layers, "_tuned_for_xla_cpu", lambda: False)
-    kernel_shape = (case[4], case[4], case[2] // case[7], case[3])
-    assert not layers._uses_tap_sum(kernel_shape, case[7])
-    assert not layers._uses_tap_kernel_gradient(case[7])
-    check_conv_against_torch(*case)
+def test_accelerator_kernels_are_xlas_own_and_match_torch(case):
+    """Traced as for a GPU or TPU (`accelerator_kernels`): no per-tap kernel gradient and no tap
+    sum, only XLA's convolution and its own gradients, with the same values."""
+    with layers.accelerator_kernels():
+        check_conv_against_torch(*case)
+        module = _lowered_gradients(case, ("cpu",))
+    assert "stablehlo.while" not in module  # no per-tap loop
+    assert module.count("stablehlo.convolution") == 3  # value, input and kernel gradient
+
+
+def test_a_program_for_an_accelerator_holds_xlas_convolutions_whatever_the_host():
+    """The grouped convolution (tap sum forward, per-tap kernel gradient on XLA:CPU) lowered on
+    this CPU host for CUDA holds XLA's convolutions only; lowered for the CPU, the tuned forms;
+    exported for both, both, each behind the platform index."""
+    grouped = CASES[6]
+    cuda = _lowered_gradients(grouped, ("cuda",))
+    cpu = _lowered_gradients(grouped, ("cpu",))
+    both = _lowered_gradients(grouped, ("cpu", "cuda"))
+    assert "stablehlo.while" not in cuda and cuda.count("stablehlo.convolution") == 3
+    assert "stablehlo.while" in cpu and "stablehlo.convolution" not in cpu
+    assert "stablehlo.while" in both and both.count("stablehlo.convolution") >= 3
+    assert "_platform_index" in both
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])

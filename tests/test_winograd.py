@@ -54,14 +54,17 @@ def test_conv2d_takes_winograd_for_wide_large_float32_3x3_only(monkeypatch):
     assert not uses(x, kernel.shape, 2, 1, 1) and not uses(x, kernel.shape, 1, 0, 1)
     assert not uses(x, (3, 3, 4, 8), 1, 1, 2)  # grouped
     assert not uses(x.astype(jnp.bfloat16), kernel.shape, 1, 1, 1)
-    monkeypatch.setattr(layers, "_tuned_for_xla_cpu", lambda: False)
-    assert not uses(x, kernel.shape, 1, 1, 1)
-    monkeypatch.undo()
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 8)
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_POSITIONS", 12 * 11)
 
-    forward = str(jax.make_jaxpr(lambda x_, k_: layers.conv2d(x_, k_, 1, 1))(x, kernel))
-    assert "conv_general_dilated" not in forward  # Winograd's products are einsums
+    forward = jax.jit(lambda x_, k_: layers.conv2d(x_, k_, 1, 1))
+    assert "convolution" not in forward.lower(x, kernel).as_text()  # Winograd: matrix products
+    # Lowered for an accelerator (here on the CPU host), or traced as one: XLA's convolution.
+    for_cuda = jax.export.export(forward, platforms=("cuda",))(x, kernel).mlir_module()
+    assert "stablehlo.convolution" in for_cuda and "dot_general" not in for_cuda
+    with layers.accelerator_kernels():
+        portable = jax.jit(
+            lambda x_, k_: layers.Conv(8, 3, 1, 1).apply({"params": {"kernel": k_}}, x_)
+        )
+        assert "convolution" in portable.lower(x, kernel).as_text()
 
     weights = jnp.asarray(rng.standard_normal((2, 12, 11, 8)), jnp.float32)
     y, (dx, dk) = jax.value_and_grad(

@@ -22,8 +22,9 @@ ResNet stage 3), whose forward is Winograd F(4x4, 3x3) (`models.winograd`: 4x fe
 accumulation's micro-batch scan, traced within `inside_a_loop`) XLA:CPU's kernel-gradient
 convolution is ~66x and its transposed convolution ~4x slower than outside one, so there every
 kernel gradient is per tap and ungrouped input gradients are per-tap products added into their
-windows. All of this is for XLA:CPU: on other backends every convolution and both its gradients are
-XLA's own.
+windows. All of this is for XLA:CPU: each tuned form is one branch of `lax.platform_dependent`, so
+a program lowered for a GPU or TPU (also one exported on a CPU host) holds XLA's own convolution
+and gradients only; `accelerator_kernels()` traces that form alone, whatever the backend.
 """
 
 import contextlib
@@ -95,16 +96,39 @@ def _groups_major(x: jax.Array) -> jax.Array:
     return x.swapaxes(3, 4).reshape(*x.shape[:3], -1)
 
 
-def _tuned_for_xla_cpu() -> bool:
-    """The per-tap kernel gradient, the tap sums and Winograd work around XLA:CPU's convolutions;
-    other backends (cuDNN, TPU) run XLA's own convolution and its gradients."""
-    return jax.default_backend() == "cpu"
-
-
 def _uses_tap_sum(kernel_shape: tuple[int, ...], groups: int) -> bool:
+    """True when XLA:CPU runs this grouped convolution as `_grouped_tap_sum` (narrow groups)."""
     _, _, cin_per_group, cout = kernel_shape
     width = max(cin_per_group, cout // groups)
-    return groups > 1 and width <= TAP_SUM_MAX_GROUP_WIDTH and _tuned_for_xla_cpu()
+    return groups > 1 and width <= TAP_SUM_MAX_GROUP_WIDTH
+
+
+# Set (at trace time) by `accelerator_kernels`: trace no XLA:CPU-tuned kernel.
+_ACCELERATOR_KERNELS = contextvars.ContextVar("accelerator_kernels", default=False)
+
+
+@contextlib.contextmanager
+def accelerator_kernels():
+    """Within this context the model traces XLA's own convolutions and gradients only: the
+    program a GPU or TPU compiles, whatever backend it is compiled for here. Outside it each
+    convolution carries both forms and the lowering keeps the one of its platform
+    (`_per_platform`); inside it a CPU-only machine can compile and read an accelerator's
+    program (its collectives, its operations)."""
+    token = _ACCELERATOR_KERNELS.set(True)
+    try:
+        yield
+    finally:
+        _ACCELERATOR_KERNELS.reset(token)
+
+
+def _per_platform(xla_cpu: Callable, portable: Callable, *operands, portable_only: bool):
+    """`xla_cpu(*operands)` in a program lowered for XLA:CPU, `portable(*operands)` on every
+    other platform. `lax.platform_dependent`: a program lowered for one platform keeps only its
+    branch, and one exported for several (`jax.export`) carries both, chosen where it runs.
+    portable_only: trace `portable` alone (`accelerator_kernels`)."""
+    if portable_only:
+        return portable(*operands)
+    return lax.platform_dependent(*operands, cpu=xla_cpu, default=portable)
 
 
 # Set (at trace time) by `inside_a_loop`: the gradients being traced run inside a while loop.
@@ -125,10 +149,11 @@ def inside_a_loop():
 
 
 def _uses_tap_kernel_gradient(groups: int) -> bool:
-    """True: `conv2d`'s per-tap kernel gradient; False: XLA's own (module notes above). On
-    XLA:CPU grouped kernels take the per-tap loop (its grouped kernel gradient is far slower), and
-    so does every kernel inside `inside_a_loop`; ungrouped ones outside a loop take XLA's."""
-    return _tuned_for_xla_cpu() and (groups > 1 or _IN_A_LOOP.get())
+    """True: on XLA:CPU `conv2d`'s kernel gradient is per tap; False: XLA's own everywhere
+    (module notes above). Grouped kernels take the per-tap loop (XLA:CPU's grouped kernel
+    gradient is far slower), and so does every kernel inside `inside_a_loop`; ungrouped ones
+    outside a loop take XLA's."""
+    return groups > 1 or _IN_A_LOOP.get()
 
 
 def _tap_sum_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int):
@@ -177,21 +202,30 @@ def _uses_winograd(x: jax.Array, kernel_shape: tuple[int, ...], stride, padding,
         and min(cin, cout) >= WINOGRAD_MIN_CHANNELS
         and x.shape[1] * x.shape[2] >= WINOGRAD_MIN_POSITIONS
         and x.dtype == jnp.float32
-        and _tuned_for_xla_cpu()
     )
 
 
-def _conv_forward(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int):
+def _conv_forward(x, kernel, stride: int, padding: int, groups: int, portable: bool):
+    """The convolution's value: XLA's own, or on XLA:CPU Winograd / the tap sum where those are
+    faster (`_per_platform`)."""
+    xla = lambda x_, k_: _xla_conv(x_, k_, stride, padding, groups)  # noqa: E731
     if _uses_winograd(x, kernel.shape, stride, padding, groups):
-        return winograd.conv3x3(x, winograd.kernel_transform(kernel))
-    if _uses_tap_sum(kernel.shape, groups):
-        return _tap_sum_conv(x, kernel, stride, padding, groups)
-    return _xla_conv(x, kernel, stride, padding, groups)
+        tuned = lambda x_, k_: winograd.conv3x3(x_, winograd.kernel_transform(k_))  # noqa: E731
+    elif _uses_tap_sum(kernel.shape, groups):
+        tuned = lambda x_, k_: _tap_sum_conv(x_, k_, stride, padding, groups)  # noqa: E731
+    else:
+        return xla(x, kernel)
+    return _per_platform(tuned, xla, x, kernel, portable_only=portable)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def conv2d(
-    x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int = 1
+    x: jax.Array,
+    kernel: jax.Array,
+    stride: int,
+    padding: int,
+    groups: int = 1,
+    portable: bool = False,
 ) -> jax.Array:
     """NHWC x HWIO convolution, symmetric zero padding, `groups` feature groups; forward and input
     gradient are XLA's (narrow groups: `_grouped_tap_sum`; wide float32 3x3 forwards: Winograd),
@@ -200,13 +234,15 @@ def conv2d(
 
     x: [B, H, W, Cin], kernel: [k, k, Cin / groups, Cout] -> [B, H', W', Cout],
     H' = (H + 2p - k) // s + 1; output channels [g * Cout / groups, (g + 1) * Cout / groups) see
-    only input channels [g * Cin / groups, (g + 1) * Cin / groups).
+    only input channels [g * Cin / groups, (g + 1) * Cin / groups). portable: XLA's own
+    convolution and gradients only, on every backend (`accelerator_kernels`; a static argument,
+    so that traces with and without it are cached apart).
     """
-    return _conv_forward(x, kernel, stride, padding, groups)
+    return _conv_forward(x, kernel, stride, padding, groups, portable)
 
 
-def _conv2d_fwd(x, kernel, stride, padding, groups):
-    return _conv_forward(x, kernel, stride, padding, groups), (x, kernel)
+def _conv2d_fwd(x, kernel, stride, padding, groups, portable):
+    return _conv_forward(x, kernel, stride, padding, groups, portable), (x, kernel)
 
 
 def _tap_kernel_gradient(patch: jax.Array, dy_rows: jax.Array, groups: int) -> jax.Array:
@@ -241,14 +277,26 @@ def _tap_input_gradient(
     return dx[:, padding : padding + height, padding : padding + width, :]
 
 
-def _conv2d_bwd(stride, padding, groups, residuals, dy):
+def _conv2d_bwd(stride, padding, groups, portable, residuals, dy):
     x, kernel = residuals
-    if not _uses_tap_kernel_gradient(groups):
+
+    def xla_gradients(x, kernel, dy):
         _, vjp = jax.vjp(lambda x_, k_: _xla_conv(x_, k_, stride, padding, groups), x, kernel)
         return vjp(dy)
+
+    if not _uses_tap_kernel_gradient(groups):
+        return xla_gradients(x, kernel, dy)
+    tuned = functools.partial(_tuned_gradients, stride, padding, groups, _IN_A_LOOP.get())
+    return _per_platform(tuned, xla_gradients, x, kernel, dy, portable_only=portable)
+
+
+def _tuned_gradients(stride, padding, groups, in_a_loop, x, kernel, dy):
+    """(dx, dkernel) of `conv2d` as XLA:CPU runs them fastest: the kernel gradient per tap; the
+    input gradient as a tap sum (narrow groups), per-tap products (ungrouped, in a loop) or
+    XLA's transposed convolution."""
     if _uses_tap_sum(kernel.shape, groups):
         dx = _tap_sum_input_gradient(dy, kernel, stride, padding, groups, x.shape[1:3])
-    elif groups == 1 and _IN_A_LOOP.get():
+    elif groups == 1 and in_a_loop:
         dx = _tap_input_gradient(dy, kernel, stride, padding, x.shape[1:3])
     else:
         _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding, groups), x)
@@ -429,7 +477,8 @@ class Conv(nn.Module):
                 x = x[:, :: self.stride, :: self.stride, :]
             y = pointwise(x, kernel[0, 0])
         else:
-            y = conv2d(x, kernel, self.stride, self.padding, self.groups)
+            portable = _ACCELERATOR_KERNELS.get()
+            y = conv2d(x, kernel, self.stride, self.padding, self.groups, portable)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,))
             y = y + bias.astype(self.dtype)
