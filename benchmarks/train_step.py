@@ -116,7 +116,7 @@ def jax_worker(args) -> dict:
     )
 
     step = train_lib.jit_train_step(
-        train_lib.make_train_step(config, model, optimizer, schedule), mesh
+        train_lib.make_train_step(config, model, optimizer, schedule, mesh), mesh
     )
     loss_kwargs = train_lib._loss_kwargs(config)  # the step's own loss settings
 

@@ -1,9 +1,9 @@
 """Train state and the jitted, data-parallel FCOS train step.
 
 One step = forward -> targets (pure, vmapped) -> losses -> gradients -> optax update, all in one
-`jax.jit` over a global batch sharded on the mesh axis `data`; XLA inserts the gradient
-all-reduce. Loss normalisers are sums over the global batch, so the update does not depend on
-the device count. With `train.accumulate_steps = k` the batch is split into k micro-batches and
+`jax.jit` over a global batch sharded on the mesh axis `data`. The gradients are computed per
+device (`jax.shard_map`) and all-reduced once per step, after any micro-batch loop. Loss
+normalisers are sums over the global batch, so the update does not depend on the device count. With `train.accumulate_steps = k` the batch is split into k micro-batches and
 only one micro-batch's activations and targets are alive at a time: a first pass sums the
 normalisers' counts of every micro-batch (targets encoded and dropped), a second sums each
 micro-batch's gradients against those whole-batch normalisers, so the update is the one of the
@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import Mesh, PartitionSpec
 
-from fcos_jax import compile_options, losses, points, sharding, targets
+from fcos_jax import compile_options, losses, optim, points, sharding, targets
 from fcos_jax.models import layers
 
 PyTree = Any
@@ -106,23 +107,41 @@ def _split_micro_batches(tree: PyTree, k: int) -> PyTree:
     return jax.tree.map(split, tree)
 
 
+def _split_trainable(params: PyTree, labels: PyTree) -> tuple[dict, dict]:
+    """({path: leaf} of the trainable parameters, {path: leaf} of the frozen ones)."""
+    flat, flat_labels = flatten_dict(params), flatten_dict(labels)
+    trainable = {k: v for k, v in flat.items() if flat_labels[k] != optim.FROZEN}
+    frozen = {k: v for k, v in flat.items() if flat_labels[k] == optim.FROZEN}
+    return trainable, frozen
+
+
 def make_train_step(
     config: ml_collections.ConfigDict,
     model: nn.Module,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
+    mesh: Mesh,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The un-jitted step `(state, batch) -> (state, metrics)`; see `jit_train_step`.
+    """The un-jitted step `(state, batch) -> (state, metrics)` on `mesh`; see `jit_train_step`.
 
     batch: image [B,H,W,3] f32, boxes [B,M,4] xyxy px, labels [B,M] int32, box_valid [B,M] bool.
     metrics: loss, loss_cls, loss_bbox, loss_centerness, num_pos (global batch), lr.
+
+    Each device computes the gradients of its shard of the batch (`jax.shard_map` over the mesh
+    axis `data`), summed over its micro-batches, and the trainable parameters' gradients are
+    all-reduced once, after the loop: one reduction per optimizer step, whatever the
+    accumulation, and a weight used several times (the head's, once per pyramid level) is
+    reduced once. Only the normalisers' counts and the loss terms (scalars), and with
+    `batch_stats_bn` each BatchNorm's statistics, cross devices besides.
     """
     accumulate = int(config.train.accumulate_steps)
     loss_kwargs = _loss_kwargs(config)
     mutable_stats = trains_batch_stats(config)
+    if mutable_stats:  # each device normalises with the statistics of the whole (micro-)batch
+        model = model.clone(backbone=model.backbone.clone(batch_axis=sharding.DATA_AXIS))
 
-    def loss_fn(params, batch_stats, batch, batch_targets, normalizers):
-        variables = {"params": params, "batch_stats": batch_stats}
+    def loss_fn(trainable, frozen, batch_stats, batch, batch_targets, normalizers):
+        variables = {"params": unflatten_dict(trainable | frozen), "batch_stats": batch_stats}
         if mutable_stats:
             outputs, updated = model.apply(
                 variables, batch["image"], train=True, mutable=["batch_stats"]
@@ -135,12 +154,19 @@ def make_train_step(
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    def global_normalizers(counts: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        return jax.lax.psum(counts, sharding.DATA_AXIS)
+
+    def shard_gradients(trainable, frozen, batch_stats, batch):
+        """Per device: its shard's gradients, reduced over the devices once at the end."""
+        # Varying per device: their gradients stay local until the one psum below (gradients of
+        # replicated inputs would be reduced wherever a weight is used).
+        trainable = jax.lax.pcast(trainable, sharding.DATA_AXIS, to="varying")
         if accumulate == 1:
             batch_targets = encode_batch(config, batch)
-            normalizers = losses.batch_normalizers(batch_targets)
+            normalizers = global_normalizers(losses.batch_normalizers(batch_targets))
             grads, (terms, batch_stats) = grad_fn(
-                state.params, state.batch_stats, batch, batch_targets, normalizers
+                trainable, frozen, batch_stats, batch, batch_targets, normalizers
             )
         else:
             micro = _split_micro_batches(batch, accumulate)
@@ -152,17 +178,19 @@ def make_train_step(
                 return jax.tree.map(jnp.add, total, counts), None
 
             zero_counts = {k: jnp.zeros((), jnp.float32) for k in losses.NORMALIZER_TERMS}
-            normalizers, _ = jax.lax.scan(count, zero_counts, micro)
+            zero_counts = jax.lax.pcast(zero_counts, sharding.DATA_AXIS, to="varying")
+            counts, _ = jax.lax.scan(count, zero_counts, micro)
+            normalizers = global_normalizers(counts)
 
-            # Pass 2: each micro-batch's gradients against those normalisers. Every micro-batch
-            # starts from the step's BN running averages; their mean below is one update with
-            # the mean of the micro-batch statistics (not k updates).
+            # Pass 2: each micro-batch's gradients against those normalisers, summed on the
+            # device. Every micro-batch starts from the step's BN running averages; their mean
+            # below is one update with the mean of the micro-batch statistics (not k updates).
             def body(carry, micro_batch):
                 grads_sum, terms_sum, stats_sum = carry
                 micro_targets = encode_batch(config, micro_batch)
                 with layers.inside_a_loop():  # the conv kernel gradients XLA:CPU runs fast here
                     g, (t, stats) = grad_fn(
-                        state.params, state.batch_stats, micro_batch, micro_targets, normalizers
+                        trainable, frozen, batch_stats, micro_batch, micro_targets, normalizers
                     )
                 return (
                     jax.tree.map(jnp.add, grads_sum, g),
@@ -170,19 +198,35 @@ def make_train_step(
                     jax.tree.map(jnp.add, stats_sum, stats),
                 ), None
 
-            zeros = jax.tree.map(jnp.zeros_like, (state.params, state.batch_stats))
+            zero_grads = jax.tree.map(jnp.zeros_like, trainable)
             zero_terms = {k: jnp.zeros((), jnp.float32) for k in losses.LOSS_TERMS}
+            zero_terms = jax.lax.pcast(zero_terms, sharding.DATA_AXIS, to="varying")
+            zero_stats = jax.tree.map(jnp.zeros_like, batch_stats)
             (grads, terms, stats_sum), _ = jax.lax.scan(
-                body, (zeros[0], zero_terms, zeros[1]), micro
+                body, (zero_grads, zero_terms, zero_stats), micro
             )
-            batch_stats = state.batch_stats
             if mutable_stats:
                 batch_stats = jax.tree.map(lambda x: x / accumulate, stats_sum)
-            terms = dict(terms, num_pos=normalizers["num_pos"])
+        # The step's one gradient reduction; the loss terms are sums of per-device parts too.
+        grads, terms = jax.lax.psum((grads, terms), sharding.DATA_AXIS)
+        return grads, dict(terms, num_pos=normalizers["num_pos"]), batch_stats
+
+    replicated, shard = PartitionSpec(), PartitionSpec(sharding.DATA_AXIS)
+    sharded_gradients = jax.shard_map(
+        shard_gradients,
+        mesh=mesh,
+        in_specs=(replicated, replicated, replicated, shard),
+        out_specs=replicated,
+    )
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        trainable, frozen = _split_trainable(state.params, optim.param_labels(state.params, config))
+        grads, terms, batch_stats = sharded_gradients(trainable, frozen, state.batch_stats, batch)
+        # Frozen parameters get no gradient (and no update: their optimizer group is zero).
+        grads = unflatten_dict(grads | jax.tree.map(jnp.zeros_like, frozen))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {k: terms[k] for k in losses.LOSS_TERMS}
-        metrics["num_pos"] = terms["num_pos"]
         metrics["lr"] = schedule(state.step)
         new_state = TrainState(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state

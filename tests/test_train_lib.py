@@ -128,7 +128,7 @@ def _trainer(norm: str, accumulate_steps: int, num_devices: int) -> Trainer:
     model = build_model(config.model)
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
     optimizer, schedule = optim.build_optimizer(config, _param_shapes(), STEPS_PER_EPOCH)
-    step_fn = train_lib.make_train_step(config, model, optimizer, schedule)
+    step_fn = train_lib.make_train_step(config, model, optimizer, schedule, mesh)
     return Trainer(config, model, mesh, step_fn, train_lib.jit_train_step(step_fn, mesh))
 
 

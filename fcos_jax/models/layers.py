@@ -328,7 +328,12 @@ def _tuned_gradients(stride, padding, groups, in_a_loop, x, kernel, dy):
 
     # A loop, not kh * kw independent products: each tap's slice of x is a copy the size of x, and
     # XLA:CPU would cut them all at once (about 4x the backward pass's temporary memory).
-    dkernel = lax.fori_loop(0, kh * kw, tap, jnp.zeros((kh * kw, cin_per_group, cout), jnp.float32))
+    # Zeros typed like x and dy: inside `jax.shard_map` a loop carry must vary over the devices
+    # as the products added into it do.
+    shape = (kh * kw, cin_per_group, cout)
+    zeros = jnp.zeros_like(x, shape=shape, dtype=jnp.float32)
+    zeros = zeros + jnp.zeros_like(dy_rows, shape=shape, dtype=jnp.float32)
+    dkernel = lax.fori_loop(0, kh * kw, tap, zeros)
     return dx, dkernel.reshape(kh, kw, cin_per_group, cout).astype(kernel.dtype)
 
 
@@ -507,12 +512,15 @@ class FrozenBatchNorm(nn.Module):
         return (x * mul.astype(self.dtype) + add.astype(self.dtype)).astype(self.dtype)
 
 
-def make_batch_norm(kind: str, train: bool, dtype: Dtype, name: str) -> nn.Module:
+def make_batch_norm(
+    kind: str, train: bool, dtype: Dtype, name: str, batch_axis: str | None = None
+) -> nn.Module:
     """The backbone's norm layer: `frozen_bn` (pretrained, inference mode) or `batch_stats_bn`.
 
     `batch_stats_bn` normalises with statistics of the (global) batch when `train` and with its
     running averages otherwise; it is for backbones trained from scratch, where no pretrained
-    statistics exist.
+    statistics exist. batch_axis: the mesh axis its statistics are averaged over when each
+    device runs the model on its own shard of the batch (inside `jax.shard_map`).
     """
     if kind == "frozen_bn":
         return FrozenBatchNorm(dtype=dtype, name=name)
@@ -523,6 +531,7 @@ def make_batch_norm(kind: str, train: bool, dtype: Dtype, name: str) -> nn.Modul
             epsilon=BN_EPS,
             dtype=dtype,
             use_fast_variance=False,
+            axis_name=batch_axis,
             name=name,
         )
     raise ValueError(f"model.backbone.norm: unknown norm {kind!r} (frozen_bn, batch_stats_bn)")

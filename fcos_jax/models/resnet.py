@@ -43,10 +43,13 @@ class BasicBlock(nn.Module):
     norm: str
     train: bool
     dtype: Dtype
+    batch_axis: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        bn = lambda name: make_batch_norm(self.norm, self.train, self.dtype, name)  # noqa: E731
+        bn = lambda name: make_batch_norm(  # noqa: E731
+            self.norm, self.train, self.dtype, name, self.batch_axis
+        )
         out = Conv(self.planes, 3, self.stride, 1, dtype=self.dtype, name="conv1")(x)
         out = nn.relu(bn("bn1")(out))
         out = Conv(self.planes, 3, 1, 1, dtype=self.dtype, name="conv2")(out)
@@ -64,10 +67,13 @@ class Bottleneck(nn.Module):
     norm: str
     train: bool
     dtype: Dtype
+    batch_axis: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        bn = lambda name: make_batch_norm(self.norm, self.train, self.dtype, name)  # noqa: E731
+        bn = lambda name: make_batch_norm(  # noqa: E731
+            self.norm, self.train, self.dtype, name, self.batch_axis
+        )
         width = math.floor(self.planes * self.base_width / 64) * self.groups
         stride1, stride2 = (self.stride, 1) if self.style == "caffe" else (1, self.stride)
         out = Conv(width, 1, stride1, dtype=self.dtype, name="conv1")(x)
@@ -94,6 +100,9 @@ class ResNet(nn.Module):
     norm: str = "frozen_bn"
     frozen_stages: int = 1
     dtype: Dtype = jnp.float32
+    # The mesh axis a `batch_stats_bn` layer averages its training statistics over when the
+    # model runs per device (`jax.shard_map`, as the train step does); None under plain jit.
+    batch_axis: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
@@ -105,7 +114,7 @@ class ResNet(nn.Module):
         if block_kind == "basic" and (self.groups != 1 or self.base_width != 64):
             raise ValueError("model.backbone: ResNet-18/34 basic blocks have no groups/base_width")
         x = Conv(self.stem_width, 7, 2, 3, dtype=self.dtype, name="conv1")(x)
-        x = nn.relu(make_batch_norm(self.norm, train, self.dtype, "bn1")(x))
+        x = nn.relu(make_batch_norm(self.norm, train, self.dtype, "bn1", self.batch_axis)(x))
         x = max_pool(x, 3, 2, 1)
         if self.frozen_stages >= 0:
             x = jax.lax.stop_gradient(x)
@@ -116,7 +125,15 @@ class ResNet(nn.Module):
                 stride = (1 if i == 0 else 2) if j == 0 else 1
                 name = f"layer{i + 1}_{j}"
                 if block_kind == "basic":
-                    x = BasicBlock(planes, stride, self.norm, train, self.dtype, name=name)(x)
+                    x = BasicBlock(
+                        planes,
+                        stride,
+                        self.norm,
+                        train,
+                        self.dtype,
+                        batch_axis=self.batch_axis,
+                        name=name,
+                    )(x)
                 else:
                     x = Bottleneck(
                         planes,
@@ -127,6 +144,7 @@ class ResNet(nn.Module):
                         self.norm,
                         train,
                         self.dtype,
+                        batch_axis=self.batch_axis,
                         name=name,
                     )(x)
             if i + 1 <= self.frozen_stages:
