@@ -34,20 +34,36 @@ def initialize_distributed(
     num_processes: int = 0,
     process_id: int = -1,
 ) -> None:
-    """Starts `jax.distributed` when several processes are asked for.
+    """Starts `jax.distributed` for a multi-process job, or leaves a single process alone.
 
-    Arguments left empty come from `FCOS_COORDINATOR`, `FCOS_NUM_PROCESSES`, `FCOS_PROCESS_ID`
-    (or JAX's own cluster auto-detection when those are unset too). A single process is a no-op.
+    Arguments left empty come from `FCOS_COORDINATOR`, `FCOS_NUM_PROCESSES`, `FCOS_PROCESS_ID`.
+    When none of them is given either, JAX's own cluster detection decides
+    (`jax.distributed.initialize()` without arguments): a TPU pod slice, a SLURM step (`srun`),
+    Open MPI (`mpirun`), a Kubernetes JobSet, or `JAX_COORDINATOR_ADDRESS` with JAX's variables
+    start the job they describe; a plain process stays single. Explicit values always win.
     On CPU the cross-process collectives use gloo.
     """
     coordinator_address = coordinator_address or os.environ.get("FCOS_COORDINATOR", "")
     num_processes = num_processes or int(os.environ.get("FCOS_NUM_PROCESSES", "0"))
     if process_id < 0:
         process_id = int(os.environ.get("FCOS_PROCESS_ID", "-1"))
-    if num_processes <= 1 and not coordinator_address:
-        return
-    # Only the CPU client reads this; GPU/TPU runs keep their own collectives.
+    explicit = coordinator_address or num_processes > 1
+    if num_processes == 1 and not coordinator_address:
+        return  # asked for one process
+    # Only the CPU client reads this (gloo is jax 0.10's default; said here so a change of default
+    # cannot leave CPU processes without collectives); GPU/TPU runs keep their own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if not explicit:
+        try:
+            jax.distributed.initialize()  # JAX's cluster detection
+        except ValueError as error:
+            # What jax.distributed raises when no cluster was recognised (and no
+            # JAX_COORDINATOR_ADDRESS set): nothing to join, one process.
+            if "coordinator_address should be defined" not in str(error):
+                raise
+            return
+        log.info("jax.distributed found the job: process %d", jax.process_index())
+        return
     kwargs = {}
     if coordinator_address:
         kwargs["coordinator_address"] = coordinator_address
@@ -94,6 +110,60 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
 def replicate(tree, mesh: Mesh):
     """Places a pytree replicated on every device of the mesh."""
     return jax.device_put(tree, replicated(mesh))
+
+
+def on_each_shard(f: Callable, mesh: Mesh, replicated_args: int = 0) -> Callable:
+    """`f` run by every device on its own rows of the batch, with no communication.
+
+    The first `replicated_args` positional arguments are replicated (the weights); the others are
+    pytrees of [B, ...] arrays split over `data` on their leading axis, and so are the outputs:
+    device d computes rows [d * B/N, (d + 1) * B/N) from them alone. For per-image work
+    (inference, decoding, NMS): each device runs its own loops, none waits for another.
+    """
+
+    def mapped(*args):
+        specs = tuple(
+            PartitionSpec() if i < replicated_args else PartitionSpec(DATA_AXIS)
+            for i in range(len(args))
+        )
+        # Not type-checked for replication: every output is split, and loop carries that start
+        # from constants (NMS) would otherwise need casting to per-device values.
+        shard = jax.shard_map(
+            f, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(DATA_AXIS), check_vma=False
+        )
+        return shard(*args)
+
+    return mapped
+
+
+def local_rows(tree):
+    """This process's rows of arrays split over `data`, as NumPy, in global row order (the
+    process's own slice of the batch, as `to_global` took it): one transfer per shard."""
+
+    def rows(array: jax.Array) -> np.ndarray:
+        shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+        return np.concatenate([np.asarray(s.data) for s in shards])
+
+    return jax.tree.map(rows, tree)
+
+
+def gather_from_processes(array: np.ndarray) -> np.ndarray:
+    """Every process's `array` [n_p, ...] concatenated in process order, on every process; the
+    row counts may differ. Values travel as bytes, so any dtype (float64 too) arrives exact.
+    One process: `array` itself."""
+    if jax.process_count() == 1:
+        return array
+    from jax.experimental import multihost_utils
+
+    array = np.ascontiguousarray(array)
+    row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:], dtype=np.int64))
+    counts = np.asarray(multihost_utils.process_allgather(np.int32(len(array)))).reshape(-1)
+    payload = np.zeros((int(counts.max()), max(row_bytes, 1)), np.uint8)
+    payload[: len(array), :row_bytes] = array.reshape(len(array), -1).view(np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(payload))  # [P, max rows, bytes]
+    parts = [gathered[p, : counts[p], :row_bytes] for p in range(len(counts))]
+    flat = np.ascontiguousarray(np.concatenate(parts))
+    return flat.view(array.dtype).reshape(-1, *array.shape[1:])
 
 
 def _client():

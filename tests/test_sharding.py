@@ -1,15 +1,15 @@
-"""sharding.run_once_per_directory with two real processes (jax.distributed on 127.0.0.1).
-
-Each process runs a small script (no XLA compile): three rounds of shared work, a shared
-directory, one directory per process (local disks), a leader that fails.
-"""
+"""sharding with real processes (jax.distributed on 127.0.0.1), no XLA compile: how processes
+find each other (flags, or a cluster's environment with no flags at all), and
+run_once_per_directory's three rounds of shared work (a shared directory, one directory per
+process as on local disks, a leader that fails)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from processes import free_port, slurm_port, slurm_step, without_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,16 +47,10 @@ except Exception as error:
 """
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_shared_work_runs_once_per_directory_and_failures_reach_the_followers(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(SCRIPT.format(repo=str(REPO)))
-    port = str(_free_port())
+    port = str(free_port())
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     processes = [
         subprocess.Popen(
@@ -81,3 +75,65 @@ def test_shared_work_runs_once_per_directory_and_failures_reach_the_followers(tm
         "ValueError: the annotation file is broken"
     )
     assert not list(tmp_path.rglob(".fcos_jax_probe*"))
+
+
+DISCOVERY = """
+import json, sys
+sys.path.insert(0, {repo!r})
+import jax
+from fcos_jax import sharding
+
+sharding.initialize_distributed()  # no flags, no FCOS_* variables
+print(json.dumps({{
+    "initialized": jax.distributed.is_initialized(),
+    "process": jax.process_index(),
+    "processes": jax.process_count(),
+    "devices": jax.device_count(),
+}}))
+"""
+
+
+def _discover(tmp_path, environments: list[dict[str, str]]) -> list[dict]:
+    """Runs DISCOVERY once per environment, all at once; their JSON reports."""
+    script = tmp_path / "discover.py"
+    script.write_text(DISCOVERY.format(repo=str(REPO)))
+    base = without_cluster(dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3"))
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            env={**base, **extra},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for extra in environments
+    ]
+    reports = []
+    for p in processes:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    return reports
+
+
+def test_srun_tasks_find_each_other_without_flags(tmp_path):
+    """Two processes with the environment `srun --ntasks=2` gives them and no flags: JAX's SLURM
+    detection makes them one job (coordinator on the first node, port from the job id)."""
+    reports = _discover(tmp_path, slurm_step(2, slurm_port()))
+    assert [r["process"] for r in reports] == [0, 1]
+    assert all(r["initialized"] and r["processes"] == 2 and r["devices"] == 2 for r in reports)
+
+
+def test_a_plain_process_starts_no_coordinator(tmp_path):
+    """No flags, no FCOS_* variables, no cluster: one process, jax.distributed never started."""
+    (report,) = _discover(tmp_path, [{}])
+    assert report == {"initialized": False, "process": 0, "processes": 1, "devices": 1}
+
+
+def test_explicit_variables_win_over_the_cluster_environment(tmp_path):
+    """FCOS_* variables inside a SLURM step (which alone would make a 2-task job): the
+    variables' single process is what runs."""
+    (slurm,) = slurm_step(1, slurm_port())
+    slurm["SLURM_NTASKS"] = "2"  # the step alone would wait for a second task
+    (report,) = _discover(tmp_path, [{**slurm, "FCOS_NUM_PROCESSES": "1"}])
+    assert report == {"initialized": False, "process": 0, "processes": 1, "devices": 1}
