@@ -6,7 +6,8 @@
   * takes its first state from `TrainCheckpoints.restore_or_initialise`: the workdir's latest
     checkpoint, or the initialisation with `config.init_from`'s weights, or the initialisation;
   * runs the jitted data-parallel step (`train_lib`) on every device of every process;
-  * reads the metrics of step s while step s + 1 runs, so the step never waits for the host;
+  * puts the next batches on the devices while a step runs, and reads the metrics of step s
+    while step s + 1 runs, so the step never waits for the host;
   * reports loss components, lr, images/s and ETA (`train_log`), saves a checkpoint every
     `train.checkpoint_every` steps and at the end, evaluates every `train.eval_every` steps and
     at the end;
@@ -14,6 +15,7 @@
     the latest (a checkpoint is written only after its step's loss was checked).
 """
 
+import collections
 import math
 from pathlib import Path
 
@@ -30,6 +32,8 @@ from fcos_jax.train_checkpoints import TrainCheckpoints
 from fcos_jax.train_log import TrainLog
 
 TRAIN_INPUTS = ("image", "boxes", "labels", "box_valid")
+# Global batches put on the devices ahead of the step that takes them.
+DEVICE_PREFETCH = 2
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -89,7 +93,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if data_state is not None:
         pipeline.restore(data_state)
     step_fn = train_lib.jit_train_step(
-        train_lib.make_train_step(config, model, optimizer, schedule), mesh
+        train_lib.make_train_step(config, model, optimizer, schedule, mesh), mesh
     )
     predict_step = None
 
@@ -124,13 +128,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         _check_finite(step, metrics, last_checkpoint)
         return metrics
 
-    try:
-        for step in range(start_step, num_steps):
+    # Global batches already on the devices, each with the pipeline state after it (what a
+    # checkpoint after its step records), so that no step waits for its input's transfer.
+    ahead: collections.deque = collections.deque()
+    loaded = start_step
+
+    def load_ahead() -> None:
+        nonlocal loaded
+        while len(ahead) < DEVICE_PREFETCH and loaded < num_steps:
             batch = next(pipeline)
-            data_state = pipeline.state()
             global_batch = sharding.to_global({k: batch[k] for k in TRAIN_INPUTS}, mesh)
+            ahead.append((global_batch, pipeline.state()))
+            loaded += 1
+
+    try:
+        load_ahead()
+        for step in range(start_step, num_steps):
+            global_batch, data_state = ahead.popleft()
             state, metrics = step_fn(state, global_batch)
             train_log.dispatched()
+            load_ahead()  # the next batch travels while this step runs
             done = step + 1
             if pending is not None:
                 previous = read(pending)
