@@ -1,10 +1,13 @@
-"""COCO evaluation of a model: the evaluation pipeline, a sharded predict step, COCOeval.
+"""COCO evaluation of a model: the evaluation pipeline, a data-parallel predict step, COCOeval.
 
-Every process runs the jitted predict step on its share of each global batch; the detections
-come back replicated (gathered), so process 0 holds every image's detections once and writes the
-COCO results and the AP table. `test.batch_size` is the global batch, rounded up to a multiple of
-the device count; dummy rows that fill a batch are dropped by their `example_valid` mask: no image
-is lost or counted twice, on any number of devices and processes.
+Every process runs the jitted predict step on its share of each global batch. The batch stays
+split from input to output: each device runs the model, decodes and suppresses (NMS) its own
+images, with no collective anywhere in the program, and each process fetches only its own
+rows. Host work on batch i (its COCO results) runs while the devices compute batch i + 1; the
+results of every process are gathered on process 0 once, at the end, for COCOeval.
+`test.batch_size` is the global batch, rounded up to a multiple of the device count; dummy rows
+that fill a batch are dropped by their `example_valid` mask: no image is lost or counted twice,
+on any number of devices and processes.
 """
 
 import json
@@ -29,11 +32,11 @@ PREDICT_INPUTS = ("image", "image_hw", "scale", "original_hw", "image_id", "exam
 
 
 def make_predict_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
-    """jit `(variables, batch) -> detections`, batch sharded on `data`, outputs replicated.
+    """jit `(variables, batch) -> detections`, batch and detections split over `data`.
 
     batch: image [B,H,W,3], image_hw [B,2], scale [B,2], original_hw [B,2], image_id [B],
     example_valid [B]. Returns boxes [B,D,4] (original pixels), scores, labels, valid [B,D],
-    image_id [B], example_valid [B].
+    image_id [B], example_valid [B]: row b computed by the device holding image b.
     """
     model = build_model(config.model)
     options = postprocess.options_from_config(config)
@@ -46,11 +49,33 @@ def make_predict_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable
         return dict(dets, image_id=batch["image_id"], example_valid=batch["example_valid"])
 
     return jax.jit(
-        predict,
+        sharding.on_each_shard(predict, mesh, replicated_args=1),
         in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-        out_shardings=sharding.replicated(mesh),
+        out_shardings=sharding.batch_sharding(mesh),
         compiler_options=compile_options.compiler_options(),
     )
+
+
+# COCO results travel between processes as rows of this many float64 values (exact for the ids
+# and for the rounded Python floats of `evaluation.detections_to_coco`).
+_RESULT_COLUMNS = ("image_id", "category_id", "x", "y", "w", "h", "score")
+
+
+def _results_to_rows(results: list[dict[str, Any]]) -> np.ndarray:
+    rows = [(r["image_id"], r["category_id"], *r["bbox"], r["score"]) for r in results]
+    return np.asarray(rows, np.float64).reshape(-1, len(_RESULT_COLUMNS))
+
+
+def _rows_to_results(rows: np.ndarray) -> list[dict[str, Any]]:
+    return [
+        {
+            "image_id": int(row[0]),
+            "category_id": int(row[1]),
+            "bbox": [float(v) for v in row[2:6]],
+            "score": float(row[6]),
+        }
+        for row in rows
+    ]
 
 
 def predict_dataset(
@@ -61,32 +86,51 @@ def predict_dataset(
     class_list: list[tuple[int, str]],
     predict_step: Callable | None = None,
 ) -> list[dict[str, Any]]:
-    """COCO results of every image of `pipeline` (an `EvalPipeline`), on every process."""
+    """COCO results of every image of `pipeline` (an `EvalPipeline`), on every process.
+
+    Each process converts its own rows while the devices compute the next batch, and the
+    processes' results are gathered once at the end."""
     predict_step = predict_step or make_predict_step(config, mesh)
     variables = sharding.replicate(variables, mesh)
     results: list[dict[str, Any]] = []
-    seen: set[int] = set()
+    image_ids: list[int] = []
+
+    def convert(dets: dict[str, jax.Array]) -> None:
+        """This process's rows of one batch -> COCO results (host work)."""
+        dets = sharding.local_rows(dets)
+        for row in np.flatnonzero(dets["example_valid"]):
+            image_ids.append(int(dets["image_id"][row]))
+            keep = dets["valid"][row]
+            results.extend(
+                evaluation.detections_to_coco(
+                    image_ids[-1],
+                    dets["boxes"][row][keep],
+                    dets["scores"][row][keep],
+                    dets["labels"][row][keep],
+                    class_list,
+                    config.legacy_plus_one,
+                )
+            )
+
+    pending = None  # the previous batch's detections, still on the devices
     for batch in pipeline:
         batch = sharding.to_global({k: batch[k] for k in PREDICT_INPUTS}, mesh)
-        dets = jax.device_get(predict_step(variables, batch))
-        for row in np.flatnonzero(dets["example_valid"]):
-            image_id = int(dets["image_id"][row])
-            if image_id in seen:
-                raise RuntimeError(f"evaluation: image id {image_id} was predicted twice")
-            seen.add(image_id)
-            keep = dets["valid"][row]
-            results += evaluation.detections_to_coco(
-                image_id,
-                dets["boxes"][row][keep],
-                dets["scores"][row][keep],
-                dets["labels"][row][keep],
-                class_list,
-                config.legacy_plus_one,
-            )
+        dets = predict_step(variables, batch)  # dispatched: runs while `convert` works below
+        if pending is not None:
+            convert(pending)
+        pending = dets
+    if pending is not None:
+        convert(pending)
+    all_ids = sharding.gather_from_processes(np.asarray(image_ids, np.int64))
+    unique, counts = np.unique(all_ids, return_counts=True)
+    if (counts > 1).any():
+        raise RuntimeError(f"evaluation: image id {int(unique[counts > 1][0])} was predicted twice")
     expected = len(pipeline.examples)
-    if len(seen) != expected:
-        raise RuntimeError(f"evaluation: {len(seen)} images predicted, {expected} expected")
-    return results
+    if len(unique) != expected:
+        raise RuntimeError(f"evaluation: {len(unique)} images predicted, {expected} expected")
+    if jax.process_count() == 1:
+        return results
+    return _rows_to_results(sharding.gather_from_processes(_results_to_rows(results)))
 
 
 def eval_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:

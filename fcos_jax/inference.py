@@ -6,20 +6,20 @@
 
 Images go through `fcos_jax.preprocess` (the mode's reference transform, padded to a multiple of
 32, or with `data.eval_pad = 'canvas'` into the smallest canvas that holds them, as evaluation
-pads: `fcos_jax.canvas`), images of equal padded shape are batched, and the forward pass and the
-post-processing run as two jitted programs per padded shape (compiled once;
+pads: `fcos_jax.canvas`), images of equal padded shape are batched, each batch is split over
+this process's devices, and the forward pass and the post-processing run as two jitted programs
+per padded shape, each device on its own images (compiled once;
 `test.compilation_cache_dir` or JAX's own `JAX_COMPILATION_CACHE_DIR` keeps compilations across
 runs). Never imports TensorFlow or torch.
 """
 
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -42,11 +42,38 @@ ImageSource = preprocess.ImageSource
 
 
 @functools.lru_cache(maxsize=8)
-def _model_and_forward(model_config_json: str):
-    """(model, jitted model.apply) per model config, shared by every Detector of that config so
-    its compiled programs are reused."""
+def _programs(model_config_json: str, postprocess_options_json: str):
+    """(model, forward, detect) per model config and post-processing options, shared by every
+    Detector of that config so their compiled programs are reused.
+
+    Both programs split the batch over this process's devices (`sharding.on_each_shard`): each
+    device runs the model on its own images, and decodes and suppresses them, alone.
+      forward(variables, image [B, H, W, 3]) -> per-level head outputs [B, ...]
+      detect(head_outputs, image_hw, scale, original_hw) -> `postprocess.detect`'s dict
+    """
     model = build_model(ml_collections.ConfigDict(json.loads(model_config_json)))
-    return model, jax.jit(model.apply, compiler_options=compile_options.compiler_options())
+    options = json.loads(postprocess_options_json)
+    options["strides"] = tuple(options["strides"])
+    mesh = local_mesh()
+    split, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    jit = functools.partial(jax.jit, compiler_options=compile_options.compiler_options())
+
+    def detect(head_outputs, image_hw, scale, original_hw):
+        return postprocess.detect(head_outputs, image_hw, scale, original_hw=original_hw, **options)
+
+    forward = jit(
+        sharding.on_each_shard(model.apply, mesh, replicated_args=1),
+        in_shardings=(whole, split),
+        out_shardings=split,
+    )
+    detect = jit(sharding.on_each_shard(detect, mesh), in_shardings=split, out_shardings=split)
+    return model, forward, detect
+
+
+def local_mesh() -> jax.sharding.Mesh:
+    """The mesh of this process's own devices: a Detector is per process, and its batches are
+    split over the devices this process can feed."""
+    return sharding.make_mesh(jax.local_devices())
 
 
 def _as_image_list(images: ImageSource | Sequence[ImageSource]) -> list[ImageSource]:
@@ -88,16 +115,17 @@ class Detector:
         # model.head.num_classes = 0 takes the class count; a fixed head must match it.
         config = resolve_num_classes(config, self.classes, "classes")
         self.config = config
-        self.model, self._forward = _model_and_forward(config.model.to_json(sort_keys=True))
-        # Replicated over all devices, as `checkpoint.restore_inference` places them: the same
-        # compiled programs (and persistent-cache entries) whatever the variables came from.
-        self.variables = sharding.replicate(variables, sharding.make_mesh())
+        options = json.dumps(postprocess.options_from_config(config), sort_keys=True)
+        self.model, self._forward, self._detect = _programs(
+            config.model.to_json(sort_keys=True), options
+        )
+        self.mesh = local_mesh()
+        # Replicated over this process's devices: the same compiled programs (and
+        # persistent-cache entries) whatever the variables came from.
+        self.variables = sharding.replicate(variables, self.mesh)
         self._category_ids = np.array([cid for cid, _ in self.classes], dtype=np.int64)
         self._names = np.array([name for _, name in self.classes], dtype=object)
         self.canvases = canvas.eval_canvases(config)  # None: pad to a multiple of size_divisor
-        self._detect = functools.partial(
-            postprocess.detect, **postprocess.options_from_config(config)
-        )
 
     @classmethod
     def from_config(
@@ -130,6 +158,34 @@ class Detector:
             item["image"] = canvas.pad_to(item["image"], self.canvases[choice], name)
         return item
 
+    def _split(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+        """[B, ...] host arrays -> arrays split over this process's devices; B is padded to a
+        multiple of the device count with copies of the last row (cut off by the caller)."""
+        devices = self.mesh.size
+        extra = -len(arrays[0]) % devices
+        padded = [np.concatenate([a, np.repeat(a[-1:], extra, axis=0)]) for a in arrays]
+        return tuple(jax.device_put(padded, sharding.batch_sharding(self.mesh)))
+
+    def _dispatch(
+        self,
+        image: np.ndarray,
+        image_hw: np.ndarray,
+        scale: np.ndarray,
+        original_hw: np.ndarray,
+    ) -> dict[str, jax.Array]:
+        """Starts the detection of a preprocessed batch on this process's devices (split over
+        them, each running model, decoding and NMS on its own images); returns at once with the
+        detections still on the devices, padded rows included."""
+        # Two compiled programs (forward, post-processing), so the forward program is shared
+        # with `forward`; outputs stay split on the devices in between.
+        image, image_hw, scale, original_hw = self._split(
+            np.asarray(image, np.float32),
+            np.asarray(image_hw, np.int32),
+            np.asarray(scale, np.float32),
+            np.asarray(original_hw, np.int32),
+        )
+        return self._detect(self._forward(self.variables, image), image_hw, scale, original_hw)
+
     def detect_batch(
         self,
         image: np.ndarray,
@@ -140,17 +196,45 @@ class Detector:
         """Preprocessed batch -> fixed-size detections (see `postprocess.detect`).
 
         image: [B, Hp, Wp, 3] float32; image_hw, original_hw: [B, 2] int; scale: [B, 2] (y, x).
-        Returns boxes [B, D, 4] (original pixels), scores [B, D], labels [B, D], valid [B, D]."""
-        # Two compiled programs (forward, post-processing; `postprocess.detect` is jitted), so
-        # the forward program is shared with `forward`; outputs stay on the device in between.
-        head_outputs = self._forward(self.variables, jnp.asarray(image, jnp.float32))
-        out = self._detect(
-            head_outputs,
-            jnp.asarray(image_hw, jnp.int32),
-            jnp.asarray(scale, jnp.float32),
-            original_hw=jnp.asarray(original_hw, jnp.int32),
-        )
-        return jax.device_get(out)
+        Returns boxes [B, D, 4] (original pixels), scores [B, D], labels [B, D], valid [B, D].
+        The batch is split over this process's devices."""
+        out = jax.device_get(self._dispatch(image, image_hw, scale, original_hw))
+        return {k: v[: len(image)] for k, v in out.items()}
+
+    def detect_each(
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        batch_size: int | None = None,
+        names: Sequence[str] | None = None,
+    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(index into `images`, its detections as `__call__` gives them) for every image, batch
+        after batch. Batch i + 1 is on the devices before batch i is handed over, so what the
+        caller does with batch i's images (writing, drawing) runs while the devices work."""
+        images = _as_image_list(images)
+        if names is None:
+            names = [_image_name(img, i) for i, img in enumerate(images)]
+        elif len(names) != len(images):
+            raise ValueError(f"names: {len(names)} names for {len(images)} images")
+        batch_size = int(batch_size or self.config.test.get("batch_size", 1) or 1)
+        batch_size = -(-batch_size // self.mesh.size) * self.mesh.size  # every device works
+        inputs = [self.preprocess(img, name) for img, name in zip(images, names, strict=True)]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, item in enumerate(inputs):
+            by_shape.setdefault(item["image"].shape, []).append(i)
+        pending = None  # (image indices, detections on the devices) of the previous batch
+        for indices in by_shape.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                filled = chunk + [chunk[-1]] * (batch_size - len(chunk))
+                stacked = {k: np.stack([inputs[i][k] for i in filled]) for k in inputs[chunk[0]]}
+                dets = self._dispatch(
+                    stacked["image"], stacked["image_hw"], stacked["scale"], stacked["original_hw"]
+                )
+                if pending is not None:
+                    yield from self._per_image_of(*pending)
+                pending = (chunk, dets)
+        if pending is not None:
+            yield from self._per_image_of(*pending)
 
     def __call__(
         self,
@@ -161,40 +245,26 @@ class Detector:
         """Detections of each image (paths, encoded bytes or [H, W, 3] uint8 RGB arrays).
 
         Images with the same padded shape run together, `batch_size` at a time (default
-        `config.test.batch_size`); a short last batch is filled with copies (one compiled
-        program per padded shape). names: one per image for error messages (default: the path,
-        or `images[i]`)."""
+        `config.test.batch_size`, rounded up to a multiple of this process's devices, which
+        split each batch); a short last batch is filled with copies (one compiled program per
+        padded shape). names: one per image for error messages (default: the path, or
+        `images[i]`)."""
         images = _as_image_list(images)
-        if names is None:
-            names = [_image_name(img, i) for i, img in enumerate(images)]
-        elif len(names) != len(images):
-            raise ValueError(f"names: {len(names)} names for {len(images)} images")
-        batch_size = int(batch_size or self.config.test.get("batch_size", 1) or 1)
-        inputs = [self.preprocess(img, name) for img, name in zip(images, names, strict=True)]
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, item in enumerate(inputs):
-            by_shape.setdefault(item["image"].shape, []).append(i)
-        results: list[dict[str, np.ndarray] | None] = [None] * len(inputs)
-        for indices in by_shape.values():
-            for start in range(0, len(indices), batch_size):
-                chunk = indices[start : start + batch_size]
-                filled = chunk + [chunk[-1]] * (batch_size - len(chunk))
-                stacked = {k: np.stack([inputs[i][k] for i in filled]) for k in inputs[chunk[0]]}
-                dets = self.detect_batch(
-                    stacked["image"], stacked["image_hw"], stacked["scale"], stacked["original_hw"]
-                )
-                for row, i in enumerate(chunk):
-                    results[i] = self._per_image(dets, row)
+        results: list[dict[str, np.ndarray] | None] = [None] * len(images)
+        for i, dets in self.detect_each(images, batch_size, names):
+            results[i] = dets
         return results
 
     def forward(self, image: np.ndarray) -> list[dict[str, np.ndarray]]:
         """Raw head outputs of a preprocessed batch `image [B, Hp, Wp, 3]` float32: per level
         {cls_logits [B, H, W, K] logits, bbox_reg [B, H, W, 4] (l, t, r, b) distances in
         network-input pixels, centerness [B, H, W, 1] logits}, float32 NumPy."""
-        outputs = self._forward(self.variables, jnp.asarray(image, jnp.float32))
+        rows = len(image)
+        (image,) = self._split(np.asarray(image, np.float32))
+        outputs = jax.device_get(self._forward(self.variables, image))
         return [
-            {k: np.asarray(v, dtype=np.float32) for k, v in level.items()}
-            for level in jax.device_get(outputs)
+            {k: np.asarray(v[:rows], dtype=np.float32) for k, v in level.items()}
+            for level in outputs
         ]
 
     def head_outputs(
@@ -205,6 +275,14 @@ class Detector:
         (image,) = _as_image_list(image)
         item = self.preprocess(image, name or _image_name(image, 0))
         return self.forward(item["image"][None])
+
+    def _per_image_of(
+        self, indices: list[int], dets: dict[str, jax.Array]
+    ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(image index, its detections) of the first len(indices) rows of a dispatched batch."""
+        dets = jax.device_get(dets)
+        for row, i in enumerate(indices):
+            yield i, self._per_image(dets, row)
 
     def _per_image(self, dets: dict[str, np.ndarray], row: int) -> dict[str, np.ndarray]:
         valid = np.asarray(dets["valid"][row], dtype=bool)

@@ -73,26 +73,24 @@ def predict_files(
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     rgb_images = [preprocess.load_rgb(image, image) for image in images]  # the one decode
     detector = inference.Detector.from_config(config, checkpoint)
-    all_dets = detector(rgb_images, batch_size=batch_size, names=images)
-    report = [
-        detections_to_json(image, rgb.shape[:2], dets)
-        for image, rgb, dets in zip(images, rgb_images, all_dets, strict=True)
-    ]
+    draw_paths = None
+    if draw_dir:
+        Path(draw_dir).mkdir(parents=True, exist_ok=True)
+        draw_paths = _draw_paths(Path(draw_dir), images)
+    report: list[dict | None] = [None] * len(images)
+    # Each image is written and drawn as its batch comes back, while the next batch runs.
+    for i, dets in detector.detect_each(rgb_images, batch_size=batch_size, names=images):
+        report[i] = detections_to_json(images[i], rgb_images[i].shape[:2], dets)
+        if draw_paths is not None:
+            drawn = draw.draw_detections(rgb_images[i][:, :, ::-1], dets, draw_score_thr)
+            if not cv2.imwrite(str(draw_paths[i]), drawn):
+                raise OSError(f"--draw: could not write {draw_paths[i]}")
     text = json.dumps(report, indent=1)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(text + "\n")
     else:
         print(text)
-    if draw_dir:
-        directory = Path(draw_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        for path, rgb, dets in zip(
-            _draw_paths(directory, images), rgb_images, all_dets, strict=True
-        ):
-            drawn = draw.draw_detections(rgb[:, :, ::-1], dets, draw_score_thr)
-            if not cv2.imwrite(str(path), drawn):
-                raise OSError(f"--draw: could not write {path}")
     if dump_head_outputs:
         arrays = head_outputs_to_npz(detector.head_outputs(rgb_images[0], images[0]))
         Path(dump_head_outputs).parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,114 @@
+"""What the compiled train and predict steps move between devices, for a config and a mesh.
+
+Each program is compiled for abstract inputs (no weights, no data: compiling is enough) exactly as
+`train.py` and `eval.py` build it, and its collectives are read from the compiled HLO
+(`fcos_jax.collectives`). `accelerator=True` traces XLA's own convolutions only
+(`layers.accelerator_kernels`), the program a GPU or TPU would compile, while compiling here.
+Used by the tests of the data-parallel contract and by `benchmarks/accelerator_check.py`.
+"""
+
+import contextlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from fcos_jax import collectives, eval_lib, optim, sharding, train_lib
+from fcos_jax.models import build_model, layers
+
+
+def _traced_as(accelerator: bool):
+    return layers.accelerator_kernels() if accelerator else contextlib.nullcontext()
+
+
+def _abstract(tree: Any, spec: jax.sharding.Sharding) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec), tree)
+
+
+def parameter_bytes(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """{'all': bytes of every parameter, 'trainable': of those the optimizer updates,
+    'batch_stats': of the BatchNorm statistics (mean and variance per channel)}."""
+    model = build_model(config.model)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+    labels = jax.tree.leaves(optim.param_labels(shapes["params"], config))
+    sizes = [x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes["params"])]
+    trainable = [size for size, label in zip(sizes, labels, strict=True) if label != optim.FROZEN]
+    stats = [x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes.get("batch_stats", {}))]
+    return {"all": int(sum(sizes)), "trainable": int(sum(trainable)), "batch_stats": sum(stats)}
+
+
+def train_step_hlo(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    image_hw: tuple[int, int],
+    *,
+    accelerator: bool = False,
+) -> str:
+    """Compiled HLO of the train step for `config` (its `train.batch_size` and
+    `train.accumulate_steps`) on `mesh`, images of `image_hw`."""
+    model = build_model(config.model)
+    batch_size, max_boxes = int(config.train.batch_size), int(config.data.max_boxes)
+    with _traced_as(accelerator):
+        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3)))
+        optimizer, schedule = optim.build_optimizer(config, shapes["params"], 1000)
+        state = jax.eval_shape(
+            lambda: train_lib.create_train_state(
+                config, model, optimizer, jax.random.PRNGKey(0), image_hw
+            )
+        )
+        batch = {
+            "image": jax.ShapeDtypeStruct((batch_size, *image_hw, 3), jnp.float32),
+            "boxes": jax.ShapeDtypeStruct((batch_size, max_boxes, 4), jnp.float32),
+            "labels": jax.ShapeDtypeStruct((batch_size, max_boxes), jnp.int32),
+            "box_valid": jax.ShapeDtypeStruct((batch_size, max_boxes), jnp.bool_),
+        }
+        step = train_lib.jit_train_step(
+            train_lib.make_train_step(config, model, optimizer, schedule, mesh), mesh
+        )
+        lowered = step.lower(
+            _abstract(state, sharding.replicated(mesh)),
+            _abstract(batch, sharding.batch_sharding(mesh)),
+        )
+    return lowered.compile().as_text()
+
+
+def predict_step_hlo(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    image_hw: tuple[int, int],
+    *,
+    accelerator: bool = False,
+) -> str:
+    """Compiled HLO of the evaluation's predict step (`eval_lib.make_predict_step`) for a global
+    batch of `test.batch_size` rounded up to the mesh, images of `image_hw`."""
+    model = build_model(config.model)
+    batch_size = eval_lib.eval_batch_size(config, mesh)
+    with _traced_as(accelerator):
+        variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3)))
+        batch = {
+            "image": jax.ShapeDtypeStruct((batch_size, *image_hw, 3), jnp.float32),
+            "image_hw": jax.ShapeDtypeStruct((batch_size, 2), jnp.int32),
+            "scale": jax.ShapeDtypeStruct((batch_size, 2), jnp.float32),
+            "original_hw": jax.ShapeDtypeStruct((batch_size, 2), jnp.int32),
+            "image_id": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+            "example_valid": jax.ShapeDtypeStruct((batch_size,), jnp.bool_),
+        }
+        lowered = eval_lib.make_predict_step(config, mesh).lower(
+            _abstract(variables, sharding.replicated(mesh)),
+            _abstract(batch, sharding.batch_sharding(mesh)),
+        )
+    return lowered.compile().as_text()
+
+
+def report(hlo_text: str) -> dict[str, Any]:
+    """The collectives of a compiled program summed up: counts and bytes per kind, how many run
+    inside while loops, and the largest all-reduce's payload."""
+    found = collectives.collectives(hlo_text)
+    reduce_bytes = [c.bytes for c in found if c.kind == "all-reduce"]
+    return {
+        **collectives.summary(found),
+        "largest all-reduce bytes": int(np.max(reduce_bytes, initial=0)),
+    }
