@@ -13,7 +13,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 from data_helpers import FOLDER_CLASSES, user_folder
 from flax import traverse_util
+from processes import free_port, slurm_port, slurm_step, without_cluster
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -321,12 +321,6 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(data_dir, train_command
     assert all(step < bad_step for step in manager.all_steps())
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_eval_cli_on_a_detections_file_equals_pycocotools(tmp_path):
     rng = np.random.default_rng(0)
     images = [{"id": i, "height": 100, "width": 120} for i in (1, 2, 3)]
@@ -393,10 +387,12 @@ HOST_DEVICES = "--xla_force_host_platform_device_count={}"
 
 
 def _launch_processes(commands, logs, env):
+    """Starts every command at once, output to its log; env: one for all, or a list (one each)."""
+    envs = env if isinstance(env, list) else [env] * len(commands)
     handles = [log.open("w") for log in logs]
     processes = [
-        subprocess.Popen(c, cwd=REPO, env=env, stdout=h, stderr=subprocess.STDOUT)
-        for c, h in zip(commands, handles, strict=True)
+        subprocess.Popen(c, cwd=REPO, env=e, stdout=h, stderr=subprocess.STDOUT)
+        for c, e, h in zip(commands, envs, handles, strict=True)
     ]
     return processes, handles
 
@@ -407,7 +403,7 @@ def killed_multihost_run(tmp_path_factory, train_command):
     surviving peer would wait in a collective) once checkpoint 6 exists."""
     root = tmp_path_factory.mktemp("multihost")
     workdir, data_dir = root / "workdir", root / "data"  # data_dir does not exist yet
-    port = _free_port()
+    port = free_port()
     commands = [
         train_command(
             workdir,
@@ -489,6 +485,30 @@ def test_a_killed_multihost_run_resumes_on_one_device(
     print(f"resumed run's final COCOeval stats vs uninterrupted: worst difference {worst:.1e}")
 
 
+def test_srun_tasks_train_as_one_job_without_flags(
+    reference_run, data_dir, train_command, tmp_path
+):
+    """Two processes with the environment `srun --ntasks=2` gives them, no flags and no FCOS_*
+    variables: one job of two processes (JAX's SLURM detection), ending with the parameters of
+    the one-process run."""
+    workdir = tmp_path / "slurm"
+    command = train_command(workdir, data_dir)
+    envs = [without_cluster(_env()) | task for task in slurm_step(2, slurm_port())]
+    logs = [tmp_path / f"task{i}.log" for i in range(2)]
+    processes, handles = _launch_processes([command, command], logs, envs)
+    for p, h, log in zip(processes, handles, logs, strict=True):
+        assert p.wait(timeout=900) == 0, log.read_text()[-3000:]
+        h.close()
+    texts = [log.read_text() for log in logs]
+    assert "process 0/2" in texts[0] and "process 1/2" in texts[1]
+    _assert_params_close(
+        _params_at(workdir, NUM_STEPS),
+        _params_at(reference_run[0], NUM_STEPS),
+        rtol=1e-5,
+        what="2 srun tasks without flags",
+    )
+
+
 def test_a_one_device_checkpoint_resumes_on_four_devices(
     reference_run, data_dir, train_command, tmp_path
 ):
@@ -532,7 +552,7 @@ def evaluations_per_topology(reference_run, data_dir, folder_overrides, tmp_path
             "out": str(root / topology),
         }
         if processes > 1:
-            settings["coordinator"] = f"127.0.0.1:{_free_port()}"
+            settings["coordinator"] = f"127.0.0.1:{free_port()}"
             settings["num_processes"] = processes
             settings["data_dirs"] = [str(root / f"local_disk{i}") for i in range(processes)]
         settings_path = root / f"{topology}.json"
