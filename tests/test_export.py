@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -341,3 +342,49 @@ def test_the_serving_client_compiles_stablehlo_as_detector_does():
     from export_client import CPU_COMPILER_OPTIONS  # tests/ is on sys.path, as subprocess_cli
 
     assert CPU_COMPILER_OPTIONS == compile_options.compiler_options("cpu")
+
+
+def _op_counts(module_text: str) -> tuple[int, int]:
+    """(convolutions, matrix products) in a StableHLO module's text."""
+    return module_text.count("stablehlo.convolution"), module_text.count("stablehlo.dot_general")
+
+
+def test_each_platform_of_an_artifact_holds_its_own_program(monkeypatch, tmp_path):
+    """With Winograd made to apply to the wide 3x3 convolutions of a small model, a CUDA or TPU
+    artifact exported on this CPU host holds the program traced as for an accelerator (XLA's
+    convolutions, no Winograd products), the CPU artifact the Winograd one, and the default
+    cpu,cuda artifact both, behind the platform index."""
+    from test_predict import firing_variables, tiny_config
+
+    from fcos_jax.models import layers
+
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 256)  # stages 3 and 4 of the R-18
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_POSITIONS", 1)
+    config = tiny_config()
+    detector = inference.Detector(config, firing_variables(config))
+    canvas = (96, 160)
+
+    def module(platforms, name):
+        path = export.export_detector(
+            detector, "stablehlo", tmp_path / name, canvas, batch=1, platforms=platforms
+        )
+        exported = jax.export.deserialize(path.read_bytes())
+        assert exported.platforms == platforms
+        return exported.mlir_module()
+
+    with layers.accelerator_kernels():
+        accelerator = _op_counts(module(("cpu",), "accelerator_trace"))
+    cpu = _op_counts(module(("cpu",), "cpu"))
+    assert _op_counts(module(("cuda",), "cuda")) == accelerator
+    assert _op_counts(module(("tpu",), "tpu")) == accelerator
+    assert cpu[0] < accelerator[0] and cpu[1] > accelerator[1]  # Winograd: products, not convs
+    both = module(("cpu", "cuda"), "both")
+    assert "_platform_index" in both
+    assert _op_counts(both)[0] >= accelerator[0] and _op_counts(both)[1] >= cpu[1]
+    print(f"convolutions, matrix products: cpu {cpu}, cuda and tpu {accelerator}")
+
+
+def test_unknown_or_repeated_platforms_are_refused_naming_the_field():
+    for platforms in ((), ("cpu", "cpu"), ("gpu",)):
+        with pytest.raises(ValueError, match="platforms: one or more distinct of cpu, cuda, tpu"):
+            export.check_platforms(platforms)

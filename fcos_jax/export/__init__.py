@@ -18,13 +18,14 @@ from fcos_jax.export.serving import (
     serving_inputs,
     takes_normalised_images,
 )
-from fcos_jax.export.writers import FORMATS, export_detector
+from fcos_jax.export.writers import FORMATS, check_platforms, export_detector
 
 __all__ = [
     "FORMATS",
     "INPUT_NAMES",
     "OUTPUT_NAMES",
     "check_canvas",
+    "check_platforms",
     "default_canvas",
     "export_detector",
     "serving_function",

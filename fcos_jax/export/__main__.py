@@ -2,11 +2,13 @@
 
   python -m fcos_jax.export --config configs/fcos_r50_caffe_fpn_gn_1x.py \
       --checkpoint ckpt/fcos_r50 --format onnx --output fcos_r50.onnx [--batch N] \
-      [--height 800 --width 1344]
+      [--height 800 --width 1344] [--platforms cpu,cuda,tpu]
 
 --format stablehlo (a file), savedmodel (a directory) or onnx (a file). The canvas defaults to
 the landscape canvas of `preprocess.scale` (800 x 1344 for (1333, 800)); export a second artifact
 with --height and --width swapped for portrait images. Without --batch the batch is symbolic.
+--platforms (StableHLO and SavedModel; default cpu,cuda): each platform's program is its own,
+whatever host exports it (XLA:CPU's tuned convolutions appear in the cpu program only).
 The artifact's inputs and outputs: `fcos_jax/export/serving.py`. Errors print one line
 `error: ...` to stderr and exit with status 2.
 """
@@ -27,6 +29,11 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output file (a directory for save
 _BATCH = flags.DEFINE_integer("batch", None, "Fixed batch size (default: symbolic).")
 _HEIGHT = flags.DEFINE_integer("height", None, "Canvas height (default: from the config).")
 _WIDTH = flags.DEFINE_integer("width", None, "Canvas width (default: from the config).")
+_PLATFORMS = flags.DEFINE_list(
+    "platforms",
+    "cpu,cuda",
+    "XLA platforms the artifact carries a program for (stablehlo, savedmodel): cpu, cuda, tpu.",
+)
 flags.mark_flags_as_required(["config", "checkpoint", "format", "output"])
 
 
@@ -44,8 +51,11 @@ def main(argv: list[str]) -> None:
     default_h, default_w = export.default_canvas(config)
     canvas_hw = (_HEIGHT.value or default_h, _WIDTH.value or default_w)
     export.check_canvas(config, canvas_hw)  # before the (slow) restore
+    platforms = export.check_platforms(tuple(_PLATFORMS.value))
     detector = inference.Detector.from_config(config, _CHECKPOINT.value)  # CheckpointError
-    output = export.export_detector(detector, _FORMAT.value, _OUTPUT.value, canvas_hw, _BATCH.value)
+    output = export.export_detector(
+        detector, _FORMAT.value, _OUTPUT.value, canvas_hw, _BATCH.value, platforms
+    )
     batch = "symbolic" if _BATCH.value is None else _BATCH.value
     print(
         f"exported {config.name} ({_FORMAT.value}, canvas {canvas_hw[0]}x{canvas_hw[1]}, "

@@ -1,6 +1,7 @@
 """Write the serving function (`serving.py`) as a StableHLO, TF SavedModel or ONNX artifact.
 
-  stablehlo   `jax.export` for the CPU and CUDA platforms, serialized to one file; load with
+  stablehlo   `jax.export` for the chosen platforms (default CPU and CUDA), serialized to one
+              file; load with
               `jax.export.deserialize(open(f, 'rb').read()).call(images, image_hw, ...)`
               (on CPU, under `jax.jit(..., compiler_options=compile_options.compiler_options())`
               it is compiled as `Detector` is, and gives its detections to float rounding).
@@ -10,6 +11,12 @@
               read the `chlo.top_k` composite that jax 0.10 writes, and targeting its older
               StableHLO version only works for a static batch.
   onnx        `jax2onnx`, opset 23, weights inside the one .onnx file; onnxruntime runs it.
+
+Each platform gets its own program whatever host exports it: the model's XLA:CPU-tuned
+convolutions (Winograd, tap sums) are the `cpu` branch of `lax.platform_dependent`, so the CUDA
+or TPU part of an artifact holds XLA's own convolutions, as a `Detector` on that accelerator
+compiles. ONNX is traced with XLA's own convolutions only (`layers.accelerator_kernels`):
+ONNX Runtime runs its own convolution kernels on every device.
 
 The batch dimension is symbolic (`batch`) unless a batch size is given. TensorFlow and jax2onnx
 are imported here only, when their format is written.
@@ -31,7 +38,8 @@ from fcos_jax.inference import Detector
 from fcos_jax.models import layers
 
 FORMATS = ("stablehlo", "savedmodel", "onnx")
-PLATFORMS = ("cpu", "cuda")
+PLATFORMS = ("cpu", "cuda", "tpu")  # what an artifact may be exported for
+DEFAULT_PLATFORMS = ("cpu", "cuda")
 BATCH_DIM = "batch"
 ONNX_OPSET = 23
 
@@ -41,16 +49,24 @@ def _symbolic_batch(batch: int | None):
 
 
 def write_stablehlo(
-    detector: Detector, output: Path, canvas_hw: tuple[int, int], batch: int | None
+    detector: Detector,
+    output: Path,
+    canvas_hw: tuple[int, int],
+    batch: int | None,
+    platforms: tuple[str, ...],
 ) -> None:
-    """jax.export of the serving function for PLATFORMS, serialized to the file `output`."""
+    """jax.export of the serving function for `platforms`, serialized to the file `output`."""
     specs = input_specs(detector.config, canvas_hw, _symbolic_batch(batch))
-    exported = jax.export.export(jax.jit(serving_function(detector)), platforms=PLATFORMS)(*specs)
+    exported = jax.export.export(jax.jit(serving_function(detector)), platforms=platforms)(*specs)
     output.write_bytes(exported.serialize())
 
 
 def write_savedmodel(
-    detector: Detector, output: Path, canvas_hw: tuple[int, int], batch: int | None
+    detector: Detector,
+    output: Path,
+    canvas_hw: tuple[int, int],
+    batch: int | None,
+    platforms: tuple[str, ...],
 ) -> None:
     """jax2tf conversion with a `serving_default` signature (named inputs, dict of outputs)."""
     import tensorflow as tf
@@ -62,7 +78,7 @@ def write_savedmodel(
         serving_function(detector, sort_top_k=True),
         polymorphic_shapes=None if batch else [f"({dims(spec)})" for spec in specs],
         with_gradient=False,
-        native_serialization_platforms=PLATFORMS,
+        native_serialization_platforms=platforms,
     )
     signature = [
         tf.TensorSpec((batch, *spec.shape[1:]), tf.as_dtype(spec.dtype), name=name)
@@ -80,9 +96,14 @@ def write_savedmodel(
 
 
 def write_onnx(
-    detector: Detector, output: Path, canvas_hw: tuple[int, int], batch: int | None
+    detector: Detector,
+    output: Path,
+    canvas_hw: tuple[int, int],
+    batch: int | None,
+    platforms: tuple[str, ...],
 ) -> None:
-    """jax2onnx conversion, saved as one self-contained .onnx file."""
+    """jax2onnx conversion, saved as one self-contained .onnx file (for any ONNX Runtime
+    device: `platforms` does not apply)."""
     import onnx
     from jax2onnx import to_onnx
 
@@ -95,7 +116,7 @@ def write_onnx(
         jax.ShapeDtypeStruct((BATCH_DIM if batch is None else batch, *spec.shape[1:]), spec.dtype)
         for spec in input_specs(detector.config, canvas_hw, 1)
     ]
-    with layers.max_pool_as_taps():
+    with layers.max_pool_as_taps(), layers.accelerator_kernels():
         model = to_onnx(
             serving_function(detector, weights_barrier=False),
             specs,
@@ -107,6 +128,17 @@ def write_onnx(
     onnx.save_model(model, str(output))
 
 
+def check_platforms(platforms: tuple[str, ...]) -> tuple[str, ...]:
+    """`platforms` as a tuple; ValueError unless one or more distinct entries of PLATFORMS."""
+    platforms = tuple(platforms)
+    unknown = [p for p in platforms if p not in PLATFORMS]
+    if not platforms or unknown or len(set(platforms)) != len(platforms):
+        raise ValueError(
+            f"platforms: one or more distinct of {', '.join(PLATFORMS)}, got {','.join(platforms)}"
+        )
+    return platforms
+
+
 WRITERS = {"stablehlo": write_stablehlo, "savedmodel": write_savedmodel, "onnx": write_onnx}
 
 
@@ -116,17 +148,20 @@ def export_detector(
     output: str | Path,
     canvas_hw: tuple[int, int],
     batch: int | None = None,
+    platforms: tuple[str, ...] = DEFAULT_PLATFORMS,
 ) -> Path:
     """Writes `detector` (config, weights, classes) in format `fmt` to `output` (a file; a
-    directory for savedmodel) for images on the canvas (H, W); batch None = symbolic."""
+    directory for savedmodel) for images on the canvas (H, W); batch None = symbolic.
+    platforms: the XLA platforms a StableHLO or SavedModel artifact carries a program for."""
     if fmt not in WRITERS:
         raise ValueError(f"format: expected one of {FORMATS}, got {fmt!r}")
     check_canvas(detector.config, canvas_hw)
     if batch is not None and batch < 1:
         raise ValueError(f"batch: expected >= 1 (or none for a symbolic batch), got {batch}")
+    platforms = check_platforms(platforms)
     output = Path(output)
     if output.exists():
         raise FileExistsError(f"output exists: {output} (remove it or choose another path)")
     output.parent.mkdir(parents=True, exist_ok=True)
-    WRITERS[fmt](detector, output, tuple(int(s) for s in canvas_hw), batch)
+    WRITERS[fmt](detector, output, tuple(int(s) for s in canvas_hw), batch, platforms)
     return output
