@@ -3,8 +3,9 @@
 One step = forward -> targets (pure, vmapped) -> losses -> gradients -> optax update, all in one
 `jax.jit` over a global batch sharded on the mesh axis `data`. The gradients are computed per
 device (`jax.shard_map`) and all-reduced once per step, after any micro-batch loop. Loss
-normalisers are sums over the global batch, so the update does not depend on the device count. With `train.accumulate_steps = k` the batch is split into k micro-batches and
-only one micro-batch's activations and targets are alive at a time: a first pass sums the
+normalisers are sums over the global batch, so the update does not depend on the device count.
+With `train.accumulate_steps = k` the batch is split into k micro-batches and only one
+micro-batch's activations and targets are alive at a time: a first pass sums the
 normalisers' counts of every micro-batch (targets encoded and dropped), a second sums each
 micro-batch's gradients against those whole-batch normalisers, so the update is the one of the
 whole batch. BatchNorm trained on batch statistics normalises each micro-batch with its own
