@@ -212,7 +212,7 @@ def _config_header(
         lines.append(
             "The model was made for mmdetection v1's test path; mmdetection 3 runs its own (v3)"
         )
-        lines.append("post-processing with the same thresholds (docs/porting.md).")
+        lines.append("post-processing with the same thresholds (fcos_jax docs/porting.md).")
     return "\n".join(lines)
 
 
