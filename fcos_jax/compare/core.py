@@ -95,41 +95,43 @@ def compare(
     from fcos_jax.convert import convert_state_dict, file_classes, fit_classes, read_checkpoint
 
     state_dict, file_meta = read_checkpoint(checkpoint)
-    file_class_list = file_classes(file_meta, checkpoint)
-    config = fit_classes(config, file_class_list, checkpoint)
-    # Converting also checks that the file fits the config (one line naming the keys if not).
-    converted = convert_state_dict(state_dict, fmt, config, source=checkpoint)
-    reference_options = {}
-    written_config = _written_mmdet_config(file_meta, checkpoint) if fmt == "mmdet" else None
-    if written_config is not None:
-        from fcos_jax import mmdet_reference
-        from fcos_jax.convert.mmdet_config import read_mmdet_config
-
-        try:
-            settings = mmdet_reference.settings_from_config(
-                read_mmdet_config(written_config), state_dict
-            )
-        except mmdet_reference.MmdetReferenceError as error:
-            raise CompareError(f"{written_config}: {error}") from None
-        reference_options["settings"] = settings
-        print(f"reference: the mmdetection 3 config {written_config}")
-        if config.test.postprocess == "mmdet_v1":
-            config = _as_mmdet_v3(config)
-            print("mmdetection 3 has no v1 test path: our side post-processes as mmdet_v3 too")
-    config = _padded_as_references(config)
     if converted_dir:
         variables, meta = checkpoint_lib.restore_inference(converted_dir, config)
         classes = [(int(cid), str(name)) for cid, name in meta.get("classes", [])] or None
     else:
+        classes = file_classes(file_meta, checkpoint)
+    config = fit_classes(config, classes, checkpoint)  # a head sized by the data takes its size
+    # Converting also checks that the file fits the config (one line naming the keys if not).
+    converted = convert_state_dict(state_dict, fmt, config, source=checkpoint)
+    if not converted_dir:
         variables = {"params": converted.params, "batch_stats": converted.batch_stats}
-        classes = file_class_list
-    detector = inference.Detector(config, variables, classes)
+    reference_options = {}
+    written_config = _written_mmdet_config(file_meta, checkpoint) if fmt == "mmdet" else None
+    if written_config is not None:
+        reference_options["settings"] = _settings_of(written_config, state_dict)
+        print(f"reference: the mmdetection 3 config {written_config}")
+        if config.test.postprocess == "mmdet_v1":
+            config = _as_mmdet_v3(config)
+            print("mmdetection 3 has no v1 test path: our side post-processes as mmdet_v3 too")
+    detector = inference.Detector(_padded_as_references(config), variables, classes)
     ours_input = detector.preprocess(image_path, image_path)  # a bad image fails here
     try:
         ref = REFERENCES[fmt](config, state_dict, image_path, **reference_options)
     except ReferenceWeightsError as error:
         raise CompareError(f"{checkpoint}: {error}") from None
     return report(detector, ours_input, ref)
+
+
+def _settings_of(written_config: Path, state_dict: dict):
+    """The mmdet reference's settings (`mmdet_reference.MmdetFcos`) as the mmdetection 3 config
+    file states them, its widths checked against `state_dict`."""
+    from fcos_jax import mmdet_reference
+    from fcos_jax.convert.mmdet_config import read_mmdet_config
+
+    try:
+        return mmdet_reference.settings_from_config(read_mmdet_config(written_config), state_dict)
+    except mmdet_reference.MmdetReferenceError as error:
+        raise CompareError(f"{written_config}: {error}") from None
 
 
 def _written_mmdet_config(file_meta: dict, checkpoint: str) -> Path | None:
