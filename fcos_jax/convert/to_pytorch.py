@@ -119,8 +119,8 @@ def export_checkpoint(
     text = render(
         mmdet_config(config, classes), _config_header(config, files, checkpoint_dir, step)
     )
-    meta = _mmdet_meta(config, classes, checkpoint_dir, step, files[1].name)
-    _save({"meta": meta, "state_dict": state_dict}, files[0])
+    mmdet_meta = _mmdet_meta(config, classes, checkpoint_dir, step, files[1].name)
+    _save({"meta": mmdet_meta, "state_dict": state_dict}, files[0])
     files[1].write_text(text)
     return [
         f"wrote {files[0]}: mmdetection 3 checkpoint, {len(state_dict)} tensors of step {step}, "
@@ -165,8 +165,9 @@ def _restore(
             f"{checkpoint_dir}: a checkpoint of config {made_for!r}, not {config.name!r} "
             "(give the --config it was trained or converted with)"
         )
-    root = checkpoint.resolve_checkpoint_root(checkpoint_dir)
-    step = ocp.CheckpointManager(root).latest_step()
+    manager = ocp.CheckpointManager(checkpoint.resolve_checkpoint_root(checkpoint_dir))
+    step = manager.latest_step()  # the step restore_inference restored
+    manager.close()
     return {k: _to_numpy(v) for k, v in variables.items()}, meta, int(step)
 
 
