@@ -3,7 +3,9 @@
 `compare --format mmdet` runs a checkpoint through this and through our converted JAX model. It
 never imports our model: torch.nn.functional on the mmdet state dict (v1 keys `bbox_head.fcos_*`
 or v2+/v3 `bbox_head.conv_*`), with what the file cannot say given as `MmdetFcos` (the fields of
-the mmdet config). torch is imported here, so only compare and the tests import this module.
+the mmdet config), stated by our config or read from an mmdetection 3 config file
+(`settings_from_config`, e.g. the one `convert --to mmdet` writes). torch is imported here, so
+only compare and the tests import this module.
 
   preprocessing    mmcv: cv2 `imread` (IMREAD_COLOR, BGR); `imrescale`: s = min(long/max(h, w),
                    short/min(h, w)), size int(side * s + 0.5), cv2 INTER_LINEAR on uint8; BGR->RGB
@@ -33,6 +35,7 @@ the lower (level, point, class) index here.
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -100,6 +103,134 @@ class Prepared:
     ori_shape: tuple[int, int]
     factor: float
     scale_factor_wh: tuple[float, float]
+
+
+# --------------------------------------------------------------------------------------------
+# Settings from an mmdetection 3 config
+
+_MISSING = object()
+
+
+def _get(variables: Mapping[str, Any], path: str, default: Any = _MISSING) -> Any:
+    """`variables['model']['neck']['out_channels']` for 'model.neck.out_channels'; mmdetection's
+    default where the config leaves a field out, else MmdetReferenceError naming the field."""
+    value: Any = variables
+    for name in path.split("."):
+        if not isinstance(value, Mapping) or name not in value:
+            if default is _MISSING:
+                raise MmdetReferenceError(f"mmdetection config: {path} is missing")
+            return default
+        value = value[name]
+    return value
+
+
+def _require(variables: Mapping[str, Any], path: str, allowed: tuple, default: Any = _MISSING):
+    value = _get(variables, path, default)
+    if value not in allowed:
+        runs = " or ".join(map(repr, allowed))
+        raise MmdetReferenceError(
+            f"mmdetection config: {path}={value!r}; the reference runs {runs}"
+        )
+    return value
+
+
+def settings_from_config(
+    variables: Mapping[str, Any], state_dict: Mapping[str, object]
+) -> MmdetFcos:
+    """The settings an mmdetection 3 FCOS config states, checked against the widths of the
+    checkpoint's tensors.
+
+    variables: the config's variables (`fcos_jax.convert.mmdet_config.read_mmdet_config`):
+    `model` (FCOS with ResNet/ResNeXt, FPN, FCOSHead, DetDataPreprocessor, test_cfg) and the
+    `Resize` of `test_dataloader.dataset.pipeline`. Post-processing is mmdetection 3's ('v3').
+    Raises MmdetReferenceError naming a field the reference cannot run, or a width (backbone
+    base_channels, FPN in/out channels, head in/feat channels, num_classes) the tensors do not
+    have."""
+    _require(variables, "model.type", ("FCOS",))
+    backbone_type = _require(variables, "model.backbone.type", ("ResNet", "ResNeXt"))
+    for path, allowed, default in (
+        ("model.backbone.deep_stem", (False,), False),
+        ("model.backbone.avg_down", (False,), False),
+        ("model.backbone.dcn", (None,), None),
+        ("model.neck.type", ("FPN",), _MISSING),
+        ("model.neck.start_level", (1,), 0),
+        ("model.neck.add_extra_convs", ("on_output",), False),
+        ("model.neck.relu_before_extra_convs", (True,), False),
+        ("model.bbox_head.type", ("FCOSHead",), _MISSING),
+        ("model.bbox_head.dcn_on_last_conv", (False,), False),
+        ("model.test_cfg.nms.type", ("nms",), _MISSING),
+    ):
+        _require(variables, path, allowed, default)
+    head = "model.bbox_head"
+    norm_cfg = _get(variables, f"{head}.norm_cfg", {"type": "GN", "num_groups": 32})
+    if norm_cfg is not None and norm_cfg.get("type") != "GN":
+        raise MmdetReferenceError(f"mmdetection config: {head}.norm_cfg {norm_cfg!r}: GN or None")
+    strides = tuple(_get(variables, f"{head}.strides", (4, 8, 16, 32, 64)))
+    _require(variables, "model.neck.num_outs", (len(strides),))
+    pipeline = _get(variables, "test_dataloader.dataset.pipeline")
+    resize = [
+        step for step in pipeline if isinstance(step, Mapping) and step.get("type") == "Resize"
+    ]
+    if len(resize) != 1 or not resize[0].get("keep_ratio"):
+        raise MmdetReferenceError(
+            "mmdetection config: test_dataloader.dataset.pipeline needs one Resize with keep_ratio"
+        )
+    preprocessor, test = "model.data_preprocessor", "model.test_cfg"
+    settings = MmdetFcos(
+        depth=_get(variables, "model.backbone.depth"),
+        style=_get(variables, "model.backbone.style", "pytorch"),
+        groups=_get(variables, "model.backbone.groups", 1) if backbone_type == "ResNeXt" else 1,
+        head_norm="none" if norm_cfg is None else "gn",
+        gn_groups=32 if norm_cfg is None else norm_cfg.get("num_groups", 32),
+        stacked_convs=_get(variables, f"{head}.stacked_convs", 4),
+        centerness_on_reg=_get(variables, f"{head}.centerness_on_reg", False),
+        norm_on_bbox=_get(variables, f"{head}.norm_on_bbox", False),
+        strides=strides,
+        img_scale=tuple(resize[0]["scale"]),
+        mean=tuple(_get(variables, f"{preprocessor}.mean")),
+        std=tuple(_get(variables, f"{preprocessor}.std")),
+        to_rgb=_get(variables, f"{preprocessor}.bgr_to_rgb", False),
+        size_divisor=_get(variables, f"{preprocessor}.pad_size_divisor", 1),
+        postprocess="v3",
+        nms_pre=_get(variables, f"{test}.nms_pre", -1),
+        score_thr=_get(variables, f"{test}.score_thr", 0.0),
+        nms_iou=_get(variables, f"{test}.nms.iou_threshold"),
+        max_per_img=_get(variables, f"{test}.max_per_img"),
+    )
+    _check_widths(variables, state_dict)
+    return settings
+
+
+def _check_widths(variables: Mapping[str, Any], state_dict: Mapping[str, object]) -> None:
+    """The config's widths against the tensors' shapes (the forward reads shapes from the file,
+    so these fields would otherwise go unchecked)."""
+    shape = lambda key: tuple(np.shape(state_dict[key])) if key in state_dict else None  # noqa: E731
+    start = _get(variables, "model.neck.start_level", 0)
+    in_channels = _get(variables, "model.neck.in_channels")
+    out_channels = _get(variables, "model.neck.out_channels")
+    feat = _get(variables, "model.bbox_head.feat_channels", 256)
+    head_in = _get(variables, "model.bbox_head.in_channels")
+    predictor = "fcos_cls" if "bbox_head.fcos_cls.weight" in state_dict else "conv_cls"
+    expected = {
+        "backbone.conv1.weight": (
+            _get(variables, "model.backbone.base_channels", 64),
+            "base_channels",
+        ),
+        "bbox_head.cls_convs.0.conv.weight": ((feat, head_in), "feat_channels, in_channels"),
+        f"bbox_head.{predictor}.weight": (
+            _get(variables, "model.bbox_head.num_classes"),
+            "num_classes",
+        ),
+    }
+    for i, channels in enumerate(in_channels[start:]):
+        expected[f"neck.lateral_convs.{i}.conv.weight"] = ((out_channels, channels), "FPN widths")
+    for key, (want, fields) in expected.items():
+        got = shape(key)
+        want = want if isinstance(want, tuple) else (want,)
+        if got is None or got[: len(want)] != want:
+            raise MmdetReferenceError(
+                f"mmdetection config: {fields} {want} do not fit {key} of shape {got}"
+            )
 
 
 # --------------------------------------------------------------------------------------------

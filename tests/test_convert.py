@@ -37,11 +37,12 @@ def run_cli(*args):
     return run_module("fcos_jax.convert", *args)
 
 
-def test_cli_converts_mmdet_v1_file_and_ignores_only_num_batches_tracked(mmdet_r50_gn_v1):
+def test_cli_converts_mmdet_v1_file_keeping_its_bn_counters(mmdet_r50_gn_v1):
     proc = mmdet_r50_gn_v1["proc"]
     assert proc.returncode == 0, proc.stderr
     assert "backbone, bbox_head, neck" in proc.stdout
-    assert "num_batches_tracked" in proc.stdout
+    assert "53 BatchNorm num_batches_tracked counters kept in the meta" in proc.stdout
+    assert "ignored on purpose" not in proc.stdout
     assert "left at their initialisation" not in proc.stdout
     assert (mmdet_r50_gn_v1["output"] / "checkpoints" / "0" / "params").is_dir()
 
@@ -54,6 +55,13 @@ def test_converted_meta_holds_coco_class_list_in_channel_order(mmdet_r50_gn_v1):
     assert meta["classes"][0] == [1, "person"]
     assert meta["classes"][11] == [13, "stop sign"]  # COCO id 12 is unused
     assert meta["classes"][-1] == [90, "toothbrush"]
+    sd = mmdet_r50_gn_v1["sd"]
+    counters = meta["num_batches_tracked"]
+    assert len(counters) == sum(k.endswith("num_batches_tracked") for k in sd) == 53
+    assert counters["backbone/layer3_4/bn2"] == int(sd["backbone.layer3.4.bn2.num_batches_tracked"])
+    assert counters["backbone/layer4_0/downsample_bn"] == int(
+        sd["backbone.layer4.0.downsample.1.num_batches_tracked"]
+    )
 
 
 def test_classifier_bias_is_not_rotated(mmdet_r50_gn_v1):
@@ -68,7 +76,8 @@ def test_mmdet_v3_names_and_x101_grouped_convs_convert():
     assert shapes["backbone.layer4.0.conv2.weight"] == (2048, 32, 3, 3)  # docs/modes.md §2.2
     sd = numpy_dict(random_state_dict(shapes, seed=5))
     converted = convert_state_dict(sd, "mmdet", load_config(X101))
-    assert len(converted.ignored) == sum(k.endswith("num_batches_tracked") for k in sd)
+    assert converted.ignored == ()
+    assert len(converted.counters) == sum(k.endswith("num_batches_tracked") for k in sd)
     head = converted.params["bbox_head"]
     np.testing.assert_array_equal(head["conv_reg"]["bias"], sd["bbox_head.conv_reg.bias"])
     kernel = converted.params["backbone"]["layer3_22"]["conv2"]["kernel"]
@@ -135,8 +144,8 @@ def test_torchvision_built_without_weights_converts(torchvision_state_dicts):
     sd, _ = torchvision_state_dicts
     converted = convert_state_dict(sd, "torchvision", load_config(TORCHVISION))
     assert converted.untouched == ()
-    counters = sorted(k for k in sd if k.endswith("num_batches_tracked"))
-    assert len(counters) == 53 and list(converted.ignored) == counters
+    assert converted.ignored == ()
+    assert len(converted.counters) == 53  # BatchNorm2d counters, kept for the way back
     check_torchvision_spots(converted, sd)
 
 
@@ -144,7 +153,7 @@ def test_torchvision_frozen_batchnorm_state_dict_converts(torchvision_state_dict
     built, frozen = torchvision_state_dicts
     assert set(frozen) == {k for k in built if not k.endswith("num_batches_tracked")}
     converted = convert_state_dict(frozen, "torchvision", load_config(TORCHVISION))
-    assert converted.ignored == ()
+    assert converted.ignored == () and converted.counters == {}
     check_torchvision_spots(converted, frozen)
 
 
@@ -173,8 +182,7 @@ def test_caffe_resnet50_backbone_converts_and_reports_untouched_parts():
 def test_torchvision_resnet50_backbone_converts_ignoring_fc():
     sd = randomised(torchvision.models.resnet50().state_dict())
     converted = convert_state_dict(sd, "backbone", load_config(TORCHVISION))
-    assert {"fc.weight", "fc.bias"} <= set(converted.ignored)
-    assert all(k.startswith("fc.") or k.endswith("num_batches_tracked") for k in converted.ignored)
+    assert converted.ignored == ("fc.bias", "fc.weight")
     np.testing.assert_array_equal(
         converted.params["backbone"]["layer3_0"]["downsample_conv"]["kernel"],
         sd["layer3.0.downsample.0.weight"].transpose(2, 3, 1, 0),

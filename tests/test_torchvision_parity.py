@@ -1,6 +1,6 @@
 """torchvision FCOS parity: a randomised `fcos_resnet50_fpn` checkpoint, converted with the CLI,
 gives the same head outputs and detections in our model, through the Python API, the predict CLI
-and the compare CLI.
+and the compare CLI; exported back (`convert --to torchvision`) it is the original file.
 
 The reference is torchvision itself (its transform, backbone, head and postprocess). Most checks
 run at a reduced scale (min_size 320, max_size 512 on both sides) to stay fast; one image runs at
@@ -264,6 +264,37 @@ def test_compare_cli_passes_on_the_converted_checkpoint(setup, detector):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "detections agree" in proc.stdout and "PASS" in proc.stdout
+
+
+def test_exported_torchvision_file_is_the_original(setup, tmp_path):
+    """torchvision -> ours (the convert CLI, in `setup`) -> torchvision (convert --to): every
+    tensor of the original state dict back bit for bit (BatchNorm counters included), loaded by
+    `fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)` with strict=True.
+    Being the original, it detects in torchvision's FCOS as our checkpoint does (the tests
+    above; `compare --format torchvision --input exported.pth --checkpoint DIR` prints it)."""
+    exported = tmp_path / "exported.pth"
+    proc = _run(
+        [
+            "fcos_jax.convert",
+            "--to=torchvision",
+            f"--config={CONFIG}",
+            f"--config.preprocess.scale={SMALL}",
+            f"--checkpoint={setup['converted']}",
+            f"--output={exported}",
+        ],
+        setup["cache_dir"],
+    )
+    assert "fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91" in proc.stdout
+    written = torch.load(exported, weights_only=True)
+    original = setup["model"].state_dict()
+    assert written.keys() == original.keys()
+    for key, tensor in original.items():
+        assert written[key].dtype == tensor.dtype and torch.equal(written[key], tensor), key
+    assert int(written["backbone.body.bn1.num_batches_tracked"]) == 1  # one calibration pass
+    from torchvision.models.detection import fcos_resnet50_fpn
+
+    model = fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    model.load_state_dict(written, strict=True)
 
 
 def test_compare_flags_head_differences_and_unmatched_detections(setup):

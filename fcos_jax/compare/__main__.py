@@ -6,7 +6,13 @@
       --input fcos_resnet50_fpn_coco-99b0c9b7.pth image.jpg
 
 Our side converts `--input` in memory, or restores `--checkpoint DIR` (a converted checkpoint or
-training workdir) to check what is on disk against the original file. The references:
+training workdir) to check what is on disk against the original file. A file `convert --to` wrote
+is an `--input` like any other: with `--checkpoint WORKDIR`, the exported file in PyTorch against
+the model it came from (an mmdetection file runs as the config written next to it states):
+
+  python -m fcos_jax.compare --format mmdet --config configs/shapes.py \
+      --input shapes_mmdet.pth --checkpoint workdirs/shapes image.jpg
+ The references:
 `fcos_jax/compare/references.py`. Both heads run on the SAME input tensor (the reference's
 preprocessed image, NCHW -> NHWC), and our preprocessing is checked against it. Prints, per
 level, the max and mean |difference| of cls_logits, bbox_reg (l, t, r, b in input pixels) and

@@ -77,7 +77,13 @@ def compare(
 ) -> bool:
     """Runs `checkpoint` (a PyTorch file of `fmt`) through the reference and our model (converted
     in memory, or restored from `converted_dir`), prints the comparison, returns True when
-    everything is within tolerance."""
+    everything is within tolerance.
+
+    An mmdetection file that `convert --to mmdet` wrote runs in the reference as the mmdetection
+    3 config written next to it states (`mmdet_reference.settings_from_config`), so the config
+    is checked too; mmdetection 3 has one test path, so a `mmdet_v1` config of ours runs as
+    `mmdet_v3` against it. Our side pads as the references do (to a multiple of the divisor),
+    whatever `data.eval_pad` says."""
     if not Path(image_path).is_file():
         raise FileNotFoundError(f"image file not found: {image_path}")
     if not Path(checkpoint).is_file():
@@ -86,21 +92,78 @@ def compare(
         mmdet_settings(config)  # a config with no mmdetection counterpart fails first
     from fcos_jax import checkpoint as checkpoint_lib
     from fcos_jax import inference
-    from fcos_jax.convert import convert_state_dict, read_state_dict
+    from fcos_jax.convert import convert_state_dict, file_classes, fit_classes, read_checkpoint
 
-    state_dict = read_state_dict(checkpoint)
-    # Converting also checks that the file fits the config (one line naming the keys if not).
-    converted = convert_state_dict(state_dict, fmt, config, source=checkpoint)
+    state_dict, file_meta = read_checkpoint(checkpoint)
     if converted_dir:
         variables, meta = checkpoint_lib.restore_inference(converted_dir, config)
         classes = [(int(cid), str(name)) for cid, name in meta.get("classes", [])] or None
     else:
+        classes = file_classes(file_meta, checkpoint)
+    config = fit_classes(config, classes, checkpoint)  # a head sized by the data takes its size
+    # Converting also checks that the file fits the config (one line naming the keys if not).
+    converted = convert_state_dict(state_dict, fmt, config, source=checkpoint)
+    if not converted_dir:
         variables = {"params": converted.params, "batch_stats": converted.batch_stats}
-        classes = None
-    detector = inference.Detector(config, variables, classes)
+    reference_options = {}
+    written_config = _written_mmdet_config(file_meta, checkpoint) if fmt == "mmdet" else None
+    if written_config is not None:
+        reference_options["settings"] = _settings_of(written_config, state_dict)
+        print(f"reference: the mmdetection 3 config {written_config}")
+        if config.test.postprocess == "mmdet_v1":
+            config = _as_mmdet_v3(config)
+            print("mmdetection 3 has no v1 test path: our side post-processes as mmdet_v3 too")
+    detector = inference.Detector(_padded_as_references(config), variables, classes)
     ours_input = detector.preprocess(image_path, image_path)  # a bad image fails here
     try:
-        ref = REFERENCES[fmt](config, state_dict, image_path)
+        ref = REFERENCES[fmt](config, state_dict, image_path, **reference_options)
     except ReferenceWeightsError as error:
         raise CompareError(f"{checkpoint}: {error}") from None
     return report(detector, ours_input, ref)
+
+
+def _settings_of(written_config: Path, state_dict: dict):
+    """The mmdet reference's settings (`mmdet_reference.MmdetFcos`) as the mmdetection 3 config
+    file states them, its widths checked against `state_dict`."""
+    from fcos_jax import mmdet_reference
+    from fcos_jax.convert.mmdet_config import read_mmdet_config
+
+    try:
+        return mmdet_reference.settings_from_config(read_mmdet_config(written_config), state_dict)
+    except mmdet_reference.MmdetReferenceError as error:
+        raise CompareError(f"{written_config}: {error}") from None
+
+
+def _written_mmdet_config(file_meta: dict, checkpoint: str) -> Path | None:
+    """The mmdetection 3 config `convert --to mmdet` wrote next to `checkpoint` (same name, .py),
+    when the file's meta says we wrote it; CompareError when it is gone."""
+    from fcos_jax.convert.readers import OUR_META_KEY
+
+    if OUR_META_KEY not in file_meta:
+        return None
+    path = Path(checkpoint).with_suffix(".py")
+    if not path.is_file():
+        raise CompareError(
+            f"{checkpoint}: written by convert --to mmdet, but its mmdetection config {path} "
+            "is not next to it"
+        )
+    return path
+
+
+def _as_mmdet_v3(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with mmdetection 3's test-time conventions (docs/modes.md §1)."""
+    config = config.copy_and_resolve_references()
+    config.test.postprocess = "mmdet_v3"
+    config.legacy_plus_one = False
+    config.preprocess.scale_factor = "per_axis"
+    return config
+
+
+def _padded_as_references(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` padding each image to a multiple of the divisor, as the references do (canvas
+    evaluation pads further, which changes outputs near the borders)."""
+    if config.data.eval_pad == "multiple":
+        return config
+    config = config.copy_and_resolve_references()
+    config.data.eval_pad = "multiple"
+    return config

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from fcos_jax.compare.errors import CompareError, ReferenceWeightsError
+from fcos_jax.convert.expressible import mmdet_problems
 
 OUTPUT_KEYS = ("cls_logits", "bbox_reg", "centerness")
 
@@ -117,22 +118,10 @@ def mmdet_settings(config: ml_collections.ConfigDict):
     Raises CompareError for a config with no mmdetection counterpart."""
     from fcos_jax import mmdet_reference
 
-    b, h, p, t = config.model.backbone, config.model.head, config.preprocess, config.test
-    unsupported = [
-        (p.resize != "mmdet", f"preprocess.resize {p.resize!r} (mmdetection resizes as 'mmdet')"),
-        (p.unit_range, "preprocess.unit_range (mmdetection never divides pixels by 255)"),
-        (
-            h.regression == "relu_stride",
-            "model.head.regression 'relu_stride' (torchvision's; mmdetection's head has Scale)",
-        ),
-        (
-            t.postprocess not in ("mmdet_v1", "mmdet_v3"),
-            f"test.postprocess {t.postprocess!r} (mmdetection's are mmdet_v1 and mmdet_v3)",
-        ),
-    ]
-    problems = [message for bad, message in unsupported if bad]
+    problems = mmdet_problems(config)
     if problems:
         raise CompareError(f"--format mmdet: {'; '.join(problems)}")
+    b, h, p, t = config.model.backbone, config.model.head, config.preprocess, config.test
     return mmdet_reference.MmdetFcos(
         depth=b.depth,
         style=b.style,
@@ -156,11 +145,12 @@ def mmdet_settings(config: ml_collections.ConfigDict):
     )
 
 
-def _mmdet_reference(config, state_dict, image_path: str) -> ReferenceRun:
-    """`fcos_jax.mmdet_reference` on one image file."""
+def _mmdet_reference(config, state_dict, image_path: str, settings=None) -> ReferenceRun:
+    """`fcos_jax.mmdet_reference` on one image file, with `settings` (`MmdetFcos`, e.g. from a
+    written mmdetection 3 config) or those `config` stands for."""
     from fcos_jax import mmdet_reference
 
-    settings = mmdet_settings(config)
+    settings = settings or mmdet_settings(config)
     try:
         run = mmdet_reference.run(state_dict, settings, image_path)
     except mmdet_reference.MmdetReferenceError as error:

@@ -6,7 +6,6 @@ anything else stops the conversion with one line naming the keys (and both shape
 """
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +14,13 @@ import numpy as np
 from flax import traverse_util
 
 from fcos_jax import checkpoint
+from fcos_jax.classes import ClassList, resolve_num_classes
 from fcos_jax.convert import name_maps
 from fcos_jax.convert.errors import ConversionError
-from fcos_jax.convert.readers import StateDict, read_state_dict
+from fcos_jax.convert.readers import StateDict, file_classes, read_checkpoint
 
 COLLECTIONS = ("params", "batch_stats")
+COUNTERS_META_KEY = "num_batches_tracked"  # in our checkpoint's meta: {BN module path: count}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,27 +33,10 @@ class Converted:
     untouched: tuple[str, ...]  # model parts left at their initialisation
     ignored: tuple[str, ...]  # source keys dropped on purpose
     num_tensors: int  # source tensors used
-
-
-def _find_rule(name_map: name_maps.NameMap, module: str) -> tuple[name_maps.Rule, re.Match]:
-    for rule in name_map.rules:
-        match = re.fullmatch(rule.target, module)
-        if match:
-            return rule, match
-    raise ConversionError(f"no {name_map.description} name rule for our module {module}")
-
-
-def _source_shape(kind: str, leaf: str, target_shape: tuple[int, ...]) -> tuple[int, ...]:
-    if kind == name_maps.CONV and leaf == "kernel":
-        kh, kw, cin, cout = target_shape
-        return (cout, cin, kh, kw)
-    return tuple(target_shape)
-
-
-def _to_target(kind: str, leaf: str, array: np.ndarray) -> np.ndarray:
-    if kind == name_maps.CONV and leaf == "kernel":
-        array = np.transpose(array, (2, 3, 1, 0))  # OIHW -> HWIO (grouped: I is I/groups)
-    return np.array(array, dtype=np.float32, order="C")  # (ascontiguousarray makes 0-dim 1-dim)
+    # Our BN module path ('backbone/layer1_0/bn1') -> the source's `num_batches_tracked`: kept in
+    # the checkpoint's meta, so that writing a PyTorch file puts the same counts back.
+    counters: dict[str, int] = dataclasses.field(default_factory=dict)
+    classes: ClassList | None = None  # the class list the file carries (files we wrote), if any
 
 
 def convert_state_dict(
@@ -77,31 +61,33 @@ def convert_state_dict(
     flat_out: dict[str, dict[tuple[str, ...], np.ndarray]] = {c: {} for c in COLLECTIONS}
     used: set[str] = set()
     ignorable = set(name_map.ignored)
+    counters: dict[str, int] = {}
+    counter_keys: set[str] = set()
     missing, wrong_shape = [], []
     for collection in COLLECTIONS:
         for path, abstract in traverse_util.flatten_dict(dict(expected[collection])).items():
             if path[0] not in name_map.parts:
                 continue
             module, leaf = "/".join(path[:-1]), path[-1]
-            rule, match = _find_rule(name_map, module)
-            source_leaf = name_maps.LEAVES[rule.kind].get(leaf)
-            if source_leaf is None:
-                raise ConversionError(f"no {fmt} name for our {collection}/{module}/{leaf}")
-            candidates = rule.source_candidates(match)
-            ignored_leaves = name_maps.IGNORED_LEAVES[rule.kind]
-            ignorable.update(f"{c}.{x}" for c in candidates for x in ignored_leaves)
+            kind, candidates = name_map.lookup(module)
+            source_leaf = name_maps.source_leaf(kind, leaf, f"{collection}/{module}/{leaf}")
+            ignorable.update(f"{c}.{x}" for c in candidates for x in name_maps.IGNORED_LEAVES[kind])
             keys = [f"{c}.{source_leaf}" for c in candidates]
             key = next((k for k in keys if k in state_dict), None)
             if key is None:
                 missing.append(" or ".join(keys))
                 continue
             used.add(key)
-            want = _source_shape(rule.kind, leaf, abstract.shape)
+            counter = f"{key.rsplit('.', 1)[0]}.{name_maps.COUNTER}"
+            if collection == "batch_stats" and counter in state_dict:
+                counters[module] = int(state_dict[counter])
+                counter_keys.add(counter)
+            want = name_maps.torch_shape(kind, leaf, abstract.shape)
             got = tuple(state_dict[key].shape)
             if got != want:
                 wrong_shape.append(f"{key} has shape {got}, {'/'.join(path)} needs {want}")
                 continue
-            flat_out[collection][path] = _to_target(rule.kind, leaf, state_dict[key])
+            flat_out[collection][path] = name_maps.to_ours(kind, leaf, state_dict[key])
 
     unexpected = [k for k in state_dict if k not in used and k not in ignorable]
     problems = checkpoint.join_problems(
@@ -126,14 +112,21 @@ def convert_state_dict(
         batch_stats=traverse_util.unflatten_dict(flat_out["batch_stats"]),
         parts=tuple(p for p in model_parts if p in name_map.parts),
         untouched=tuple(p for p in model_parts if p not in name_map.parts),
-        ignored=tuple(sorted(k for k in state_dict if k in ignorable)),
+        ignored=tuple(sorted(k for k in state_dict if k in ignorable and k not in counter_keys)),
         num_tensors=len(used),
+        counters=counters,
     )
 
 
 def describe(converted: Converted) -> list[str]:
-    """Report lines: tensors used, tensors ignored on purpose, model parts left at init."""
+    """Report lines: tensors used, counters kept, tensors ignored on purpose, parts left at
+    init."""
     lines = [f"{converted.num_tensors} tensors fill: {', '.join(converted.parts)}"]
+    if converted.counters:
+        lines.append(
+            f"{len(converted.counters)} BatchNorm num_batches_tracked counters kept in the meta "
+            "(written back by --to)"
+        )
     if converted.ignored:
         lines.append(f"ignored on purpose: {checkpoint.listing(list(converted.ignored), 3)}")
     if converted.untouched:
@@ -144,17 +137,45 @@ def describe(converted: Converted) -> list[str]:
     return lines
 
 
+def fit_classes(
+    config: ml_collections.ConfigDict, classes: ClassList | None, source: str
+) -> ml_collections.ConfigDict:
+    """`config` with the head sized for `classes` (the class list a file carries, or None).
+
+    A head of `model.head.num_classes = 0` takes its size from the file's class list; without
+    one it cannot be sized (ConversionError naming `source`). A fixed head must match it."""
+    if classes is not None:
+        try:
+            return resolve_num_classes(config, classes, source)
+        except ValueError as error:
+            raise ConversionError(str(error)) from None
+    if int(config.model.head.num_classes) == 0:
+        raise ConversionError(
+            f"{source}: carries no class list, and config {config.name!r} takes its class count "
+            "from the data (model.head.num_classes = 0); give the config the file's class count"
+        )
+    return config
+
+
 def convert_file(path: str | Path, fmt: str, config: ml_collections.ConfigDict) -> Converted:
-    """Reads a `.pth`/`.pt`/`.safetensors` file and converts it (see `convert_state_dict`)."""
-    return convert_state_dict(read_state_dict(path), fmt, config, source=str(path))
+    """Reads a `.pth`/`.pt`/`.safetensors` file and converts it (see `convert_state_dict`); the
+    class list of a file we wrote comes along (`Converted.classes`)."""
+    state_dict, meta = read_checkpoint(path)
+    classes = file_classes(meta, path)
+    config = fit_classes(config, classes, str(path))
+    converted = convert_state_dict(state_dict, fmt, config, source=str(path))
+    return dataclasses.replace(converted, classes=classes)
 
 
 def write_converted(
     converted: Converted, output_dir: str | Path, config: ml_collections.ConfigDict, source: str
 ) -> Path:
-    """Saves `converted` as step 0 of `<output_dir>/checkpoints` with its meta; returns the root."""
+    """Saves `converted` as step 0 of `<output_dir>/checkpoints` with its meta (the file's class
+    list if it carried one, and its BN counters); returns the root."""
     try:
-        meta = checkpoint.make_meta(config, source, parts=converted.parts)
+        meta = checkpoint.make_meta(config, source, converted.parts, converted.classes)
+        if converted.counters:
+            meta[COUNTERS_META_KEY] = dict(converted.counters)
         return checkpoint.save_converted(output_dir, converted.params, converted.batch_stats, meta)
     except checkpoint.CheckpointError as e:
         raise ConversionError(str(e)) from None

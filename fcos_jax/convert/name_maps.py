@@ -1,19 +1,24 @@
-"""Name maps from PyTorch state-dict keys to our Flax variable tree, one table per source format.
+"""Name maps between PyTorch state-dict keys and our Flax variable tree, one table per format.
 
-A rule maps a target *module* path (regex over `backbone/layer2_0/conv1`, ...) to the source
-module name (a `re` template, several candidates, or a function of the match) and says which kind
-of layer it is; the kind fixes the leaf names and the tensor layout change:
+The tables serve both directions: importing (`core.py`) and writing PyTorch files
+(`to_pytorch.py`). A rule maps a target *module* path (regex over `backbone/layer2_0/conv1`, ...)
+to the source module name (a `re` template, several candidates, or a function of the match) and
+says which kind of layer it is; the kind fixes the leaf names and the tensor layout change:
   conv   kernel <- weight (OIHW -> HWIO, grouped [O, I/g, kh, kw] -> [kh, kw, I/g, O]), bias <- bias
   norm   scale <- weight, bias <- bias, batch_stats mean/var <- running_mean/running_var
-         (`num_batches_tracked` of a mapped BN is ignored on purpose)
+         (a BN's `num_batches_tracked` is no model variable: `COUNTER`)
   scale  scale <- scale (0-dim)
-No table rotates or reorders class channels (docs/modes.md §2.11: mmdet's upgrade_model_version
-bug).
+Of several candidate names the first is the current spelling, the one written. No table rotates
+or reorders class channels (docs/modes.md §2.11: mmdet's upgrade_model_version bug).
 """
 
 import dataclasses
 import re
 from collections.abc import Callable
+
+import numpy as np
+
+from fcos_jax.convert.errors import ConversionError
 
 CONV, NORM, SCALE = "conv", "norm", "scale"
 
@@ -23,8 +28,12 @@ LEAVES = {
     NORM: {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"},
     SCALE: {"scale": "scale"},
 }
-# Source leaves of a mapped module that carry nothing we need.
-IGNORED_LEAVES = {CONV: (), NORM: ("num_batches_tracked",), SCALE: ()}
+# torch's BatchNorm2d counts its training batches in this buffer; no forward reads it (with the
+# default momentum), so it is no model variable. Imported counts travel in the checkpoint's meta
+# and are written back on export (`core.Converted.counters`).
+COUNTER = "num_batches_tracked"
+# Source leaves of a mapped module that are no model variable.
+IGNORED_LEAVES = {CONV: (), NORM: (COUNTER,), SCALE: ()}
 
 SourceName = str | tuple[str, ...] | Callable[[re.Match], str]
 
@@ -48,6 +57,44 @@ class NameMap:
     ignored: tuple[str, ...]  # source keys dropped on purpose
     parts: tuple[str, ...]  # top-level target parts this format fills
     description: str
+
+    def lookup(self, module: str) -> tuple[str, tuple[str, ...]]:
+        """(layer kind, source module names, current spelling first) of our `module` path."""
+        for rule in self.rules:
+            match = re.fullmatch(rule.target, module)
+            if match:
+                return rule.kind, rule.source_candidates(match)
+        raise ConversionError(f"no {self.description} name rule for our module {module}")
+
+
+def source_leaf(kind: str, leaf: str, where: str) -> str:
+    """The PyTorch leaf name of our `leaf` of a `kind` layer (`where` names it in errors)."""
+    name = LEAVES[kind].get(leaf)
+    if name is None:
+        raise ConversionError(f"no PyTorch name for our {where}")
+    return name
+
+
+def torch_shape(kind: str, leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The PyTorch shape of our variable of `shape` (a conv kernel HWIO -> OIHW)."""
+    if kind == CONV and leaf == "kernel":
+        kh, kw, cin, cout = shape
+        return (cout, cin, kh, kw)
+    return tuple(shape)
+
+
+def to_ours(kind: str, leaf: str, array: np.ndarray) -> np.ndarray:
+    """A PyTorch tensor's values in our layout, float32 (a conv kernel OIHW -> HWIO)."""
+    if kind == CONV and leaf == "kernel":
+        array = np.transpose(array, (2, 3, 1, 0))  # grouped: I is I/groups
+    return np.array(array, dtype=np.float32, order="C")  # (ascontiguousarray makes 0-dim 1-dim)
+
+
+def to_torch(kind: str, leaf: str, array: np.ndarray) -> np.ndarray:
+    """Our variable's values in PyTorch's layout, float32 (a conv kernel HWIO -> OIHW)."""
+    if kind == CONV and leaf == "kernel":
+        array = np.transpose(array, (3, 2, 0, 1))
+    return np.array(array, dtype=np.float32, order="C")
 
 
 def _resnet(prefix: str) -> tuple[Rule, ...]:
@@ -74,10 +121,10 @@ MMDET = NameMap(
         Rule(r"neck/(lateral_convs|fpn_convs)_(\d+)", r"neck.\1.\2.conv", CONV),
         Rule(r"bbox_head/(cls_convs|reg_convs)_(\d+)/conv", r"bbox_head.\1.\2.conv", CONV),
         Rule(r"bbox_head/(cls_convs|reg_convs)_(\d+)/gn", r"bbox_head.\1.\2.gn", NORM),
-        # v1 `fcos_cls/reg/centerness`; v2.2+ `conv_cls/reg/centerness` (same tensors).
+        # v2.2+ `conv_cls/reg/centerness` (written), v1 `fcos_cls/reg/centerness` (same tensors).
         Rule(
             r"bbox_head/conv_(cls|reg|centerness)",
-            (r"bbox_head.fcos_\1", r"bbox_head.conv_\1"),
+            (r"bbox_head.conv_\1", r"bbox_head.fcos_\1"),
             CONV,
         ),
         Rule(r"bbox_head/scales_(\d+)", r"bbox_head.scales.\1", SCALE),

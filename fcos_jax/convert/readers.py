@@ -2,6 +2,10 @@
 
 PyTorch pickles are loaded with `torch.load(weights_only=True)`: a pickle that would run code or
 build arbitrary objects is refused, never executed. torch is imported lazily, here only.
+
+Besides the tensors, a file may carry a `meta` dict (mmcv/mmengine checkpoints). The mmdetection
+files `convert --to mmdet` writes keep our class list there (`file_classes`): mmdetection's
+`dataset_meta['classes']` (names) and, under `OUR_META_KEY`, the category ids.
 """
 
 import re
@@ -10,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fcos_jax.classes import ClassList
 from fcos_jax.convert.errors import ConversionError
 
 StateDict = dict[str, np.ndarray]
+OUR_META_KEY = "fcos_jax"  # meta written by `convert --to mmdet`: config name, step, category ids
 
 # Wrapper dicts around the state dict: mmcv/mmengine ('state_dict' + 'meta', ...), torchvision's
 # reference scripts and many others ('model').
@@ -26,6 +32,11 @@ def read_state_dict(path: str | Path) -> StateDict:
     Floating tensors become float32 arrays (0-dim tensors stay 0-dim); integer buffers keep their
     dtype. Raises ConversionError with a one-line message naming the file on any failure.
     """
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | Path) -> tuple[StateDict, dict]:
+    """(`read_state_dict`'s state dict, the file's `meta` dict or {} when it has none)."""
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
@@ -33,7 +44,23 @@ def read_state_dict(path: str | Path) -> StateDict:
         raw = _read_safetensors(path)
     else:
         raw = _read_torch(path)
-    return _to_state_dict(raw, path)
+    meta = raw.get("meta") if isinstance(raw, dict) else None
+    return _to_state_dict(raw, path), meta if isinstance(meta, dict) else {}
+
+
+def file_classes(meta: dict, path: str | Path) -> ClassList | None:
+    """[(category_id, name)] in channel order from the meta of file `path`, where `convert --to
+    mmdet` wrote one (mmdetection's `dataset_meta['classes']` and our category ids), else None."""
+    names = (meta.get("dataset_meta") or {}).get("classes")
+    ids = (meta.get(OUR_META_KEY) or {}).get("category_ids")
+    if not isinstance(names, list | tuple) or not isinstance(ids, list | tuple):
+        return None
+    if len(names) != len(ids):
+        raise ConversionError(
+            f"{path}: meta holds {len(names)} class names (dataset_meta) but {len(ids)} category "
+            f"ids ({OUR_META_KEY})"
+        )
+    return [(int(cid), str(name)) for cid, name in zip(ids, names, strict=True)]
 
 
 def _read_safetensors(path: Path) -> dict:
