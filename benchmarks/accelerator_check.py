@@ -37,7 +37,7 @@ from pathlib import Path
 
 from common import cpu_model, print_result, run_command, timed  # benchmarks/common.py
 from inference import make_inputs  # benchmarks/inference.py
-from train_step import synthetic_inputs  # benchmarks/train_step.py
+from train_step import jax_state_and_batch, synthetic_inputs  # benchmarks/train_step.py
 
 REPO = Path(__file__).resolve().parents[1]
 R50_GN = REPO / "configs" / "fcos_r50_caffe_fpn_gn_1x.py"
@@ -63,42 +63,20 @@ def _jax_peak_memory_gib() -> float | None:
 
 
 def jax_train(args) -> dict:
-    import functools
-
     import jax
-    import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import optim, sharding, train_lib
+    from fcos_jax import sharding, train_lib
     from fcos_jax.config_io import load_config
-    from fcos_jax.models import build_model
 
     mesh = sharding.make_mesh(jax.local_devices())
     batch_size = args.batch * mesh.size
     config = load_config(R50_GN)
     config.model.dtype = args.dtype
     config.train.batch_size = batch_size
-    model = build_model(config.model)
-    init_hw = (64, 64)  # parameters do not depend on the image size
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, *init_hw, 3)))
-    optimizer, schedule = optim.build_optimizer(config, shapes["params"], 1000)
-    create = jax.jit(
-        functools.partial(train_lib.create_train_state, config, model, optimizer),
-        static_argnums=1,
+    model, optimizer, schedule, state, batch = jax_state_and_batch(
+        config, mesh, batch_size, args.height, args.width
     )
-    state = sharding.replicate(create(jax.random.key(0, impl="rbg"), init_hw), mesh)
-    images, boxes, classes = synthetic_inputs(batch_size, args.height, args.width)
-    m = int(config.data.max_boxes)
-    batch = {
-        "image": (images - 0.5).astype(np.float32),
-        "boxes": np.zeros((batch_size, m, 4), np.float32),
-        "labels": np.zeros((batch_size, m), np.int32),
-        "box_valid": np.zeros((batch_size, m), bool),
-    }
-    batch["boxes"][:, : boxes.shape[1]] = boxes
-    batch["labels"][:, : boxes.shape[1]] = classes
-    batch["box_valid"][:, : boxes.shape[1]] = True
-    batch = sharding.to_global(batch, mesh)
     step = train_lib.jit_train_step(
         train_lib.make_train_step(config, model, optimizer, schedule, mesh), mesh
     )

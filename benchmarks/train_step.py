@@ -67,25 +67,20 @@ def synthetic_inputs(batch: int, height: int, width: int):
 # Workers
 
 
-def jax_worker(args) -> dict:
+def jax_state_and_batch(config, mesh, batch_size: int, height: int, width: int):
+    """(model, optimizer, schedule, step-0 state replicated on `mesh`, global batch of
+    `synthetic_inputs` normalised as the config normalises, boxes padded to `data.max_boxes`) for
+    `config`: what a benchmark of our train step runs (this script and accelerator_check.py)."""
     import functools
 
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    sys.path.insert(0, str(REPO))
-    from fcos_jax import compile_cache, compile_options, losses, optim, sharding, train_lib
-    from fcos_jax.config_io import load_config
+    from fcos_jax import optim, sharding, train_lib
     from fcos_jax.models import build_model
 
-    if args.cache_dir:
-        compile_cache.enable(args.cache_dir)
-    config = load_config(REPO / args.config)
-    config.train.batch_size = args.batch  # only scales the learning rate
-    config.train.accumulate_steps = args.accumulate
     model = build_model(config.model)
-    mesh = sharding.make_mesh()
     init_hw = (64, 64)  # parameters do not depend on the image size
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *init_hw, 3)))
     optimizer, schedule = optim.build_optimizer(config, shapes["params"], 1000)
@@ -94,13 +89,11 @@ def jax_worker(args) -> dict:
         static_argnums=1,
     )
     state = sharding.replicate(create(jax.random.key(0, impl="rbg"), init_hw), mesh)
-    labels = optimizer_labels(config, state.params)
-
-    images, boxes, classes = synthetic_inputs(args.batch, args.height, args.width)
+    images, boxes, classes = synthetic_inputs(batch_size, height, width)
     m = int(config.data.max_boxes)
-    padded_boxes = np.zeros((args.batch, m, 4), np.float32)
-    padded_labels = np.zeros((args.batch, m), np.int32)
-    valid = np.zeros((args.batch, m), bool)
+    padded_boxes = np.zeros((batch_size, m, 4), np.float32)
+    padded_labels = np.zeros((batch_size, m), np.int32)
+    valid = np.zeros((batch_size, m), bool)
     padded_boxes[:, :BOXES_PER_IMAGE] = boxes
     padded_labels[:, :BOXES_PER_IMAGE] = classes
     valid[:, :BOXES_PER_IMAGE] = True
@@ -114,6 +107,28 @@ def jax_worker(args) -> dict:
         ),
         mesh,
     )
+    return model, optimizer, schedule, state, batch
+
+
+def jax_worker(args) -> dict:
+    import functools
+
+    import jax
+
+    sys.path.insert(0, str(REPO))
+    from fcos_jax import compile_cache, compile_options, losses, sharding, train_lib
+    from fcos_jax.config_io import load_config
+
+    if args.cache_dir:
+        compile_cache.enable(args.cache_dir)
+    config = load_config(REPO / args.config)
+    config.train.batch_size = args.batch  # only scales the learning rate
+    config.train.accumulate_steps = args.accumulate
+    mesh = sharding.make_mesh()
+    model, optimizer, schedule, state, batch = jax_state_and_batch(
+        config, mesh, args.batch, args.height, args.width
+    )
+    labels = optimizer_labels(config, state.params)
 
     step = train_lib.jit_train_step(
         train_lib.make_train_step(config, model, optimizer, schedule, mesh), mesh

@@ -123,29 +123,18 @@ class ResNet(nn.Module):
             planes = self.stem_width * 2**i
             for j in range(num_blocks):
                 stride = (1 if i == 0 else 2) if j == 0 else 1
-                name = f"layer{i + 1}_{j}"
+                common = dict(
+                    norm=self.norm,
+                    train=train,
+                    dtype=self.dtype,
+                    batch_axis=self.batch_axis,
+                    name=f"layer{i + 1}_{j}",
+                )
                 if block_kind == "basic":
-                    x = BasicBlock(
-                        planes,
-                        stride,
-                        self.norm,
-                        train,
-                        self.dtype,
-                        batch_axis=self.batch_axis,
-                        name=name,
-                    )(x)
+                    x = BasicBlock(planes, stride, **common)(x)
                 else:
                     x = Bottleneck(
-                        planes,
-                        stride,
-                        self.style,
-                        self.groups,
-                        self.base_width,
-                        self.norm,
-                        train,
-                        self.dtype,
-                        batch_axis=self.batch_axis,
-                        name=name,
+                        planes, stride, self.style, self.groups, self.base_width, **common
                     )(x)
             if i + 1 <= self.frozen_stages:
                 x = jax.lax.stop_gradient(x)
