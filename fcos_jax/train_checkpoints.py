@@ -8,7 +8,8 @@
     initialisation from `config.seed` with `config.init_from`'s weights merged in (params and BN
     statistics only; a leaf of another shape, e.g. a head with another class count, keeps its
     initialisation and is said so); else the initialisation alone.
-  * `save` writes a step asynchronously (the previous save is finished first).
+  * `save` writes a step asynchronously (the previous save is finished first);
+  * `set_aside` moves a checkpoint no run should go on from out of the step list.
 """
 
 import functools
@@ -23,6 +24,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import linen as nn
 from flax import traverse_util
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from fcos_jax import checkpoint, sharding, train_lib
@@ -44,9 +46,13 @@ class TrainCheckpoints:
         self.config = config
         self.classes = list(classes)
         self.meta = checkpoint.make_meta(config, source=TRAIN_SOURCE, classes=classes)
-        self.manager = checkpoint.checkpoint_manager(
-            self.workdir, max_to_keep=int(config.train.keep_checkpoints)
-        )
+        keep = int(config.train.keep_checkpoints)
+        if keep < 2:
+            raise ValueError(
+                f"train.keep_checkpoints: expected >= 2, got {keep} (the checkpoint before the "
+                "newest is kept until a step on the newest has had a finite loss)"
+            )
+        self.manager = checkpoint.checkpoint_manager(self.workdir, max_to_keep=keep)
 
     @property
     def latest_step(self) -> int | None:
@@ -109,6 +115,27 @@ class TrainCheckpoints:
 
     def wait_until_finished(self) -> None:
         self.manager.wait_until_finished()
+
+    def step_dir(self, step: int) -> Path:
+        """`<workdir>/checkpoints/<step>`."""
+        return Path(self.manager.directory) / str(step)
+
+    def set_aside(self, step: int, reason: str = "nonfinite-loss") -> Path:
+        """Moves checkpoint `step` to `<step>.<reason>` (orbax reads only integer names as
+        steps), so no run resumes from it and rotation never counts it; returns the new path.
+        Process 0 moves it once its save has finished; every process then re-reads the steps."""
+        self.manager.wait_until_finished()
+        source = self.step_dir(step)
+        target, n = source.with_name(f"{step}.{reason}"), 1
+        while target.exists():
+            n += 1
+            target = source.with_name(f"{step}.{reason}.{n}")
+        if jax.process_index() == 0:
+            source.rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"fcos_jax: checkpoint {step} set aside")
+        self.manager.reload()
+        return target
 
     def close(self) -> None:
         self.manager.close()

@@ -10,8 +10,11 @@
   * reports loss components, lr, images/s and ETA (`train_log`), saves a checkpoint every
     `train.checkpoint_every` steps and at the end, evaluates every `train.eval_every` steps and
     at the end;
-  * stops on a non-finite loss with a message naming the step; the last good checkpoint stays
-    the latest (a checkpoint is written only after its step's loss was checked).
+  * stops on a non-finite loss or state with one line naming the step and the newest good
+    checkpoint. A checkpoint is written only for a finite state (the step's `state_finite`,
+    read with the step's other metrics); the loss computed on a checkpoint's state is known
+    one step later, and a checkpoint whose loss is not finite is moved aside, so the workdir's
+    latest checkpoint is one a run can go on from.
 """
 
 import math
@@ -27,25 +30,41 @@ from fcos_jax.data import pipeline as data_pipeline
 from fcos_jax.data import sources as data_sources
 from fcos_jax.models import build_model
 from fcos_jax.train_checkpoints import TrainCheckpoints
+from fcos_jax.train_errors import NonFiniteStepError
 from fcos_jax.train_log import TrainLog
 
 TRAIN_INPUTS = ("image", "boxes", "labels", "box_valid")
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss of a step was NaN or infinite."""
+LOSS_TERMS = ("loss", "loss_cls", "loss_bbox", "loss_centerness")
 
 
-def _check_finite(step: int, metrics: dict[str, float], last_checkpoint: int | None) -> None:
-    if not all(math.isfinite(metrics[k]) for k in ("loss", "loss_cls", "loss_bbox")):
-        kept = (
-            f"the last good checkpoint is step {last_checkpoint}"
-            if last_checkpoint is not None
-            else "no checkpoint was written"
-        )
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step}: {metrics}; training stopped, {kept}"
-        )
+def _check_finite(step: int, metrics: dict[str, float], checkpoints: TrainCheckpoints) -> None:
+    """Raises NonFiniteStepError (one line) when step `step`'s loss or new state is not finite.
+
+    The loss of step s is computed on the state of step s - 1: when it is not finite, checkpoint
+    s - 1 (if written) is a state training cannot go on from, and is moved aside first."""
+    loss_finite = all(math.isfinite(metrics[k]) for k in LOSS_TERMS)
+    if loss_finite and metrics["state_finite"]:
+        return
+    losses = ", ".join(f"{k} {metrics[k]:.4g}" for k in LOSS_TERMS)
+    if loss_finite:
+        what = f"the update made the parameters or optimizer state non-finite ({losses})"
+    else:
+        what = f"non-finite loss ({losses}, computed on the state of step {step - 1})"
+    moved = ""
+    if not loss_finite and checkpoints.latest_step == step - 1:
+        moved = f"; checkpoint {step - 1} was moved aside to {checkpoints.set_aside(step - 1)}"
+    kept = checkpoints.latest_step
+    good = (
+        f"the newest checkpoint with a finite state and loss is step {kept} "
+        f"({checkpoints.step_dir(kept)}): resume from it with a lower optim.base_lr"
+        if kept is not None
+        else "no checkpoint with a finite state and loss is left"
+    )
+    raise NonFiniteStepError(
+        f"step {step}: {what}, lr {metrics['lr']:.3g}; training stopped{moved}; {good}"
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
@@ -106,7 +125,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     log_every = max(int(t.log_every), 1)
     checkpoint_every = int(t.checkpoint_every)
     eval_every = int(t.eval_every)
-    last_checkpoint = checkpoints.latest_step
     pending = None  # (step, metrics on device) of the step before the current one
     stats: dict[str, float] = {}
     train_log = TrainLog(
@@ -121,7 +139,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     def read(pending_item) -> dict[str, float]:
         step, device_metrics = pending_item
         metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        _check_finite(step, metrics, last_checkpoint)
+        _check_finite(step, metrics, checkpoints)
+        del metrics["state_finite"]  # checked; not a quantity to plot
         return metrics
 
     try:
@@ -143,7 +162,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 read(pending)  # never checkpoint or evaluate a non-finite state
             if save_now:
                 checkpoints.save(done, state, data_state)
-                last_checkpoint = done
             if eval_now:
                 stats = evaluate(state, done)
         if pending is not None:
