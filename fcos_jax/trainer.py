@@ -14,7 +14,8 @@
     checkpoint. A checkpoint is written only for a finite state (the step's `state_finite`,
     read with the step's other metrics); the loss computed on a checkpoint's state is known
     one step later, and a checkpoint whose loss is not finite is moved aside, so the workdir's
-    latest checkpoint is one a run can go on from.
+    latest checkpoint is one a run can go on from. The workdir is locked for the run
+    (`workdir_lock`): one writer per workdir.
 """
 
 import math
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from fcos_jax import classes as class_lists
-from fcos_jax import compile_cache, eval_lib, optim, sharding, train_lib
+from fcos_jax import compile_cache, eval_lib, optim, sharding, train_lib, workdir_lock
 from fcos_jax.data import pipeline as data_pipeline
 from fcos_jax.data import sources as data_sources
 from fcos_jax.models import build_model
@@ -72,6 +73,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     ({} when `train.eval_at_end` is off, and on processes other than 0)."""
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    lock = workdir_lock.WorkdirLock(workdir)
+    # Process 0 holds the lock for the whole run; the others wait and fail with its reason.
+    sharding.run_once_per_directory(lock.acquire, workdir, "locking the workdir")
+    try:
+        return _train_and_evaluate(config, workdir)
+    finally:
+        lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
     lead = jax.process_index() == 0
     compile_cache.enable_from_config(config)
     mesh = sharding.make_mesh()
