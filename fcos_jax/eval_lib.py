@@ -172,11 +172,13 @@ def evaluate_checkpoint(
     annotations: str | Path | None = None,
     results_path: str | Path | None = None,
     per_class: bool = False,
+    allow_other_config_name: bool = False,
 ) -> dict[str, float]:
-    """`eval.py`: restores params and BN statistics (converted or trained) and evaluates them on
-    every device of every process; process 0 prints the AP table. The class list (and, with
-    `model.head.num_classes = 0`, the head's size) comes from the checkpoint's meta. Returns the
-    stats."""
+    """`eval.py`: restores params and BN statistics (converted or trained; a workdir's newest
+    intact step, verified) and evaluates them on every device of every process; process 0
+    prints the AP table. The class list (and, with `model.head.num_classes = 0`, the head's
+    size) comes from the checkpoint's meta; a checkpoint of another config name is refused
+    unless `allow_other_config_name`. Returns the stats."""
     from fcos_jax import checkpoint
     from fcos_jax.data import sources
 
@@ -186,7 +188,10 @@ def evaluate_checkpoint(
     # the others wait, as training does.
     sources.prepare_splits(config, [config.data.val_split])
     variables, meta = checkpoint.restore_inference(
-        checkpoint_path, config, sharding.replicated(mesh)
+        checkpoint_path,
+        config,
+        sharding.replicated(mesh),
+        allow_other_config_name=allow_other_config_name,
     )
     classes = None
     if "classes" in meta:

@@ -74,10 +74,13 @@ def compare(
     checkpoint: str,
     image_path: str,
     converted_dir: str | None = None,
+    *,
+    allow_other_config_name: bool = False,
 ) -> bool:
     """Runs `checkpoint` (a PyTorch file of `fmt`) through the reference and our model (converted
-    in memory, or restored from `converted_dir`), prints the comparison, returns True when
-    everything is within tolerance."""
+    in memory, or restored from `converted_dir`, which must be of `config`'s name unless
+    `allow_other_config_name`), prints the comparison, returns True when everything is within
+    tolerance."""
     if not Path(image_path).is_file():
         raise FileNotFoundError(f"image file not found: {image_path}")
     if not Path(checkpoint).is_file():
@@ -92,7 +95,9 @@ def compare(
     # Converting also checks that the file fits the config (one line naming the keys if not).
     converted = convert_state_dict(state_dict, fmt, config, source=checkpoint)
     if converted_dir:
-        variables, meta = checkpoint_lib.restore_inference(converted_dir, config)
+        variables, meta = checkpoint_lib.restore_inference(
+            converted_dir, config, allow_other_config_name=allow_other_config_name
+        )
         classes = [(int(cid), str(name)) for cid, name in meta.get("classes", [])] or None
     else:
         variables = {"params": converted.params, "batch_stats": converted.batch_stats}

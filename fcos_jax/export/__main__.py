@@ -27,6 +27,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output file (a directory for save
 _BATCH = flags.DEFINE_integer("batch", None, "Fixed batch size (default: symbolic).")
 _HEIGHT = flags.DEFINE_integer("height", None, "Canvas height (default: from the config).")
 _WIDTH = flags.DEFINE_integer("width", None, "Canvas width (default: from the config).")
+_ALLOW_OTHER_CONFIG_NAME = cli.define_allow_other_config_name()
 flags.mark_flags_as_required(["config", "checkpoint", "format", "output"])
 
 
@@ -44,7 +45,9 @@ def main(argv: list[str]) -> None:
     default_h, default_w = export.default_canvas(config)
     canvas_hw = (_HEIGHT.value or default_h, _WIDTH.value or default_w)
     export.check_canvas(config, canvas_hw)  # before the (slow) restore
-    detector = inference.Detector.from_config(config, _CHECKPOINT.value)  # CheckpointError
+    detector = inference.Detector.from_config(  # CheckpointError
+        config, _CHECKPOINT.value, allow_other_config_name=_ALLOW_OTHER_CONFIG_NAME.value
+    )
     output = export.export_detector(detector, _FORMAT.value, _OUTPUT.value, canvas_hw, _BATCH.value)
     batch = "symbolic" if _BATCH.value is None else _BATCH.value
     print(
