@@ -25,6 +25,7 @@ is named in a warning; given a step, a damaged one is an error.
 import functools
 import json
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -261,12 +262,40 @@ def _restore_verified(
         array, detail = integrity.read_error(error)
         if array is None:
             raise
+        _drop_abandoned_read_reports()
         raise _damaged(step_dir, f"array {array} cannot be read ({detail})") from None
     if recorded is not None:
         problems = integrity.mismatches(recorded, restored, json_items)
         if problems:
             raise _damaged(step_dir, listing(problems, 3))
     return restored
+
+
+def _drop_abandoned_read_reports() -> None:
+    """After a failed restore TensorStore still finishes the reads orbax stopped waiting for:
+    their results reach orbax's closed event loop (`RuntimeError: Event loop is closed`) and the
+    errors of other failed reads ("Encountered error while reading array index ...") are never
+    retrieved. Python prints each as an unraisable exception on stderr, after the tool's
+    one-line error; those reports, and only those, are dropped from now on."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_reads", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        value = unraisable.exc_value
+        try:
+            text = str(value)
+            abandoned = (isinstance(value, RuntimeError) and text == "Event loop is closed") or (
+                text.startswith("Encountered error while reading array index")
+                or integrity.read_error(value)[0] is not None
+            )
+        except Exception:  # noqa: BLE001  (at interpreter exit: report it as Python would)
+            abandoned = False
+        if not abandoned:
+            previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 def _newest_intact(

@@ -108,11 +108,11 @@ def read_error(error: BaseException) -> tuple[str | None, str]:
         seen.add(id(error))
         chain.append(error)
         error = error.__cause__ or error.__context__
+    first_line = lambda e: (str(e).strip() or type(e).__name__).splitlines()[0][:300]  # noqa: E731
     for link in reversed(chain):  # the innermost error is the most specific
-        text = str(link).strip()
-        match = _READ_ERROR.search(text)
+        match = _READ_ERROR.search(str(link))
         if match:
             item = match.group("item").rstrip("/").rsplit("/", 1)[-1]
             array = match.group("array").replace(".", "/")
-            return f"{item}/{array}", text.splitlines()[0][:300]
-    return None, str(chain[-1]).strip().splitlines()[0][:300] if chain else ""
+            return f"{item}/{array}", first_line(link)
+    return None, first_line(chain[-1]) if chain else ""

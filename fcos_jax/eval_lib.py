@@ -184,15 +184,16 @@ def evaluate_checkpoint(
 
     compile_cache.enable_from_config(config)
     mesh = sharding.make_mesh()
-    # One process per data_dir prepares the split (a COCO-format folder, the index cache) while
-    # the others wait, as training does.
-    sources.prepare_splits(config, [config.data.val_split])
+    # The checkpoint first: a damaged or mismatched one stops before any data is prepared.
     variables, meta = checkpoint.restore_inference(
         checkpoint_path,
         config,
         sharding.replicated(mesh),
         allow_other_config_name=allow_other_config_name,
     )
+    # One process per data_dir prepares the split (a COCO-format folder, the index cache) while
+    # the others wait, as training does.
+    sources.prepare_splits(config, [config.data.val_split])
     classes = None
     if "classes" in meta:
         classes = class_lists.from_meta(meta, str(checkpoint_path))
