@@ -3,8 +3,9 @@
 `train_and_evaluate(config, workdir)`:
   * builds the training pipeline (this process's share of every global batch), the model and
     the optimizer (`optim`) from the config;
-  * takes its first state from `TrainCheckpoints.restore_or_initialise`: the workdir's latest
-    checkpoint, or the initialisation with `config.init_from`'s weights, or the initialisation;
+  * takes its first state from `TrainCheckpoints.restore_or_initialise`: the workdir's newest
+    intact checkpoint, or the initialisation with `config.init_from`'s weights, or the
+    initialisation;
   * runs the jitted data-parallel step (`train_lib`) on every device of every process;
   * reads the metrics of step s while step s + 1 runs, so the step never waits for the host;
   * reports loss components, lr, images/s and ETA (`train_log`), saves a checkpoint every
