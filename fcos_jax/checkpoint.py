@@ -256,13 +256,13 @@ def _restore_verified(
     array."""
     step_dir = Path(root) / str(step)
     args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
+    _drop_abandoned_read_reports()  # before: they can come while the first error is raised
     try:
         restored = dict(manager.restore(step, args=ocp.args.Composite(**args)).items())
     except Exception as error:  # orbax raises TensorStore's read errors as plain Exceptions
         array, detail = integrity.read_error(error)
         if array is None:
             raise
-        _drop_abandoned_read_reports()
         raise _damaged(step_dir, f"array {array} cannot be read ({detail})") from None
     if recorded is not None:
         problems = integrity.mismatches(recorded, restored, json_items)
@@ -271,24 +271,37 @@ def _restore_verified(
     return restored
 
 
+def _is_abandoned_read(error: BaseException | None) -> bool:
+    """True for what an abandoned read of a failed restore leaves (`_drop_abandoned_read_reports`):
+    its result reaching orbax's closed event loop, or its own read error."""
+    text = str(error)
+    return (isinstance(error, RuntimeError) and text == "Event loop is closed") or (
+        text.startswith("Encountered error while reading array index")
+        or integrity.read_error(error)[0] is not None
+    )
+
+
+class _AbandonedReadFilter(logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" records of abandoned reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or not _is_abandoned_read(error)
+
+
 def _drop_abandoned_read_reports() -> None:
-    """After a failed restore TensorStore still finishes the reads orbax stopped waiting for:
-    their results reach orbax's closed event loop (`RuntimeError: Event loop is closed`) and the
-    errors of other failed reads ("Encountered error while reading array index ...") are never
-    retrieved. Python prints each as an unraisable exception on stderr, after the tool's
-    one-line error; those reports, and only those, are dropped from now on."""
+    """When a restore fails, TensorStore still finishes the reads orbax stopped waiting for:
+    their results reach orbax's closed event loop and their own errors are never retrieved.
+    Python and asyncio report each on stderr (unraisable exceptions, "Future exception was never
+    retrieved"), around the tool's one-line error; those reports, and only those, are dropped
+    from the first restore on (a restore that succeeds leaves none)."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_abandoned_reads", False):
         return
 
     def hook(unraisable: Any) -> None:
-        value = unraisable.exc_value
         try:
-            text = str(value)
-            abandoned = (isinstance(value, RuntimeError) and text == "Event loop is closed") or (
-                text.startswith("Encountered error while reading array index")
-                or integrity.read_error(value)[0] is not None
-            )
+            abandoned = _is_abandoned_read(unraisable.exc_value)
         except Exception:  # noqa: BLE001  (at interpreter exit: report it as Python would)
             abandoned = False
         if not abandoned:
@@ -296,6 +309,7 @@ def _drop_abandoned_read_reports() -> None:
 
     hook.drops_abandoned_reads = True
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
 
 
 def _newest_intact(
