@@ -411,7 +411,21 @@ def restore_inference(
     *,
     allow_other_config_name: bool = False,
 ) -> tuple[dict[str, PyTree], dict[str, Any]]:
-    """Restores `({'params', 'batch_stats'}, meta)` of a verified step under `path`.
+    """`({'params', 'batch_stats'}, meta)` of `restore_inference_step`."""
+    _, variables, meta = restore_inference_step(
+        path, config, sharding, allow_other_config_name=allow_other_config_name
+    )
+    return variables, meta
+
+
+def restore_inference_step(
+    path: str | Path,
+    config: ml_collections.ConfigDict,
+    sharding: jax.sharding.Sharding | None = None,
+    *,
+    allow_other_config_name: bool = False,
+) -> tuple[int, dict[str, PyTree], dict[str, Any]]:
+    """Restores `(step, {'params', 'batch_stats'}, meta)` of a verified step under `path`.
 
     `path`: a converted directory or a training workdir (either holds `checkpoints/<step>`), or
     the `checkpoints` directory itself: its newest intact step; or one step directory: that step
@@ -453,10 +467,10 @@ def restore_inference(
         return {"params": restored["params"], "batch_stats": restored["batch_stats"]}, meta
 
     try:
-        _, (variables, meta), _ = _newest_intact(manager, root, explicit_step, restore)
+        step, (variables, meta), _ = _newest_intact(manager, root, explicit_step, restore)
     finally:
         manager.close()
-    return variables, meta
+    return step, variables, meta
 
 
 def restore_weights(

@@ -185,7 +185,7 @@ def evaluate_checkpoint(
     compile_cache.enable_from_config(config)
     mesh = sharding.make_mesh()
     # The checkpoint first: a damaged or mismatched one stops before any data is prepared.
-    variables, meta = checkpoint.restore_inference(
+    step, variables, meta = checkpoint.restore_inference_step(
         checkpoint_path,
         config,
         sharding.replicated(mesh),
@@ -208,7 +208,8 @@ def evaluate_checkpoint(
         results_path=results_path,
     )
     if jax.process_index() == 0:
-        print(f"{config.name} ({meta.get('source', checkpoint_path)}):\n{report}", flush=True)
+        source = meta.get("source", checkpoint_path)
+        print(f"{config.name} ({source}, step {step}):\n{report}", flush=True)
     return stats
 
 

@@ -269,7 +269,7 @@ def test_eval_of_a_workdir_with_a_damaged_step_uses_the_newest_intact_one(
     assert run.returncode == 0, run.stderr[-3000:]
     assert "checkpoint step 4 is damaged: array params/" in run.stderr
     assert "using step 2, the newest intact step" in run.stderr
-    assert run.stdout.startswith("tiny (fcos_jax train.py):")  # the report of that checkpoint
+    assert run.stdout.startswith("tiny (fcos_jax train.py, step 2):")  # the step it used
 
 
 # --- a checkpoint of another config --------------------------------------------------------------
