@@ -176,15 +176,8 @@ class Detector:
             names = [_image_name(img, i) for i, img in enumerate(images)]
         elif len(names) != len(images):
             raise ValueError(f"names: {len(names)} names for {len(images)} images")
-        inputs = [self.preprocess(img, name) for img, name in zip(images, names, strict=True)]
-        return self.detect_preprocessed(inputs, batch_size)
-
-    def detect_preprocessed(
-        self, inputs: Sequence[dict[str, np.ndarray]], batch_size: int | None = None
-    ) -> list[dict[str, np.ndarray]]:
-        """Detections of images already through `preprocess` (one dict each), as `__call__`
-        returns them: images of equal padded shape run together, `batch_size` at a time."""
         batch_size = int(batch_size or self.config.test.get("batch_size", 1) or 1)
+        inputs = [self.preprocess(img, name) for img, name in zip(images, names, strict=True)]
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, item in enumerate(inputs):
             by_shape.setdefault(item["image"].shape, []).append(i)

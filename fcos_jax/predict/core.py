@@ -121,15 +121,19 @@ def predict_files(
     detector = inference.Detector.from_config(
         config, checkpoint, allow_other_config_name=allow_other_config_name
     )
-    inputs = {}
-    for i, rgb in rgb_images.items():
+    # The detector's own preprocessing, once ahead, finds the images it cannot take (an empty
+    # resize, no canvas): the others then run as one call, with no error midway.
+    for i, rgb in list(rgb_images.items()):
         try:
-            inputs[i] = detector.preprocess(rgb, images[i])
+            detector.preprocess(rgb, images[i])
         except ValueError as error:
             problems[i] = str(error)
     _check_any_left(images, problems)
-    detections = detector.detect_preprocessed(list(inputs.values()), batch_size)
-    found = dict(zip(inputs, detections, strict=True))
+    usable = [i for i in rgb_images if i not in problems]
+    detections = detector(
+        [rgb_images[i] for i in usable], batch_size=batch_size, names=[images[i] for i in usable]
+    )
+    found = dict(zip(usable, detections, strict=True))
     for i in sorted(problems):
         log.warning("predict: skipped %s", problems[i])
     if problems:
