@@ -20,6 +20,7 @@ flags.DEFINE_string("detections", "", "Evaluate this COCO results json instead o
 flags.DEFINE_string("annotations", "", "instances JSON (default: ground truth from the dataset).")
 flags.DEFINE_string("results", "", "Write the COCO results json here.")
 flags.DEFINE_bool("per_class", False, "Print AP per category after the 12-line table.")
+cli.define_allow_other_config_name()
 cli.define_distributed_flags()
 flags.mark_flags_as_required(["config"])
 
@@ -44,6 +45,7 @@ def main(argv):
         annotations=FLAGS.annotations or None,
         results_path=FLAGS.results or None,
         per_class=FLAGS.per_class,
+        allow_other_config_name=FLAGS.allow_other_config_name,
     )
 
 

@@ -5,6 +5,8 @@
       --config.init_from=ckpt/resnet50_caffe --config.data.data_dir=/data/tfds
 
 All logic lives in `fcos_jax.trainer`; this file only parses flags and starts (multi-host) JAX.
+A second run on a workdir in use, a non-finite step and every usage or data error print one line
+`error: ...` and exit with status 2.
 Several processes: pass --coordinator_address, --num_processes and --process_id (or set
 FCOS_COORDINATOR, FCOS_NUM_PROCESSES, FCOS_PROCESS_ID).
 """
@@ -13,6 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fcos_jax import cli
+from fcos_jax.train_errors import NonFiniteStepError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -33,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, errors=(NonFiniteStepError,))

@@ -1,4 +1,5 @@
-"""Orbax checkpoints: `<dir>/checkpoints/<step>/{params, batch_stats, opt_state, data_state, meta}`.
+"""Orbax checkpoints: `<dir>/checkpoints/<step>/{params, batch_stats, opt_state, data_state, meta,
+checksums}`.
 
 One layout for trained and converted weights (docs/architecture.md#checkpoints):
   params       Flax `params` tree (float32).
@@ -7,15 +8,27 @@ One layout for trained and converted weights (docs/architecture.md#checkpoints):
   data_state   JSON dict of the data pipeline's position (training checkpoints only).
   meta         JSON: format version, config name, source, parts held, class list
                `[[category_id, name], ...]` in class-channel order.
+  checksums    JSON: SHA-256 of every array and JSON item as handed to the save
+               (`checkpoint_integrity`); written by orbax with the step, so a finished step
+               always has it. Format version 1 steps (before checksums) are read unverified,
+               with a warning.
 The converter writes step 0 without `opt_state`/`data_state`. Inference restores only `params`,
-`batch_stats` and `meta` from a converted directory or a training workdir (latest step).
+`batch_stats` and `meta` from a converted directory or a training workdir (its newest intact
+step), or from one step directory `<dir>/checkpoints/<step>` (that step or an error).
+
+Every restore is verified: a step whose files cannot be read, whose JSON is not valid or whose
+values differ from its checksums raises CheckpointDamagedError in one line naming the step and
+the array or file. Given a directory, the newest intact step is used and each newer damaged step
+is named in a warning; given a step, a damaged one is an error.
 """
 
 import functools
 import json
-from collections.abc import Sequence
+import logging
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -23,21 +36,31 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from fcos_jax import checkpoint_integrity as integrity
+from fcos_jax import jsonio
 from fcos_jax import sharding as mesh_lib
 from fcos_jax.classes import ClassList, class_list, from_meta, resolve_num_classes
 from fcos_jax.models import build_model
 
-FORMAT_VERSION = 1
+# 2: every step holds a `checksums` item; 1: written before checksums (read unverified).
+FORMAT_VERSION = 2
 CHECKPOINT_SUBDIR = "checkpoints"
 MODEL_PARTS = ("backbone", "neck", "bbox_head")
 ARRAY_ITEMS = ("params", "batch_stats", "opt_state")
-JSON_ITEMS = ("data_state", "meta")
+JSON_ITEMS = ("data_state", "meta", "checksums")
+JSON_FILE = "metadata"  # the file orbax's JSON handler writes in an item's directory
 
 PyTree = Any
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, malformed or does not fit the configured model."""
+
+
+class CheckpointDamagedError(CheckpointError):
+    """A step that cannot be read, or whose arrays or JSON differ from its checksums."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -116,49 +139,225 @@ def save(
     """Starts an (asynchronous) save of `step`; call `manager.wait_until_finished()` before exit.
 
     `opt_state` and `data_state` are omitted for weights-only checkpoints (converted weights).
-    `data_state` must be JSON-serialisable (plain ints, floats, strings, lists, dicts).
+    `data_state` must be JSON-serialisable (plain ints, floats, strings, lists, dicts). The
+    arrays are hashed for the step's `checksums` before this returns (replicated arrays only).
     """
-    items = {
-        "params": ocp.args.StandardSave(params),
-        "batch_stats": ocp.args.StandardSave(batch_stats),
-        "meta": ocp.args.JsonSave(meta),
-    }
+    arrays = {"params": params, "batch_stats": batch_stats}
+    json_items = {"meta": meta}
     if opt_state is not None:
-        items["opt_state"] = ocp.args.StandardSave(opt_state)
+        arrays["opt_state"] = opt_state
     if data_state is not None:
-        items["data_state"] = ocp.args.JsonSave(data_state)
+        json_items["data_state"] = data_state
+    # Hashed now, before the caller's next step may donate the arrays' buffers.
+    sums = integrity.checksums(arrays, json_items)
+    items = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
+    items.update({name: ocp.args.JsonSave(value) for name, value in json_items.items()})
+    items["checksums"] = ocp.args.JsonSave(sums)
     manager.save(step, args=ocp.args.Composite(**items))
 
 
-def restore_latest(
+def restore_training(
     manager: ocp.CheckpointManager,
     abstract_params: PyTree,
     abstract_batch_stats: PyTree,
     abstract_opt_state: PyTree,
-) -> tuple[int, dict[str, Any]] | None:
-    """Restores the latest full training checkpoint, or returns None when there is none.
+    check_meta: Callable[[dict[str, Any], Path], None] | None = None,
+) -> tuple[int, dict[str, Any], list[tuple[int, str]]] | None:
+    """Restores the newest intact full training checkpoint, or returns None when there is none.
 
     The abstract trees hold `jax.ShapeDtypeStruct`s (with the wanted shardings), e.g. from
     `jax.eval_shape` of the train-state initialiser. Returns `(step, {'params', 'batch_stats',
-    'opt_state', 'data_state', 'meta'})`; optax state types are preserved.
+    'opt_state', 'data_state', 'meta'}, damaged)`, damaged: [(step, why)] of the newer steps
+    skipped as damaged (each also named in a warning); optax state types are preserved.
+    check_meta(meta, step_dir) may refuse a step (another config's, say): its error is raised,
+    not skipped over.
     """
-    step = manager.latest_step()
-    if step is None:
+    if manager.latest_step() is None:
         return None
-    directory = Path(manager.directory)
-    _check_items(manager, step, directory, ("params", "batch_stats", "opt_state", "data_state"))
-    _check_fits(manager, step, directory, abstract_params, abstract_batch_stats, "the train state")
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params),
-            batch_stats=ocp.args.StandardRestore(abstract_batch_stats),
-            opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            data_state=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore(),
-        ),
+    root = Path(manager.directory)
+
+    def restore(step: int) -> dict[str, Any]:
+        _check_items(manager, step, root, ("params", "batch_stats", "opt_state", "data_state"))
+        meta, recorded = _open_step(root, step)
+        step_dir = root / str(step)
+        if check_meta is not None:
+            check_meta(meta, step_dir)
+        data_state = _read_json_item(step_dir, "data_state")
+        _check_fits(manager, step, root, abstract_params, abstract_batch_stats, "the train state")
+        arrays = {
+            "params": abstract_params,
+            "batch_stats": abstract_batch_stats,
+            "opt_state": abstract_opt_state,
+        }
+        json_items = {"meta": meta, "data_state": data_state}
+        return _restore_verified(manager, root, step, arrays, recorded, json_items) | json_items
+
+    return _newest_intact(manager, root, None, restore)
+
+
+def _damaged(step_dir: Path, problem: str) -> CheckpointDamagedError:
+    return CheckpointDamagedError(
+        f"{step_dir}: checkpoint step {step_dir.name} is damaged: {problem}"
     )
-    return step, dict(restored.items())
+
+
+def _read_json_item(step_dir: Path, item: str) -> Any:
+    """The value of JSON item `item` of a step; CheckpointDamagedError naming the file when it
+    is missing or not valid JSON."""
+    try:
+        return jsonio.read_json(step_dir / item / JSON_FILE, f"checkpoint item {item}")
+    except (FileNotFoundError, ValueError) as error:
+        raise _damaged(step_dir, str(error)) from None
+
+
+def _open_step(root: Path, step: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(meta, its recorded checksums, or None for a format-1 step) of `step`, once the JSON that
+    orbax reads to restore it (each array item's `_METADATA`) is known to be valid JSON.
+    CheckpointDamagedError names the file that is not; a format-1 step is named in a warning
+    (it is restored unverified)."""
+    step_dir = Path(root) / str(step)
+    meta = _read_json_item(step_dir, "meta")
+    if not isinstance(meta, dict):
+        raise _damaged(step_dir, f"{step_dir / 'meta' / JSON_FILE} holds no JSON object")
+    _check_format(meta, step_dir)
+    for item in ARRAY_ITEMS:
+        path = step_dir / item / "_METADATA"
+        if (step_dir / item).is_dir():
+            try:
+                jsonio.read_json(path, "orbax array metadata")
+            except (FileNotFoundError, ValueError) as error:
+                raise _damaged(step_dir, str(error)) from None
+    if (step_dir / "checksums").is_dir():
+        recorded = _read_json_item(step_dir, "checksums")
+        if not isinstance(recorded, dict):
+            raise _damaged(step_dir, f"{step_dir / 'checksums' / JSON_FILE} holds no JSON object")
+        return meta, recorded
+    if meta["format_version"] >= 2:
+        raise _damaged(step_dir, "its checksums item is missing")
+    log.warning(
+        "%s: written before checkpoints carried checksums (format 1); restored unverified",
+        step_dir,
+    )
+    return meta, None
+
+
+def _restore_verified(
+    manager: ocp.CheckpointManager,
+    root: Path,
+    step: int,
+    abstract: dict[str, PyTree],
+    recorded: dict[str, Any] | None,
+    json_items: dict[str, Any],
+) -> dict[str, Any]:
+    """The array items `abstract` ({item: tree of `jax.ShapeDtypeStruct`, or None for an empty
+    item}) of `step`, checked with the step's JSON items as read (`json_items`) against
+    `recorded` (None: format 1, unverified). A read that TensorStore fails, or a value that
+    differs (another dtype than saved included), raises CheckpointDamagedError naming the
+    array."""
+    step_dir = Path(root) / str(step)
+    args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract.items()}
+    _drop_abandoned_read_reports()  # before: they can come while the first error is raised
+    try:
+        restored = dict(manager.restore(step, args=ocp.args.Composite(**args)).items())
+    except Exception as error:  # orbax raises TensorStore's read errors as plain Exceptions
+        array, detail = integrity.read_error(error)
+        if array is None:
+            raise
+        raise _damaged(step_dir, f"array {array} cannot be read ({detail})") from None
+    if recorded is not None:
+        problems = integrity.mismatches(recorded, restored, json_items)
+        if problems:
+            raise _damaged(step_dir, listing(problems, 3))
+    return restored
+
+
+def _is_abandoned_read(error: BaseException | None) -> bool:
+    """True for what an abandoned read of a failed restore leaves (`_drop_abandoned_read_reports`):
+    its result reaching orbax's closed event loop, or its own read error."""
+    text = str(error)
+    return (isinstance(error, RuntimeError) and text == "Event loop is closed") or (
+        text.startswith("Encountered error while reading array index")
+        or integrity.read_error(error)[0] is not None
+    )
+
+
+class _AbandonedReadFilter(logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" records of abandoned reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or not _is_abandoned_read(error)
+
+
+def _drop_abandoned_read_reports() -> None:
+    """When a restore fails, TensorStore still finishes the reads orbax stopped waiting for:
+    their results reach orbax's closed event loop and their own errors are never retrieved.
+    Python and asyncio report each on stderr (unraisable exceptions, "Future exception was never
+    retrieved"), around the tool's one-line error; those reports, and only those, are dropped
+    from the first restore on (a restore that succeeds leaves none)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_reads", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        try:
+            abandoned = _is_abandoned_read(unraisable.exc_value)
+        except Exception:  # noqa: BLE001  (at interpreter exit: report it as Python would)
+            abandoned = False
+        if not abandoned:
+            previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
+
+
+def _newest_intact(
+    manager: ocp.CheckpointManager,
+    root: Path,
+    step: int | None,
+    restore: Callable[[int], T],
+) -> tuple[int, T, list[tuple[int, str]]]:
+    """(step, restore(step), []) for a given `step`; without one, (s, restore(s), damaged) for
+    the newest step s that `restore` does not find damaged, damaged: [(newer step, why)], each
+    named in a warning. CheckpointDamagedError when no step is intact."""
+    steps = manager.all_steps()
+    if step is not None:
+        if step not in steps:
+            raise CheckpointError(f"{root}: no finished step {step} (steps {list(steps)})")
+        return step, restore(step), []
+    if not steps:
+        raise CheckpointError(f"{root}: holds no finished checkpoint step")
+    damaged: list[tuple[int, str]] = []
+    for candidate in sorted(steps, reverse=True):
+        try:
+            result = restore(candidate)
+        except CheckpointDamagedError as error:
+            log.warning("%s; trying an older step", error)
+            damaged.append((candidate, str(error)))
+            continue
+        if damaged:
+            log.warning(
+                "%s: using step %d, the newest intact step (damaged: %s)",
+                root,
+                candidate,
+                ", ".join(str(s) for s, _ in damaged),
+            )
+        return candidate, result, damaged
+    raise CheckpointDamagedError(
+        f"{root}: every checkpoint step is damaged ({', '.join(str(s) for s, _ in damaged)}); "
+        f"the newest: {damaged[0][1]}"
+    )
+
+
+def check_config_name(meta: dict[str, Any], config_name: str, step_dir: Path, remedy: str) -> None:
+    """CheckpointError naming both configs when `meta` records another config than
+    `config_name`; `remedy` says what to do instead."""
+    if meta.get("config_name") != config_name:
+        raise CheckpointError(
+            f"{step_dir}: holds a checkpoint of config {meta.get('config_name')!r}, not "
+            f"{config_name!r}; {remedy}"
+        )
 
 
 def check_output_free(directory: str | Path) -> None:
@@ -183,106 +382,135 @@ def save_converted(
     return Path(directory).absolute() / CHECKPOINT_SUBDIR
 
 
-def resolve_checkpoint_root(path: str | Path) -> Path:
-    """The `checkpoints` directory of a converted directory or workdir, or that directory."""
+def resolve_checkpoint(path: str | Path) -> tuple[Path, int | None]:
+    """(`checkpoints` directory, step) of a converted directory, a training workdir or a
+    `checkpoints` directory (step None: the newest intact step), or of one step directory
+    `<dir>/checkpoints/<step>` (that step)."""
     path = Path(path).absolute()
     if (path / CHECKPOINT_SUBDIR).is_dir():
-        return path / CHECKPOINT_SUBDIR
+        return path / CHECKPOINT_SUBDIR, None
     if path.is_dir() and any(p.name.isdigit() for p in path.iterdir()):
-        return path
+        return path, None
+    if path.is_dir() and path.name.isdigit():
+        return path.parent, int(path.name)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     raise CheckpointError(f"{path}: not a checkpoint directory (no {CHECKPOINT_SUBDIR}/<step>)")
+
+
+OTHER_CONFIG_REMEDY = (
+    "use the config it was trained with, or allow_other_config_name "
+    "(--allow_other_config_name) to use it under this name: the architecture is the same"
+)
 
 
 def restore_inference(
     path: str | Path,
     config: ml_collections.ConfigDict,
     sharding: jax.sharding.Sharding | None = None,
+    *,
+    allow_other_config_name: bool = False,
 ) -> tuple[dict[str, PyTree], dict[str, Any]]:
-    """Restores `({'params', 'batch_stats'}, meta)` of the latest step under `path`.
+    """`({'params', 'batch_stats'}, meta)` of `restore_inference_step`."""
+    _, variables, meta = restore_inference_step(
+        path, config, sharding, allow_other_config_name=allow_other_config_name
+    )
+    return variables, meta
+
+
+def restore_inference_step(
+    path: str | Path,
+    config: ml_collections.ConfigDict,
+    sharding: jax.sharding.Sharding | None = None,
+    *,
+    allow_other_config_name: bool = False,
+) -> tuple[int, dict[str, PyTree], dict[str, Any]]:
+    """Restores `(step, {'params', 'batch_stats'}, meta)` of a verified step under `path`.
 
     `path`: a converted directory or a training workdir (either holds `checkpoints/<step>`), or
-    the `checkpoints` directory itself. Arrays are placed with `sharding` (default: replicated
-    over all devices). `model.head.num_classes = 0` takes the class count of the checkpoint's
-    meta. Raises CheckpointError naming the path and the mismatching keys and shapes when the
-    checkpoint does not fit `config.model`.
+    the `checkpoints` directory itself: its newest intact step; or one step directory: that step
+    (module docstring). Arrays are placed with `sharding` (default: replicated over all
+    devices). `model.head.num_classes = 0` takes the class count of the checkpoint's meta.
+    Raises CheckpointError naming the path and the mismatching keys and shapes when the
+    checkpoint does not fit `config.model`, and naming both configs when it fits but was made
+    for another config name (unless `allow_other_config_name`).
     """
-    root = resolve_checkpoint_root(path)
+    root, explicit_step = resolve_checkpoint(path)
     manager = ocp.CheckpointManager(root, item_handlers=_handlers())
-    step = manager.latest_step()
-    if step is None:
-        raise CheckpointError(f"{root}: holds no finished checkpoint step")
-    _check_items(manager, step, root, ("params", "batch_stats", "meta"))
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    _check_meta(meta, root / str(step))
-    if int(config.model.head.num_classes) == 0:  # the head takes the checkpoint's class count
-        where = str(root / str(step))
-        config = resolve_num_classes(config, from_meta(meta, where), where)
-    expected = abstract_variables(config.model)
-    _check_fits(
-        manager,
-        step,
-        root,
-        expected["params"],
-        expected["batch_stats"],
-        f"config {config.name!r} (checkpoint made for {meta.get('config_name', '?')!r})",
-    )
     if sharding is None:
         sharding = mesh_lib.replicated(mesh_lib.make_mesh())
     with_sharding = lambda tree: jax.tree.map(  # noqa: E731
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
     )
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(with_sharding(expected["params"])),
-            batch_stats=ocp.args.StandardRestore(with_sharding(expected["batch_stats"])),
-        ),
-    )
-    manager.close()
-    return {"params": restored["params"], "batch_stats": restored["batch_stats"]}, meta
+
+    def restore(step: int) -> tuple[dict[str, PyTree], dict[str, Any]]:
+        step_dir = root / str(step)
+        _check_items(manager, step, root, ("params", "batch_stats", "meta"))
+        meta, recorded = _open_step(root, step)
+        _check_parts(meta, step_dir)
+        step_config = config
+        if int(config.model.head.num_classes) == 0:  # the head takes the checkpoint's count
+            step_config = resolve_num_classes(config, from_meta(meta, str(step_dir)), str(step_dir))
+        expected = abstract_variables(step_config.model)
+        _check_fits(
+            manager,
+            step,
+            root,
+            expected["params"],
+            expected["batch_stats"],
+            f"config {config.name!r} (checkpoint made for {meta.get('config_name', '?')!r})",
+        )
+        if not allow_other_config_name:
+            check_config_name(meta, config.name, step_dir, OTHER_CONFIG_REMEDY)
+        arrays = {name: with_sharding(expected[name]) for name in ("params", "batch_stats")}
+        restored = _restore_verified(manager, root, step, arrays, recorded, {"meta": meta})
+        return {"params": restored["params"], "batch_stats": restored["batch_stats"]}, meta
+
+    try:
+        step, (variables, meta), _ = _newest_intact(manager, root, explicit_step, restore)
+    finally:
+        manager.close()
+    return step, variables, meta
 
 
 def restore_weights(
     path: str | Path, step: int | None = None
 ) -> tuple[dict[str, PyTree], dict[str, Any]]:
-    """`({'params', 'batch_stats'}, meta)` of `step` (default: the latest) under `path`, as stored.
+    """`({'params', 'batch_stats'}, meta)` of `step` under `path` as stored, verified (default:
+    the step a step directory names, else the newest intact step).
 
     No model check (for `config.init_from`, where the caller merges what fits): the trees are
     whatever the checkpoint holds, e.g. only `backbone` for an ImageNet conversion. Arrays land
     on this process's first device whatever topology saved them (a multi-process run included).
     """
-    root = resolve_checkpoint_root(path)
+    root, explicit_step = resolve_checkpoint(path)
+    step = explicit_step if step is None else step
     manager = ocp.CheckpointManager(root, item_handlers=_handlers())
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"{root}: holds no finished checkpoint step")
-    if step not in manager.all_steps():
-        raise CheckpointError(f"{root}: no step {step} (steps {manager.all_steps()})")
-    _check_items(manager, step, root, ("params", "batch_stats", "meta"))
-    metadata = manager.item_metadata(step)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
-    def target(name: str) -> ocp.args.StandardRestore:
-        tree = getattr(metadata[name], "tree", metadata[name])
-        return ocp.args.StandardRestore(
-            jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-            if tree
-            else None
-        )
+    def restore(step: int) -> tuple[dict[str, PyTree], dict[str, Any]]:
+        _check_items(manager, step, root, ("params", "batch_stats", "meta"))
+        meta, recorded = _open_step(root, step)
+        metadata = manager.item_metadata(step)
 
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            params=target("params"),
-            batch_stats=target("batch_stats"),
-            meta=ocp.args.JsonRestore(),
-        ),
-    )
-    manager.close()
-    variables = {"params": restored["params"] or {}, "batch_stats": restored["batch_stats"] or {}}
-    return variables, restored["meta"]
+        def target(name: str) -> PyTree:
+            tree = getattr(metadata[name], "tree", metadata[name])
+            place = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)  # noqa: E731
+            return jax.tree.map(place, tree) if tree else None
+
+        arrays = {name: target(name) for name in ("params", "batch_stats")}
+        restored = _restore_verified(manager, root, step, arrays, recorded, {"meta": meta})
+        variables = {
+            "params": restored["params"] or {},
+            "batch_stats": restored["batch_stats"] or {},
+        }
+        return variables, meta
+
+    try:
+        _, result, _ = _newest_intact(manager, root, step, restore)
+    finally:
+        manager.close()
+    return result
 
 
 def _check_items(
@@ -294,12 +522,15 @@ def _check_items(
         raise CheckpointError(f"{step_dir}: checkpoint lacks the item(s) {', '.join(missing)}")
 
 
-def _check_meta(meta: dict[str, Any], step_dir: Path) -> None:
+def _check_format(meta: dict[str, Any], step_dir: Path) -> None:
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(
             f"{step_dir}: meta format_version {version!r} is not supported (<= {FORMAT_VERSION})"
         )
+
+
+def _check_parts(meta: dict[str, Any], step_dir: Path) -> None:
     parts = meta.get("parts", list(MODEL_PARTS))
     if set(parts) != set(MODEL_PARTS):
         raise CheckpointError(

@@ -57,6 +57,17 @@ def _unknown_override(argv: list[str], error: BaseException) -> str:
     return f"a --config override names no field of the config: {text}"
 
 
+def define_allow_other_config_name() -> flags.FlagHolder:
+    """--allow_other_config_name: the tools that restore a checkpoint (eval.py, predict, export,
+    compare) refuse one made for another config name; this flag lets it run under --config's
+    name when the architecture is the same (another architecture is refused regardless)."""
+    return flags.DEFINE_bool(
+        "allow_other_config_name",
+        False,
+        "Use a checkpoint made for another config name when its architecture is the same.",
+    )
+
+
 def define_distributed_flags() -> None:
     """--coordinator_address, --num_processes, --process_id for multi-process runs."""
     flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process).")

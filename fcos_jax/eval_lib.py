@@ -216,22 +216,28 @@ def evaluate_checkpoint(
     annotations: str | Path | None = None,
     results_path: str | Path | None = None,
     per_class: bool = False,
+    allow_other_config_name: bool = False,
 ) -> dict[str, float]:
-    """`eval.py`: restores params and BN statistics (converted or trained) and evaluates them on
-    every device of every process; process 0 prints the AP table. The class list (and, with
-    `model.head.num_classes = 0`, the head's size) comes from the checkpoint's meta. Returns the
-    stats."""
+    """`eval.py`: restores params and BN statistics (converted or trained; a workdir's newest
+    intact step, verified) and evaluates them on every device of every process; process 0
+    prints the AP table. The class list (and, with `model.head.num_classes = 0`, the head's
+    size) comes from the checkpoint's meta; a checkpoint of another config name is refused
+    unless `allow_other_config_name`. Returns the stats."""
     from fcos_jax import checkpoint
     from fcos_jax.data import sources
 
     compile_cache.enable_from_config(config)
     mesh = sharding.make_mesh()
+    # The checkpoint first: a damaged or mismatched one stops before any data is prepared.
+    step, variables, meta = checkpoint.restore_inference_step(
+        checkpoint_path,
+        config,
+        sharding.replicated(mesh),
+        allow_other_config_name=allow_other_config_name,
+    )
     # One process per data_dir prepares the split (a COCO-format folder, the index cache) while
     # the others wait, as training does.
     sources.prepare_splits(config, [config.data.val_split])
-    variables, meta = checkpoint.restore_inference(
-        checkpoint_path, config, sharding.replicated(mesh)
-    )
     classes = None
     if "classes" in meta:
         classes = class_lists.from_meta(meta, str(checkpoint_path))
@@ -246,7 +252,8 @@ def evaluate_checkpoint(
         results_path=results_path,
     )
     if jax.process_index() == 0:
-        print(f"{config.name} ({meta.get('source', checkpoint_path)}):\n{report}", flush=True)
+        source = meta.get("source", checkpoint_path)
+        print(f"{config.name} ({source}, step {step}):\n{report}", flush=True)
     return stats
 
 

@@ -133,16 +133,23 @@ class Detector:
         config_or_path: ml_collections.ConfigDict | str | Path,
         checkpoint_path: str | Path,
         compilation_cache_dir: str | Path | None = None,
+        *,
+        allow_other_config_name: bool = False,
     ) -> "Detector":
         """Loads `config` (a ConfigDict or a `configs/*.py` path) and restores the checkpoint
-        (a converted directory or a training workdir). The class list comes from the
-        checkpoint's meta. compilation_cache_dir overrides `config.test.compilation_cache_dir`."""
+        (a converted directory or a training workdir: its newest intact step; or one step
+        directory), verified against its checksums. The class list comes from the checkpoint's
+        meta. A checkpoint of another config name is refused unless `allow_other_config_name`
+        (another architecture always is). compilation_cache_dir overrides
+        `config.test.compilation_cache_dir`."""
         if isinstance(config_or_path, str | Path):
             config = load_config(config_or_path)
         else:
             config = config_or_path
         compile_cache.enable_from_config(config, compilation_cache_dir)
-        variables, meta = checkpoint.restore_inference(checkpoint_path, config)
+        variables, meta = checkpoint.restore_inference(
+            checkpoint_path, config, allow_other_config_name=allow_other_config_name
+        )
         classes = from_meta(meta, str(checkpoint_path)) if "classes" in meta else None
         return cls(config, variables, classes)
 

@@ -189,16 +189,26 @@ def mmdet_rescale_size(h: int, w: int, scale: Any) -> tuple[int, int, float]:
     return int(h * factor + 0.5), int(w * factor + 0.5), factor
 
 
-def resize_mmdet(image: np.ndarray, scale: Any) -> tuple[np.ndarray, float]:
+def check_resized_size(hw: Any, resized_hw: Any, scale: Any, name: str = "image") -> None:
+    """ValueError naming the image when its keep-ratio size for `scale` is empty (a very long,
+    thin image: 10 x 2000 at scale (1333, 800) in torchvision's floor rule)."""
+    (h, w), (new_h, new_w) = hw, resized_hw
+    if new_h < 1 or new_w < 1:
+        raise ValueError(
+            f"{name}: image of size {h}x{w} resizes to an empty {new_h}x{new_w} image "
+            f"(preprocess.scale {tuple(scale)})"
+        )
+
+
+def resize_mmdet(image: np.ndarray, scale: Any, name: str = "image") -> tuple[np.ndarray, float]:
     """mmcv `imrescale` of one [H, W, C] uint8 image (any channel order: cv2 resizes each channel
     alike): `cv2.resize` INTER_LINEAR to `mmdet_rescale_size`. Returns (resized [h, w, C] uint8,
     the scale factor). The exported detectors (fcos_jax.export) take this image, RGB, as input.
 
-    Raises ValueError when the image resizes to nothing."""
+    Raises ValueError naming `name` when the image resizes to nothing."""
     h, w = image.shape[:2]
     new_h, new_w, factor = mmdet_rescale_size(h, w, scale)
-    if new_h < 1 or new_w < 1:
-        raise ValueError(f"image of size {h}x{w} resizes to an empty {new_h}x{new_w} image")
+    check_resized_size((h, w), (new_h, new_w), scale, name)
     return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR), factor
 
 
@@ -212,8 +222,9 @@ def preprocess_mmdet(
     unit_range: bool = False,
     size_divisor: int = 32,
     single_scale: bool = True,
+    name: str = "image",
 ) -> dict[str, np.ndarray]:
-    """mmdet test transform of one [H, W, 3] uint8 **BGR** image.
+    """mmdet test transform of one [H, W, 3] uint8 **BGR** image (`name` for error messages).
 
     unit_range: divide by 255 before normalising (no mmdet config does; kept for custom configs).
     single_scale: True (mmdet v1) gives `scale` = (s, s) with the float factor s; False
@@ -221,7 +232,7 @@ def preprocess_mmdet(
     Returns image [Hp, Wp, 3] float32 (padded), image_hw [2] int32 (resized, unpadded),
     scale [2] float64 (y, x), original_hw [2] int32."""
     h, w = image_bgr.shape[:2]
-    resized, factor = resize_mmdet(image_bgr, scale)
+    resized, factor = resize_mmdet(image_bgr, scale, name)
     new_h, new_w = resized.shape[:2]
     if to_rgb:
         resized = resized[:, :, ::-1]
@@ -291,15 +302,16 @@ def preprocess_torchvision(
     std: Any,
     unit_range: bool = True,
     size_divisor: int = 32,
+    name: str = "image",
 ) -> dict[str, np.ndarray]:
-    """torchvision GeneralizedRCNNTransform (eval) of one [H, W, 3] uint8 **RGB** image.
+    """torchvision GeneralizedRCNNTransform (eval) of one [H, W, 3] uint8 **RGB** image (`name`
+    for error messages).
 
     Returns image [Hp, Wp, 3] float32 (padded), image_hw [2] int32 (resized, unpadded),
     scale [2] float64 (new_h / h, new_w / w), original_hw [2] int32."""
     h, w = image_rgb.shape[:2]
     new_h, new_w, factor = torchvision_resize_size(h, w, scale)
-    if new_h < 1 or new_w < 1:
-        raise ValueError(f"image of size {h}x{w} resizes to an empty {new_h}x{new_w} image")
+    check_resized_size((h, w), (new_h, new_w), scale, name)
     normalised = normalise(image_rgb.astype(np.float32), mean, std, unit_range)
     resized = resize_bilinear(normalised, (new_h, new_w))
     factors = scale_yx((h, w), (new_h, new_w), factor, False)
@@ -324,9 +336,13 @@ def preprocess(
     common = {k: getattr(p, k) for k in ("scale", "mean", "std", "unit_range", "size_divisor")}
     if p.resize == "mmdet":
         return preprocess_mmdet(
-            load_bgr(image, name), to_rgb=p.to_rgb, single_scale=single_scale(p), **common
+            load_bgr(image, name),
+            to_rgb=p.to_rgb,
+            single_scale=single_scale(p),
+            name=name,
+            **common,
         )
-    return preprocess_torchvision(load_rgb(image, name), **common)
+    return preprocess_torchvision(load_rgb(image, name), name=name, **common)
 
 
 def serving_image(
@@ -349,7 +365,7 @@ def serving_image(
         out["image"] = out["image"][:new_h, :new_w]
         return out
     rgb = load_rgb(image, name)
-    resized, factor = resize_mmdet(rgb, p.scale)
+    resized, factor = resize_mmdet(rgb, p.scale, name)
     original_hw, resized_hw = rgb.shape[:2], resized.shape[:2]
     factors = scale_yx(original_hw, resized_hw, factor, single_scale(p))
     return _output(resized, resized_hw, factors, original_hw)

@@ -3,12 +3,14 @@
 `TrainCheckpoints(workdir, config, classes)` holds the workdir's orbax manager and the meta
 (config name, class list) written with every step (the layout is `checkpoint.py`'s):
   * `restore_or_initialise` gives the run's first train state, replicated on the mesh: the
-    workdir's latest checkpoint with everything (params, BN statistics, optimizer, data iterator),
-    restored onto this run's devices whatever process and device count wrote it; else the model's
-    initialisation from `config.seed` with `config.init_from`'s weights merged in (params and BN
-    statistics only; a leaf of another shape, e.g. a head with another class count, keeps its
-    initialisation and is said so); else the initialisation alone.
-  * `save` writes a step asynchronously (the previous save is finished first).
+    workdir's newest intact checkpoint (newer damaged steps are moved aside, with a warning)
+    with everything (params, BN statistics, optimizer, data iterator), restored onto this run's
+    devices whatever process and device count wrote it; else the model's initialisation from
+    `config.seed` with `config.init_from`'s weights merged in (params and BN statistics only; a
+    leaf of another shape, e.g. a head with another class count, keeps its initialisation and
+    is said so); else the initialisation alone.
+  * `save` writes a step asynchronously (the previous save is finished first);
+  * `set_aside` moves a checkpoint no run should go on from out of the step list.
 """
 
 import functools
@@ -20,9 +22,9 @@ import jax
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import linen as nn
 from flax import traverse_util
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from fcos_jax import checkpoint, sharding, train_lib
@@ -44,9 +46,13 @@ class TrainCheckpoints:
         self.config = config
         self.classes = list(classes)
         self.meta = checkpoint.make_meta(config, source=TRAIN_SOURCE, classes=classes)
-        self.manager = checkpoint.checkpoint_manager(
-            self.workdir, max_to_keep=int(config.train.keep_checkpoints)
-        )
+        keep = int(config.train.keep_checkpoints)
+        if keep < 2:
+            raise ValueError(
+                f"train.keep_checkpoints: expected >= 2, got {keep} (the checkpoint before the "
+                "newest is kept until a step on the newest has had a finite loss)"
+            )
+        self.manager = checkpoint.checkpoint_manager(self.workdir, max_to_keep=keep)
 
     @property
     def latest_step(self) -> int | None:
@@ -110,37 +116,52 @@ class TrainCheckpoints:
     def wait_until_finished(self) -> None:
         self.manager.wait_until_finished()
 
+    def step_dir(self, step: int) -> Path:
+        """`<workdir>/checkpoints/<step>`."""
+        return Path(self.manager.directory) / str(step)
+
+    def set_aside(self, step: int, reason: str = "nonfinite-loss") -> Path:
+        """Moves checkpoint `step` to `<step>.<reason>` (orbax reads only integer names as
+        steps), so no run resumes from it and rotation never counts it; returns the new path.
+        Process 0 moves it once its save has finished; every process then re-reads the steps."""
+        self.manager.wait_until_finished()
+        source = self.step_dir(step)
+        target, n = source.with_name(f"{step}.{reason}"), 1
+        while target.exists():
+            n += 1
+            target = source.with_name(f"{step}.{reason}.{n}")
+        if jax.process_index() == 0:
+            source.rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"fcos_jax: checkpoint {step} set aside")
+        self.manager.reload()
+        return target
+
     def close(self) -> None:
         self.manager.close()
 
     def _resume(
         self, abstract: train_lib.TrainState, mesh: Mesh
     ) -> tuple[int, train_lib.TrainState, dict[str, Any]]:
-        """(step, state, data state) of the latest checkpoint, restored with the shardings of
-        this run's mesh (replicated); refused when another config or class list wrote it."""
-        step_dir = Path(self.manager.directory) / str(self.latest_step)
-        meta = self.manager.restore(
-            self.latest_step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-        )["meta"]
-        if meta.get("config_name") != self.config.name:
-            raise checkpoint.CheckpointError(
-                f"{step_dir}: the workdir holds a checkpoint of config "
-                f"{meta.get('config_name')!r}, not {self.config.name!r}; use another --workdir "
-                "(or the same config) to go on"
-            )
-        if "classes" in meta and class_lists.from_meta(meta, str(step_dir)) != self.classes:
-            raise checkpoint.CheckpointError(
-                f"{step_dir}: the workdir was trained on other classes than the data has now "
-                f"({len(meta['classes'])} vs {len(self.classes)}: channel -> category id, name); "
-                "use another --workdir for this data"
-            )
+        """(step, state, data state) of the newest intact checkpoint, restored with the shardings
+        of this run's mesh (replicated); refused when another config or class list wrote it.
+        Newer damaged steps are moved aside (`<step>.damaged`), out of the way of this run's
+        saves, with a warning."""
         replicated = sharding.replicated(mesh)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
         )
-        step, items = checkpoint.restore_latest(
-            self.manager, abstract.params, abstract.batch_stats, abstract.opt_state
+        step, items, damaged = checkpoint.restore_training(
+            self.manager,
+            abstract.params,
+            abstract.batch_stats,
+            abstract.opt_state,
+            check_meta=self._check_meta,
         )
+        for bad_step, _ in damaged:
+            moved = self.set_aside(bad_step, "damaged")
+            if jax.process_index() == 0:
+                log.warning("damaged checkpoint step %d moved aside to %s", bad_step, moved)
         state = train_lib.TrainState(
             step=np.asarray(step, np.int32),
             params=items["params"],
@@ -148,6 +169,18 @@ class TrainCheckpoints:
             opt_state=items["opt_state"],
         )
         return step, sharding.replicate(state, mesh), items["data_state"]
+
+    def _check_meta(self, meta: dict[str, Any], step_dir: Path) -> None:
+        """Refuses a checkpoint of another config or class list."""
+        checkpoint.check_config_name(
+            meta, self.config.name, step_dir, "use another --workdir (or the same config) to go on"
+        )
+        if "classes" in meta and class_lists.from_meta(meta, str(step_dir)) != self.classes:
+            raise checkpoint.CheckpointError(
+                f"{step_dir}: the workdir was trained on other classes than the data has now "
+                f"({len(meta['classes'])} vs {len(self.classes)}: channel -> category id, name); "
+                "use another --workdir for this data"
+            )
 
 
 def _flat(tree: PyTree) -> dict[str, Any]:

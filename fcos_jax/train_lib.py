@@ -84,6 +84,17 @@ def create_train_state(
     )
 
 
+def all_finite(tree: PyTree) -> jax.Array:
+    """Scalar bool: no NaN or infinity in any floating-point leaf of `tree` (integer leaves,
+    such as optax's step count, cannot hold one)."""
+    checks = [
+        jnp.all(jnp.isfinite(leaf))
+        for leaf in jax.tree.leaves(tree)
+        if jnp.issubdtype(leaf.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
 def _loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     loss = config.loss
     return dict(
@@ -126,7 +137,9 @@ def make_train_step(
     """The un-jitted step `(state, batch) -> (state, metrics)` on `mesh`; see `jit_train_step`.
 
     batch: image [B,H,W,3] f32, boxes [B,M,4] xyxy px, labels [B,M] int32, box_valid [B,M] bool.
-    metrics: loss, loss_cls, loss_bbox, loss_centerness, num_pos (global batch), lr.
+    metrics: loss, loss_cls, loss_bbox, loss_centerness, num_pos (global batch), lr, and
+    state_finite (bool: the new state is finite, `all_finite`; the trainer checks it before a
+    checkpoint, so the flag costs no host round trip of its own).
 
     Each device computes the gradients of its shard of the batch (`jax.shard_map` over the mesh
     axis `data`), summed over its micro-batches, and the trainable parameters' gradients are
@@ -232,6 +245,9 @@ def make_train_step(
         new_state = TrainState(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )
+        # The loss above was computed before this update: only the new state tells whether
+        # the update blew up, and only a finite state may be checkpointed.
+        metrics["state_finite"] = all_finite((params, batch_stats, opt_state))
         return new_state, metrics
 
     return step

@@ -3,16 +3,21 @@
 `train_and_evaluate(config, workdir)`:
   * builds the training pipeline (this process's share of every global batch), the model and
     the optimizer (`optim`) from the config;
-  * takes its first state from `TrainCheckpoints.restore_or_initialise`: the workdir's latest
-    checkpoint, or the initialisation with `config.init_from`'s weights, or the initialisation;
+  * takes its first state from `TrainCheckpoints.restore_or_initialise`: the workdir's newest
+    intact checkpoint, or the initialisation with `config.init_from`'s weights, or the
+    initialisation;
   * runs the jitted data-parallel step (`train_lib`) on every device of every process;
   * puts the next batches on the devices while a step runs, and reads the metrics of step s
     while step s + 1 runs, so the step never waits for the host;
   * reports loss components, lr, images/s and ETA (`train_log`), saves a checkpoint every
     `train.checkpoint_every` steps and at the end, evaluates every `train.eval_every` steps and
     at the end;
-  * stops on a non-finite loss with a message naming the step; the last good checkpoint stays
-    the latest (a checkpoint is written only after its step's loss was checked).
+  * stops on a non-finite loss or state with one line naming the step and the newest good
+    checkpoint. A checkpoint is written only for a finite state (the step's `state_finite`,
+    read with the step's other metrics); the loss computed on a checkpoint's state is known
+    one step later, and a checkpoint whose loss is not finite is moved aside, so the workdir's
+    latest checkpoint is one a run can go on from. The workdir is locked for the run
+    (`workdir_lock`): one writer per workdir.
 """
 
 import collections
@@ -24,11 +29,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from fcos_jax import classes as class_lists
-from fcos_jax import compile_cache, eval_lib, optim, sharding, train_lib
+from fcos_jax import compile_cache, eval_lib, optim, sharding, train_lib, workdir_lock
 from fcos_jax.data import pipeline as data_pipeline
 from fcos_jax.data import sources as data_sources
 from fcos_jax.models import build_model
 from fcos_jax.train_checkpoints import TrainCheckpoints
+from fcos_jax.train_errors import NonFiniteStepError
 from fcos_jax.train_log import TrainLog
 
 TRAIN_INPUTS = ("image", "boxes", "labels", "box_valid")
@@ -36,20 +42,35 @@ TRAIN_INPUTS = ("image", "boxes", "labels", "box_valid")
 DEVICE_PREFETCH = 2
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss of a step was NaN or infinite."""
+LOSS_TERMS = ("loss", "loss_cls", "loss_bbox", "loss_centerness")
 
 
-def _check_finite(step: int, metrics: dict[str, float], last_checkpoint: int | None) -> None:
-    if not all(math.isfinite(metrics[k]) for k in ("loss", "loss_cls", "loss_bbox")):
-        kept = (
-            f"the last good checkpoint is step {last_checkpoint}"
-            if last_checkpoint is not None
-            else "no checkpoint was written"
-        )
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step}: {metrics}; training stopped, {kept}"
-        )
+def _check_finite(step: int, metrics: dict[str, float], checkpoints: TrainCheckpoints) -> None:
+    """Raises NonFiniteStepError (one line) when step `step`'s loss or new state is not finite.
+
+    The loss of step s is computed on the state of step s - 1: when it is not finite, checkpoint
+    s - 1 (if written) is a state training cannot go on from, and is moved aside first."""
+    loss_finite = all(math.isfinite(metrics[k]) for k in LOSS_TERMS)
+    if loss_finite and metrics["state_finite"]:
+        return
+    losses = ", ".join(f"{k} {metrics[k]:.4g}" for k in LOSS_TERMS)
+    if loss_finite:
+        what = f"the update made the parameters or optimizer state non-finite ({losses})"
+    else:
+        what = f"non-finite loss ({losses}, computed on the state of step {step - 1})"
+    moved = ""
+    if not loss_finite and checkpoints.latest_step == step - 1:
+        moved = f"; checkpoint {step - 1} was moved aside to {checkpoints.set_aside(step - 1)}"
+    kept = checkpoints.latest_step
+    good = (
+        f"the newest checkpoint with a finite state and loss is step {kept} "
+        f"({checkpoints.step_dir(kept)}): resume from it with a lower optim.base_lr"
+        if kept is not None
+        else "no checkpoint with a finite state and loss is left"
+    )
+    raise NonFiniteStepError(
+        f"step {step}: {what}, lr {metrics['lr']:.3g}; training stopped{moved}; {good}"
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
@@ -57,6 +78,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     ({} when `train.eval_at_end` is off, and on processes other than 0)."""
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    lock = workdir_lock.WorkdirLock(workdir)
+    # Process 0 holds the lock for the whole run; the others wait and fail with its reason.
+    sharding.run_once_per_directory(lock.acquire, workdir, "locking the workdir")
+    try:
+        return _train_and_evaluate(config, workdir)
+    finally:
+        lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
     lead = jax.process_index() == 0
     compile_cache.enable_from_config(config)
     mesh = sharding.make_mesh()
@@ -110,7 +141,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     log_every = max(int(t.log_every), 1)
     checkpoint_every = int(t.checkpoint_every)
     eval_every = int(t.eval_every)
-    last_checkpoint = checkpoints.latest_step
     pending = None  # (step, metrics on device) of the step before the current one
     stats: dict[str, float] = {}
     train_log = TrainLog(
@@ -125,7 +155,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     def read(pending_item) -> dict[str, float]:
         step, device_metrics = pending_item
         metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        _check_finite(step, metrics, last_checkpoint)
+        _check_finite(step, metrics, checkpoints)
+        del metrics["state_finite"]  # checked; not a quantity to plot
         return metrics
 
     # Global batches already on the devices, each with the pipeline state after it (what a
@@ -160,7 +191,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 read(pending)  # never checkpoint or evaluate a non-finite state
             if save_now:
                 checkpoints.save(done, state, data_state)
-                last_checkpoint = done
             if eval_now:
                 stats = evaluate(state, done)
         if pending is not None:

@@ -56,3 +56,49 @@ def mmdet_r50_gn_v1(tmp_path_factory):
         "--output", output,
     )  # fmt: skip
     return dict(sd=sd, config=config_path, image=image, path=path, output=output, proc=proc)
+
+
+# --- the tiny model on a user's folder: train.py runs of the CLI and fault tests ----------------
+
+TINY = "configs/tiny.py"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The tiny model's data: a user's COCO-format folder (grayscale PNGs, JPEGs, a crowd box and
+    an empty image per split), 16 training images, a validation split of prime size (7)."""
+    from data_helpers import user_folder
+
+    return user_folder(tmp_path_factory.mktemp("folder"), num_train=16, num_val=7)
+
+
+@pytest.fixture(scope="module")
+def folder_overrides(folder):
+    """configs/tiny.py on `folder`, classes and head size from the data."""
+    return {
+        "data.source": "coco_folder",
+        "data.classes": "dataset",
+        "model.head.num_classes": 0,
+        "data.folder.name": "tinyfolder",
+        **{f"data.folder.{k}": str(v) for k, v in folder.items()},
+    }
+
+
+@pytest.fixture(scope="module")
+def train_command(folder_overrides):
+    """command(workdir, data_dir, *flags): `train.py` of configs/tiny.py on `folder`."""
+    from subprocess_cli import config_overrides
+
+    def command(workdir, data_dir, *overrides):
+        return [
+            sys.executable,
+            "train.py",
+            f"--config={TINY}",
+            f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}",
+            "--config.train.progress_bar=False",
+            *config_overrides(folder_overrides),
+            *overrides,
+        ]
+
+    return command

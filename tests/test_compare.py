@@ -140,11 +140,19 @@ def test_v3_improved_recipe_passes(mmdet_r50_gn_v1, tmp_path, capsys):
     assert re.search(r"detections agree: [1-9]", out) and out.rstrip().endswith("PASS")
 
 
-@pytest.mark.parametrize("case", ["no image", "no checkpoint", "wrong format"])
+@pytest.mark.parametrize(
+    "case", ["no image", "no checkpoint", "wrong format", "converted for another config"]
+)
 def test_bad_input_exits_2_with_one_line(mmdet_r50_gn_v1, tmp_path, case):
     c = mmdet_r50_gn_v1
-    fmt, config, path, image = "mmdet", c["config"], c["path"], c["image"]
-    if case == "no image":
+    fmt, config, path, image, extra = "mmdet", c["config"], c["path"], c["image"], []
+    if case == "converted for another config":  # same architecture, another config name
+        extra = [f"--checkpoint={c['output']}", "--config.name=renamed"]
+        expected = (
+            f"error: {c['output']}/checkpoints/0: holds a checkpoint of config "
+            "'fcos_r50_caffe_fpn_gn_1x', not 'renamed'"
+        )
+    elif case == "no image":
         image, expected = tmp_path / "missing.png", f"error: image file not found: {tmp_path}"
     elif case == "no checkpoint":
         path, expected = tmp_path / "missing.pth", f"error: checkpoint file not found: {tmp_path}"
@@ -152,8 +160,9 @@ def test_bad_input_exits_2_with_one_line(mmdet_r50_gn_v1, tmp_path, case):
         fmt, config = "torchvision", TORCHVISION
         expected = f"error: {path}: does not fit"
     proc = run_module(
-        "fcos_jax.compare", f"--format={fmt}", f"--config={config}", f"--input={path}", image
-    )
+        "fcos_jax.compare", f"--format={fmt}", f"--config={config}", f"--input={path}", *extra,
+        image,
+    )  # fmt: skip
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr

@@ -1,6 +1,7 @@
 """COCO JSON validation: each bad case is an error naming the file and id, or a counted fix."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -78,7 +79,7 @@ def test_duplicate_ids_are_errors_naming_the_id(tmp_path, images, anns, cats, me
 
 def test_unknown_category_is_an_error_naming_annotation_and_image(tmp_path):
     path = _write(tmp_path, [_image(3)], [_ann(11, image_id=3, cat=2)])
-    with pytest.raises(ValueError, match=r"annotation id 11 \(image id 3\).*unknown category id 2"):
+    with pytest.raises(ValueError, match=r"annotation id 11 \(image id 3\).*unknown category_id 2"):
         annotations.load_coco_json(path)
 
 
@@ -167,3 +168,38 @@ def test_split_index_rejects_duplicate_image_ids():
     index = annotations.SplitIndex.from_examples([_example(0, 5, 1), _example(1, 5, 1)])
     with pytest.raises(ValueError, match=r"myset: duplicate image ids \[5\]"):
         index.check_unique_ids("myset")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("area", "big", "a finite number"),
+        ("area", None, "a finite number"),
+        ("area", float("inf"), "a finite number"),
+        ("area", True, "a finite number"),
+        ("iscrowd", "no", "0 or 1"),
+        ("iscrowd", 2, "0 or 1"),
+    ],
+)
+def test_a_bad_annotation_field_names_the_file_annotation_and_value(
+    tmp_path, field, value, expected
+):
+    path = _write(tmp_path, [_image(3)], [_ann(8, image_id=3, **{field: value})])
+    message = rf"instances\.json: annotation id 8 \(image id 3\) has an invalid {field} "
+    with pytest.raises(ValueError, match=message + re.escape(f"{value!r} (expected {expected})")):
+        annotations.load_coco_json(path)
+
+
+@pytest.mark.parametrize("field", ["bbox", "category_id"])
+def test_bad_bbox_and_category_id_name_the_annotation(tmp_path, field):
+    bad = {"bbox": [1, 2, "wide", 4], "category_id": "1"}[field]
+    path = _write(tmp_path, [_image(3)], [_ann(9, image_id=3, **{field: bad})])
+    with pytest.raises(ValueError, match=rf"annotation id 9 \(image id 3\).*{field}"):
+        annotations.load_coco_json(path)
+
+
+def test_a_json_without_categories_says_so(tmp_path):
+    with pytest.raises(ValueError, match=r"instances\.json: categories is empty"):
+        annotations.load_coco_json(_write(tmp_path, [_image(1)], [], cats=[]))
+    with pytest.raises(ValueError, match=r"instances\.json: categories must be a list, got dict"):
+        annotations.load_coco_json(_write(tmp_path, [_image(1)], [], cats={"id": 1}))

@@ -174,6 +174,25 @@ def test_clean_annotations_drops_crowd_clips_and_drops_thin_boxes_legacy():
     }
 
 
+def test_boxes_of_negative_width_or_height_are_counted_as_such():
+    """Not as outside the image or too small, which a negative width also makes them look."""
+    xywh = np.array(
+        [
+            [50, 10, -60, 20],  # x2 = -11: also left of the image
+            [20, 10, -5, 20],  # inside, but x2 < x1
+            [20, 10, 5, -3],  # negative height
+            [20, 10, 5, 5],  # fine
+        ],
+        np.float32,
+    )
+    counts = collections.Counter()
+    boxes, _ = examples.clean_annotations(
+        xywh, [1] * 4, [False] * 4, (80, 100), {1: 0}, False, counts, "img"
+    )
+    np.testing.assert_array_equal(boxes, [[20, 10, 25, 15]])
+    assert counts == {"boxes_negative_size_dropped": 3}
+
+
 def test_clean_annotations_without_legacy_clips_to_the_image_size():
     counts = collections.Counter()
     boxes, _ = examples.clean_annotations(

@@ -7,7 +7,9 @@ pixels with the class list applied), and end-to-end runs on converted mmdet v1- 
 checkpoints.
 """
 
+import functools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -327,7 +329,7 @@ def test_predict_files_decodes_each_image_once_and_writes_what_the_api_detects(
     paths = [str(p) for p in paths]
     expected, expected_heads = detector(paths), detector.head_outputs(paths[0])
     monkeypatch.setattr(
-        inference.Detector, "from_config", classmethod(lambda cls, config, checkpoint: detector)
+        inference.Detector, "from_config", classmethod(lambda cls, config, ckpt, **_: detector)
     )
     decoded, decode = [], preprocess.decode_image
     monkeypatch.setattr(
@@ -415,3 +417,62 @@ def test_drawing_keeps_scores_above_the_threshold_and_puts_the_best_label_on_top
     assert tuple(int(c) for c in label_pixel) == label_colour(0)  # the 0.9 detection, drawn last
     assert not drawn[:15, :15].any()  # the 0.1 detection is below the threshold
     assert draw_detections(image, dets, score_thr=0.0)[:15, :15].any()
+
+
+# --- what predict writes, and what it does with an image it cannot use ----------------------------
+
+
+def test_drawing_names_are_unique_within_a_run():
+    paths = predict.draw_paths(Path("d"), ["x/a.png", "y/a.jpg", "a_1.jpg", "b.png"])
+    assert [p.name for p in paths] == ["a.png", "a_1.png", "a_1_1.png", "b.png"]
+
+
+def test_predict_never_writes_over_an_input_or_an_existing_file(
+    detector, images, tmp_path, monkeypatch
+):
+    _, paths = images
+    folder = paths[0].parent  # the images' own folder as --draw: image_0.png would be replaced
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    monkeypatch.setattr(
+        inference.Detector, "from_config", classmethod(lambda cls, config, ckpt, **_: detector)
+    )
+    run = functools.partial(predict.predict_files, detector.config, str(tmp_path))
+    with pytest.raises(FileExistsError, match=rf"--draw: {folder / 'image_0.png'} exists"):
+        run([str(p) for p in paths], draw_dir=str(folder))
+    with pytest.raises(ValueError, match=r"--output: .*image_1.png is the input image"):
+        run([str(p) for p in paths], output=str(paths[1]))
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+    drawn = tmp_path / "drawn"
+    run([str(paths[0])], draw_dir=str(drawn))
+    first = (drawn / "image_0.png").read_bytes()
+    with pytest.raises(FileExistsError, match="image_0.png exists"):  # an earlier run's drawing
+        run([str(paths[0])], draw_dir=str(drawn))
+    assert (drawn / "image_0.png").read_bytes() == first
+
+
+def test_an_image_predict_cannot_use_is_skipped_and_named_and_the_others_run(
+    detector, images, tmp_path, monkeypatch, caplog
+):
+    _, paths = images
+    thin = tmp_path / "thin.png"  # 3 x 2000 at scale (160, 96): int(3 * 0.08 + 0.5) = 0 rows
+    cv2.imwrite(str(thin), np.full((3, 2000, 3), 128, np.uint8))
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8 not a jpeg")
+    files = [str(paths[0]), str(thin), str(corrupt), str(paths[2])]
+    monkeypatch.setattr(
+        inference.Detector, "from_config", classmethod(lambda cls, config, ckpt, **_: detector)
+    )
+    with caplog.at_level(logging.WARNING):
+        report = predict.predict_files(detector.config, str(tmp_path), files)
+    expected = detector([paths[0], paths[2]])
+    assert report[0]["scores"] == [float(s) for s in expected[0]["scores"]]
+    assert report[3]["scores"] == [float(s) for s in expected[1]["scores"]]
+    assert report[1] == {
+        "file": str(thin),
+        "error": f"{thin}: image of size 3x2000 resizes to an empty 0x160 image "
+        "(preprocess.scale (160, 96))",
+    }
+    assert report[2]["file"] == str(corrupt) and str(corrupt) in report[2]["error"]
+    assert "predict: 2 of 4 images skipped" in caplog.text
+    with pytest.raises(ValueError, match=rf"{thin}: image of size 3x2000.*\(and 1 other images\)"):
+        predict.predict_files(detector.config, str(tmp_path), [str(thin), str(corrupt)])

@@ -5,12 +5,14 @@ seed, built with `model.init` outside the class under test.
 """
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from damage_helpers import largest_array_file, overwrite_middle
 from flax import traverse_util
 from test_checkpoint import random_variables, tiny_config
 
@@ -132,7 +134,9 @@ def test_a_saved_state_is_what_the_next_run_starts_from(five_class_source, tmp_p
     workdir = tmp_path / "run"
     (_, state, _), optimizer = start(config, workdir)
     rng = np.random.default_rng(0)
-    moved = jax.tree.map(lambda x: np.asarray(x) + rng.standard_normal(x.shape), state.params)
+    moved = jax.tree.map(
+        lambda x: (np.asarray(x) + rng.standard_normal(x.shape)).astype(np.float32), state.params
+    )
     state = state.replace(step=np.int32(12), params=moved, opt_state=optimizer.init(moved))
     checkpoints = TrainCheckpoints(workdir, config, CLASSES)
     checkpoints.save(12, state, {"epoch": 1, "position": 5})
@@ -162,3 +166,38 @@ def test_another_configs_workdir_is_refused_naming_both(tmp_path):
     other.name = "another"
     with pytest.raises(checkpoint.CheckpointError, match="'tiny', not 'another'"):
         start(other, workdir)
+
+
+def test_a_damaged_newest_step_is_moved_aside_and_the_step_before_it_resumed(tmp_path, caplog):
+    config = run_config()
+    workdir = tmp_path / "run"
+    (_, state, _), optimizer = start(config, workdir)
+    rng = np.random.default_rng(1)
+    saved = {}
+    checkpoints = TrainCheckpoints(workdir, config, CLASSES)
+    for step in (3, 6):
+        params = jax.tree.map(
+            lambda x: (np.asarray(x) + rng.standard_normal(x.shape)).astype(np.float32),
+            state.params,
+        )
+        saved[step] = params
+        state = state.replace(params=params, opt_state=optimizer.init(params))
+        checkpoints.save(step, state, {"epoch": 0, "position": step})
+    checkpoints.wait_until_finished()
+    checkpoints.close()
+    overwrite_middle(largest_array_file(workdir / "checkpoints" / "6"))
+    with caplog.at_level(logging.WARNING):
+        (step, resumed, data_state), _ = start(config, workdir)
+    assert step == 3 and data_state == {"epoch": 0, "position": 3}
+    for key, value in flat(saved[3]).items():
+        np.testing.assert_array_equal(flat(resumed.params)[key], value.astype(np.float32), key)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6.damaged"]
+    assert "checkpoint step 6 is damaged: array params/" in caplog.text
+    assert f"moved aside to {workdir / 'checkpoints' / '6.damaged'}" in caplog.text
+
+
+def test_fewer_than_two_kept_checkpoints_is_refused(tmp_path):
+    config = run_config()
+    config.train.keep_checkpoints = 1
+    with pytest.raises(ValueError, match="train.keep_checkpoints: expected >= 2, got 1"):
+        TrainCheckpoints(tmp_path, config, CLASSES)

@@ -458,6 +458,32 @@ def test_step_is_one_compiled_program_without_host_round_trips(accumulate_steps)
     assert "dot_general" in names  # the walk does see the model
     assert not {n for n in names if "callback" in n}, names
     assert int(jax.device_get(state.step)) == 2
+    assert bool(jax.device_get(metrics["state_finite"]))  # computed inside the same program
+
+
+def test_all_finite_looks_at_every_floating_point_leaf():
+    tree = {"a": np.ones((2, 3), np.float32), "b": (np.zeros(4, np.float32), np.int32(7))}
+    assert bool(train_lib.all_finite(tree))
+    for bad in (np.nan, np.inf, -np.inf):
+        leaf = np.array([0.0, 0.0, bad, 0.0], np.float32)
+        assert not bool(train_lib.all_finite({"a": tree["a"], "b": (leaf, np.int32(7))}))
+    assert bool(train_lib.all_finite({"count": np.int32(2**31 - 1), "empty": {}}))
+
+
+def test_state_finite_is_false_when_the_update_blows_up_behind_a_finite_loss():
+    """The loss of a step is computed before its update: an optimizer state holding infinity
+    gives a finite loss and infinite new parameters, and only `state_finite` says so."""
+    t = trainer("frozen_bn")
+    start = initial_state()
+    blown = jax.tree.map(
+        lambda x: np.full_like(x, np.inf) if np.issubdtype(x.dtype, np.floating) else x,
+        start.opt_state,
+    )
+    state = sharding.replicate(start.replace(opt_state=blown), t.mesh)
+    state, metrics = t.step(state, t.put(synthetic_batch((0, 1, 2, 3))))
+    metrics = jax.device_get(metrics)
+    assert np.isfinite(metrics["loss"]) and not bool(metrics["state_finite"])
+    assert not np.isfinite(np.asarray(state.params["bbox_head"]["conv_cls"]["kernel"])).all()
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ _CHECKPOINT = flags.DEFINE_string(
     None,
     "Our side from this converted checkpoint or workdir (default: --input converted in memory).",
 )
+_ALLOW_OTHER_CONFIG_NAME = cli.define_allow_other_config_name()
 flags.mark_flags_as_required(["format", "config", "input"])
 
 
@@ -45,7 +46,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("give exactly one IMAGE file")
     cli.log_warnings_only()
     config = cli.config_from_flag()
-    ok = compare.compare(_FORMAT.value, config, _INPUT.value, argv[1], _CHECKPOINT.value)
+    ok = compare.compare(
+        _FORMAT.value,
+        config,
+        _INPUT.value,
+        argv[1],
+        _CHECKPOINT.value,
+        allow_other_config_name=_ALLOW_OTHER_CONFIG_NAME.value,
+    )
     sys.exit(0 if ok else 1)
 
 

@@ -74,10 +74,13 @@ def compare(
     checkpoint: str,
     image_path: str,
     converted_dir: str | None = None,
+    *,
+    allow_other_config_name: bool = False,
 ) -> bool:
     """Runs `checkpoint` (a PyTorch file of `fmt`) through the reference and our model (converted
-    in memory, or restored from `converted_dir`), prints the comparison, returns True when
-    everything is within tolerance.
+    in memory, or restored from `converted_dir`, which must be of `config`'s name unless
+    `allow_other_config_name`), prints the comparison, returns True when everything is within
+    tolerance.
 
     An mmdetection file that `convert --to mmdet` wrote runs in the reference as the mmdetection
     3 config written next to it states (`mmdet_reference.settings_from_config`), so the config
@@ -96,7 +99,9 @@ def compare(
 
     state_dict, file_meta = read_checkpoint(checkpoint)
     if converted_dir:
-        variables, meta = checkpoint_lib.restore_inference(converted_dir, config)
+        variables, meta = checkpoint_lib.restore_inference(
+            converted_dir, config, allow_other_config_name=allow_other_config_name
+        )
         classes = [(int(cid), str(name)) for cid, name in meta.get("classes", [])] or None
     else:
         classes = file_classes(file_meta, checkpoint)

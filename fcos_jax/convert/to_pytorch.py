@@ -154,20 +154,18 @@ def torchvision_builder_call(config: ml_collections.ConfigDict, num_classes: int
 def _restore(
     checkpoint_dir: str | Path, config: ml_collections.ConfigDict
 ) -> tuple[dict[str, Any], dict[str, Any], int]:
-    """(variables as NumPy, meta, step) of the latest step; a checkpoint made for another config
-    is refused (its shapes, or its config name)."""
-    import orbax.checkpoint as ocp
-
-    variables, meta = checkpoint.restore_inference(checkpoint_dir, config)
+    """(variables as NumPy, meta, step) of the newest intact step (or the step directory given);
+    a checkpoint made for another config is refused (its shapes, or its config name: the file
+    written is `config`'s model, so no other name is taken)."""
+    step, variables, meta = checkpoint.restore_inference_step(
+        checkpoint_dir, config, allow_other_config_name=True  # refused below, with our remedy
+    )
     made_for = meta.get("config_name")
     if made_for != config.name:
         raise ConversionError(
             f"{checkpoint_dir}: a checkpoint of config {made_for!r}, not {config.name!r} "
             "(give the --config it was trained or converted with)"
         )
-    manager = ocp.CheckpointManager(checkpoint.resolve_checkpoint_root(checkpoint_dir))
-    step = manager.latest_step()  # the step restore_inference restored
-    manager.close()
     return {k: _to_numpy(v) for k, v in variables.items()}, meta, int(step)
 
 

@@ -1,9 +1,11 @@
 """COCO instances JSON validation and the annotation index of a split. No TensorFlow here.
 
 `load_coco_json` checks a JSON once, when a COCO-format folder is prepared: a missing required
-field, a duplicate id, an annotation of an unknown image or category, or a non-finite box is an
-error naming the file and the id; a missing `iscrowd`/`area` is filled in and counted. Boxes
-reaching outside their image are counted here and clipped later (`examples.clean_annotations`).
+field, a duplicate id, an annotation of an unknown image or category, a non-finite box, an
+`area` that is not a finite number or an `iscrowd` that is not 0/1 is an error naming the file
+and the id, and so is a JSON without categories; a missing `iscrowd`/`area` is filled in and
+counted. Boxes reaching outside their image are counted here and clipped later
+(`examples.clean_annotations`).
 
 `SplitIndex` holds every example of a split without pixels: record position in the source, image
 id, file name, original (height, width) and the raw COCO annotations (`[x, y, w, h]` in original
@@ -65,6 +67,22 @@ def _int_id(value: Any, what: str, path: Path, limit: int = _INT63_MAX) -> int:
     return int(value)
 
 
+def _annotation_field(ann: dict, field: str, where: str, path: Path) -> Any:
+    """`ann[field]` checked: `area` a finite number, `iscrowd` 0, 1 or a bool; ValueError naming
+    the file, the annotation and the value otherwise."""
+    value = ann[field]
+    if field == "area":
+        good = isinstance(value, int | float) and not isinstance(value, bool)
+        good = good and math.isfinite(value)
+        expected = "a finite number"
+    else:
+        good = value in (0, 1) and isinstance(value, int | bool)
+        expected = "0 or 1"
+    if not good:
+        raise ValueError(f"{path}: {where} has an invalid {field} {value!r} (expected {expected})")
+    return value
+
+
 def load_coco_json(path: str | Path) -> CocoJson:
     """Reads and validates a COCO instances JSON (module docstring). Raises ValueError naming the
     file and the offending id; FileNotFoundError when the file is missing."""
@@ -75,6 +93,13 @@ def load_coco_json(path: str | Path) -> CocoJson:
     for key in ("images", "categories"):
         if key not in data:
             raise ValueError(f"{path}: missing required top-level field {key!r}")
+        if not isinstance(data[key], list):
+            raise ValueError(f"{path}: {key} must be a list, got {type(data[key]).__name__}")
+    if not data["categories"]:
+        raise ValueError(
+            f"{path}: categories is empty; a detection dataset needs at least one category "
+            "(id, name) for its annotations"
+        )
     fixes: collections.Counter = collections.Counter()
 
     categories: dict[int, str] = {}
@@ -121,9 +146,10 @@ def load_coco_json(path: str | Path) -> CocoJson:
             raise ValueError(f"{path}: annotation id {aid} refers to unknown image id {iid!r}")
         if cid not in categories:
             raise ValueError(
-                f"{path}: annotation id {aid} (image id {iid}) has unknown category id {cid!r} "
+                f"{path}: annotation id {aid} (image id {iid}) has unknown category_id {cid!r} "
                 f"(categories: {sorted(categories)})"
             )
+        where = f"annotation id {aid} (image id {iid})"
         bbox = ann["bbox"]
         if (
             not isinstance(bbox, list | tuple)
@@ -131,13 +157,14 @@ def load_coco_json(path: str | Path) -> CocoJson:
             or not all(isinstance(v, int | float) and math.isfinite(v) for v in bbox)
         ):
             raise ValueError(
-                f"{path}: annotation id {aid} (image id {iid}) has an invalid bbox {bbox!r} "
+                f"{path}: {where} has an invalid bbox {bbox!r} "
                 "(expected 4 finite numbers [x, y, w, h])"
             )
-        if "iscrowd" not in ann:
-            fixes["iscrowd_missing"] += 1
-        if "area" not in ann:
-            fixes["area_missing"] += 1
+        for field in ("iscrowd", "area"):
+            if field in ann:
+                _annotation_field(ann, field, where, path)
+            else:
+                fixes[f"{field}_missing"] += 1
         x, y, bw, bh = (float(v) for v in bbox)
         h, w = sizes[iid]
         if x < 0 or y < 0 or x + bw > w or y + bh > h:

@@ -32,12 +32,14 @@ def plan_evaluation(
     canvases: Sequence[tuple[int, int]] | None = None,
 ) -> list[EvalStep]:
     """Global evaluation batches: images grouped by padded shape (first appearance order), each
-    group cut into batches of `batch_size`, the last one filled with dummies (-1)."""
+    group cut into batches of `batch_size`, the last one filled with dummies (-1). An image that
+    resizes to nothing is an error naming its file (evaluation cannot leave an image out)."""
     p = config.preprocess
     divisor = int(p.size_divisor)
     padded = []
-    for h, w in examples.original_hw.tolist():
+    for (h, w), name in zip(examples.original_hw.tolist(), examples.filenames, strict=True):
         nh, nw, _ = preprocess.resized_size(h, w, p.scale, p.resize)
+        preprocess.check_resized_size((h, w), (nh, nw), p.scale, str(name))
         padded.append((round_up(nh, divisor), round_up(nw, divisor)))
     padded = np.asarray(padded, np.int64).reshape(-1, 2)
     if canvases:

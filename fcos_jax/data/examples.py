@@ -1,9 +1,10 @@
 """The usable examples of a split (NumPy, no TensorFlow): every box cleaned once, at index time.
 
-Crowd boxes dropped (mmdet v1 `with_crowd=False`), boxes clipped to the image, boxes outside it
-or with w or h < 1 dropped, at most `data.max_boxes` kept (the largest); for training, images
-left without a box or with a side < `data.min_image_side` are skipped. Everything dropped or
-skipped is counted (`Examples.counts`). The ground truth stays in original pixels; the epoch and
+Crowd boxes dropped (mmdet v1 `with_crowd=False`), boxes with a negative width or height dropped,
+boxes clipped to the image, boxes outside it or with w or h < 1 dropped, at most
+`data.max_boxes` kept (the largest); for training, images left without a box or with a side <
+`data.min_image_side` are skipped. Everything dropped or skipped is counted (`Examples.counts`),
+under the reason that dropped it. The ground truth stays in original pixels; the epoch and
 evaluation plans place it into the network input per slot (geometry.py).
 """
 
@@ -144,15 +145,16 @@ def clean_annotations(
     """Usable boxes of one image in original pixels.
 
     bbox_xywh: [A, 4] COCO boxes, pixels; category_ids [A]; is_crowd [A] bool; original_hw (h, w).
-    Crowd boxes are dropped (mmdet v1 `with_crowd=False`), boxes entirely outside the image
-    dropped, the others clipped to the image (`boxes.clip_boxes`) and dropped when w or h < 1
-    after clipping; each is counted in `counts`. A category id missing from `channel_of` raises
+    Crowd boxes are dropped (mmdet v1 `with_crowd=False`), boxes with a negative w or h
+    dropped, boxes entirely outside the image dropped, the others clipped to the image
+    (`boxes.clip_boxes`) and dropped when w or h < 1 after clipping; each is counted in `counts`
+    under the first of these reasons that drops it. A category id missing from `channel_of` raises
     ValueError naming `where`.
     Returns boxes [N, 4] float32 xyxy and labels [N] int32 class channels."""
     bbox_xywh = np.asarray(bbox_xywh, np.float32).reshape(-1, 4)
     is_crowd = np.asarray(is_crowd, bool)
     category_ids = np.asarray(category_ids, np.int64)
-    counts["crowd_boxes_dropped"] += int(is_crowd.sum())
+    _count(counts, "crowd_boxes_dropped", is_crowd)
     keep = ~is_crowd
     bbox_xywh, category_ids = bbox_xywh[keep], category_ids[keep]
     unknown = [int(c) for c in category_ids if int(c) not in channel_of]
@@ -164,16 +166,26 @@ def clean_annotations(
     labels = np.asarray([channel_of[int(c)] for c in category_ids], np.int32)
     xyxy = box_ops.coco_xywh_to_xyxy(bbox_xywh, legacy_plus_one)
     clipped = box_ops.clip_boxes(xyxy, np.asarray(original_hw), legacy_plus_one)
+    # A negative width or height is a malformed box, not a small or misplaced one.
+    negative = (bbox_xywh[:, 2:] < 0).any(axis=-1)
+    _count(counts, "boxes_negative_size_dropped", negative)
     # A box entirely outside the image would clip to a sliver on its border.
     h, w = original_hw
     outside = (xyxy[:, 0] >= w) | (xyxy[:, 1] >= h) | (xyxy[:, 2] < 0) | (xyxy[:, 3] < 0)
-    counts["boxes_outside_dropped"] += int(outside.sum())
-    counts["boxes_clipped"] += int(((clipped != xyxy).any(axis=-1) & ~outside).sum())
+    outside &= ~negative
+    _count(counts, "boxes_outside_dropped", outside)
+    _count(counts, "boxes_clipped", (clipped != xyxy).any(axis=-1) & ~outside & ~negative)
     size = box_ops.xyxy_to_coco_xywh(clipped, legacy_plus_one)[:, 2:]
     big_enough = (size >= 1).all(axis=-1)
-    counts["small_boxes_dropped"] += int((~big_enough & ~outside).sum())
-    keep = big_enough & ~outside
+    _count(counts, "small_boxes_dropped", ~big_enough & ~outside & ~negative)
+    keep = big_enough & ~outside & ~negative
     return clipped[keep].astype(np.float32), labels[keep]
+
+
+def _count(counts: collections.Counter, reason: str, mask: np.ndarray) -> None:
+    """Adds the number of True entries of `mask` to `counts[reason]` (no entry for none)."""
+    if mask.any():
+        counts[reason] += int(mask.sum())
 
 
 def keep_largest(

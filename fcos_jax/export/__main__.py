@@ -34,6 +34,7 @@ _PLATFORMS = flags.DEFINE_list(
     "cpu,cuda",
     "XLA platforms the artifact carries a program for (stablehlo, savedmodel): cpu, cuda, tpu.",
 )
+_ALLOW_OTHER_CONFIG_NAME = cli.define_allow_other_config_name()
 flags.mark_flags_as_required(["config", "checkpoint", "format", "output"])
 
 
@@ -52,7 +53,9 @@ def main(argv: list[str]) -> None:
     canvas_hw = (_HEIGHT.value or default_h, _WIDTH.value or default_w)
     export.check_canvas(config, canvas_hw)  # before the (slow) restore
     platforms = export.check_platforms(tuple(_PLATFORMS.value))
-    detector = inference.Detector.from_config(config, _CHECKPOINT.value)  # CheckpointError
+    detector = inference.Detector.from_config(  # CheckpointError
+        config, _CHECKPOINT.value, allow_other_config_name=_ALLOW_OTHER_CONFIG_NAME.value
+    )
     output = export.export_detector(
         detector, _FORMAT.value, _OUTPUT.value, canvas_hw, _BATCH.value, platforms
     )

@@ -6,6 +6,11 @@ Command line: `python -m fcos_jax.predict --config C --checkpoint K [--output de
 package defines no flags.
 """
 
-from fcos_jax.predict.core import detections_to_json, head_outputs_to_npz, predict_files
+from fcos_jax.predict.core import (
+    detections_to_json,
+    draw_paths,
+    head_outputs_to_npz,
+    predict_files,
+)
 
-__all__ = ["detections_to_json", "head_outputs_to_npz", "predict_files"]
+__all__ = ["detections_to_json", "draw_paths", "head_outputs_to_npz", "predict_files"]

@@ -4,18 +4,25 @@
       --checkpoint ckpt/fcos_r50_caffe_fpn_gn_1x [--output dets.json] [--draw out_dir] \
       [--dump-head-outputs heads.npz] image1.jpg [image2.png ...]
 
-Writes JSON (to --output, else stdout): one entry per image with its file name, size and the
-detections as columns: boxes [[x1, y1, x2, y2], ...] in original-image pixels, scores,
-class channels (labels), category_ids and names, sorted by score.
---draw DIR writes DIR/<image stem>.png with the labelled boxes scoring >= --draw_score_thr (0.3);
---dump-head-outputs writes the first image's raw head outputs (NHWC float32 `cls_logits_{l}`,
-`bbox_reg_{l}` (l, t, r, b distances in network-input pixels), `centerness_{l}`, l = 0..4) as an
-.npz file.
+Writes JSON (to --output, else stdout; an existing --output file is replaced, an input image
+never): one entry per image with its file name, size and the detections as columns: boxes
+[[x1, y1, x2, y2], ...] in original-image pixels, scores, class channels (labels), category_ids
+and names, sorted by score. An image that cannot be decoded or resizes to nothing is skipped
+with a warning naming it (its entry holds `file` and `error`), the others run, and the exit
+status is 1.
+--draw DIR writes DIR/<image stem>.png with the labelled boxes scoring >= --draw_score_thr (0.3),
+names unique within the run (`a.png`, `a_1.png`, ...); it never writes over an existing file: a
+drawing that would (an input in DIR, an earlier run's drawing) stops predict with one line
+before anything runs. --dump-head-outputs writes the first usable image's raw head outputs
+(NHWC float32 `cls_logits_{l}`, `bbox_reg_{l}` (l, t, r, b distances in network-input pixels),
+`centerness_{l}`, l = 0..4) as an .npz file.
 All logic lives in `fcos_jax.predict` and `fcos_jax.inference`; config fields can be overridden
 (`--config.test.score_thr=0.3`). `--config.data.eval_pad=canvas` pads every image into its canvas
 (as evaluation's canvas mode and the exported artifacts do) instead of to the next multiple of 32.
 Errors print one line `error: ...` to stderr and exit with status 2.
 """
+
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -37,6 +44,7 @@ _DUMP = flags.DEFINE_string(
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", None, "Images per forward pass (default config.test.batch_size)."
 )
+_ALLOW_OTHER_CONFIG_NAME = cli.define_allow_other_config_name()
 flags.mark_flags_as_required(["config", "checkpoint"])
 
 
@@ -45,7 +53,7 @@ def main(argv: list[str]) -> None:
     if not images:
         raise app.UsageError("give at least one IMAGE file")
     cli.log_warnings_only()  # orbax logs every restore step at INFO
-    predict.predict_files(
+    report = predict.predict_files(
         cli.config_from_flag(),
         _CHECKPOINT.value,
         images,
@@ -54,7 +62,10 @@ def main(argv: list[str]) -> None:
         draw_score_thr=_DRAW_SCORE_THR.value,
         dump_head_outputs=_DUMP.value,
         batch_size=_BATCH_SIZE.value,
+        allow_other_config_name=_ALLOW_OTHER_CONFIG_NAME.value,
     )
+    if any("error" in entry for entry in report):
+        sys.exit(1)  # the others ran; the skipped ones are named in the log and the JSON
 
 
 if __name__ == "__main__":
