@@ -2,6 +2,7 @@
 torch's, and every program of the library is compiled with the options."""
 
 import collections
+import json
 import re
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fcos_jax import compile_options, eval_lib, inference, sharding, train_lib
+from fcos_jax import compile_options, eval_lib, inference, postprocess, sharding, train_lib
 from fcos_jax.config_io import load_config
 
 CPU = jax.devices("cpu")[0]  # the options are XLA:CPU's; every JAX install has this backend
@@ -110,9 +111,14 @@ def test_train_eval_and_inference_programs_are_compiled_with_the_options(bogus_o
     assert compiles_with_the_options(step, {"w": jnp.ones(2)}, jnp.ones((n, 2)))
 
     model_json = config.model.to_json(sort_keys=True)
-    model, forward = inference._model_and_forward.__wrapped__(model_json)
+    options = json.dumps(postprocess.options_from_config(config), sort_keys=True)
+    model, forward, detect = inference._programs.__wrapped__(model_json, options)
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), image)
     assert compiles_with_the_options(forward, variables, image)
+    head_outputs = jax.eval_shape(model.apply, variables, image)
+    int_pair = jax.ShapeDtypeStruct((n, 2), jnp.int32)
+    scale = jax.ShapeDtypeStruct((n, 2), jnp.float32)
+    assert compiles_with_the_options(detect, head_outputs, int_pair, scale, int_pair)
 
     pair = jax.ShapeDtypeStruct((n, 2), jnp.float32)
     batch = dict(image=image, image_hw=pair, scale=pair, original_hw=pair)
