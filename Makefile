@@ -37,8 +37,10 @@ demo: $(RUNTIME_STAMP)
 		--output $(DEMO_OUT)/detections.json --draw $(DEMO_OUT) $(DEMO_IMAGES)
 	@echo "drawn detections: $(DEMO_OUT)/*.png"
 
+# Two pytest workers, each taking whole files (module fixtures stay shared within a file): much of
+# the suite is single-threaded tracing and subprocess start-up, which two workers overlap.
 test: $(DEV_STAMP) $(EXPORT_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check fcos_jax configs tests benchmarks train.py eval.py
