@@ -158,7 +158,9 @@ def _restore(
     a checkpoint made for another config is refused (its shapes, or its config name: the file
     written is `config`'s model, so no other name is taken)."""
     step, variables, meta = checkpoint.restore_inference_step(
-        checkpoint_dir, config, allow_other_config_name=True  # refused below, with our remedy
+        checkpoint_dir,
+        config,
+        allow_other_config_name=True,  # refused below, with our remedy
     )
     made_for = meta.get("config_name")
     if made_for != config.name:
