@@ -3,7 +3,7 @@
 Each program is compiled for abstract inputs (no weights, no data: compiling is enough) exactly as
 `train.py` and `eval.py` build it, and its collectives are read from the compiled HLO
 (`fcos_jax.collectives`). `accelerator=True` traces XLA's own convolutions only
-(`layers.accelerator_kernels`), the program a GPU or TPU would compile, while compiling here.
+(`cpu_kernels.accelerator_kernels`), the program a GPU or TPU would compile, while compiling here.
 Used by the tests of the data-parallel contract and by `benchmarks/accelerator_check.py`.
 """
 
@@ -17,11 +17,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fcos_jax import collectives, eval_lib, optim, sharding, train_lib
-from fcos_jax.models import build_model, layers
+from fcos_jax.models import build_model, cpu_kernels
 
 
 def _traced_as(accelerator: bool):
-    return layers.accelerator_kernels() if accelerator else contextlib.nullcontext()
+    return cpu_kernels.accelerator_kernels() if accelerator else contextlib.nullcontext()
 
 
 def _abstract(tree: Any, spec: jax.sharding.Sharding) -> Any:

@@ -27,7 +27,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, PartitionSpec
 
 from fcos_jax import compile_options, losses, optim, points, sharding, targets
-from fcos_jax.models import layers
+from fcos_jax.models import cpu_kernels
 
 PyTree = Any
 Batch = dict[str, jax.Array]
@@ -202,7 +202,8 @@ def make_train_step(
             def body(carry, micro_batch):
                 grads_sum, terms_sum, stats_sum = carry
                 micro_targets = encode_batch(config, micro_batch)
-                with layers.inside_a_loop():  # the conv kernel gradients XLA:CPU runs fast here
+                # The convolution kernel gradients XLA:CPU runs fast inside a loop.
+                with cpu_kernels.inside_a_loop():
                     g, (t, stats) = grad_fn(
                         trainable, frozen, batch_stats, micro_batch, micro_targets, normalizers
                     )

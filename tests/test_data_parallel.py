@@ -8,8 +8,8 @@
     suppresses its own images; the detections stay split over the devices.
   * Detector: a batch split over the local devices, each running its own images.
 Each program is compiled as XLA:CPU compiles it and as an accelerator would
-(`layers.accelerator_kernels`: XLA's own convolutions only). Compiling is enough: nothing runs but
-the Detector.
+(`cpu_kernels.accelerator_kernels`: XLA's own convolutions only). Compiling is enough: nothing
+runs but the Detector.
 
 Run as a script (`XLA_FLAGS=--xla_force_host_platform_device_count=8 python
 tests/test_data_parallel.py OUT.json`) it writes what the tests assert on; the test process keeps

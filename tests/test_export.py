@@ -356,10 +356,10 @@ def test_each_platform_of_an_artifact_holds_its_own_program(monkeypatch, tmp_pat
     cpu,cuda artifact both, behind the platform index."""
     from test_predict import firing_variables, tiny_config
 
-    from fcos_jax.models import layers
+    from fcos_jax.models import cpu_kernels
 
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 256)  # stages 3 and 4 of the R-18
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_POSITIONS", 1)
+    monkeypatch.setattr(cpu_kernels, "WINOGRAD_MIN_CHANNELS", 256)  # stages 3 and 4 of the R-18
+    monkeypatch.setattr(cpu_kernels, "WINOGRAD_MIN_POSITIONS", 1)
     config = tiny_config()
     detector = inference.Detector(config, firing_variables(config))
     canvas = (96, 160)
@@ -372,7 +372,7 @@ def test_each_platform_of_an_artifact_holds_its_own_program(monkeypatch, tmp_pat
         assert exported.platforms == platforms
         return exported.mlir_module()
 
-    with layers.accelerator_kernels():
+    with cpu_kernels.accelerator_kernels():
         accelerator = _op_counts(module(("cpu",), "accelerator_trace"))
     cpu = _op_counts(module(("cpu",), "cpu"))
     assert _op_counts(module(("cuda",), "cuda")) == accelerator
