@@ -11,7 +11,7 @@ All logic lives in `fcos_jax.eval_lib`; this file only parses flags and starts (
 from absl import app, flags
 from ml_collections import config_flags
 
-from fcos_jax import cli
+from fcos_jax.utils import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)

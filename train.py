@@ -14,8 +14,8 @@ FCOS_COORDINATOR, FCOS_NUM_PROCESSES, FCOS_PROCESS_ID).
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fcos_jax import cli
 from fcos_jax.train_errors import NonFiniteStepError
+from fcos_jax.utils import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)

@@ -54,9 +54,10 @@ def jax_worker(args) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import checkpoint, compile_cache, compile_options, postprocess
+    from fcos_jax import checkpoint, postprocess
     from fcos_jax.config_io import load_config
     from fcos_jax.models import build_model
+    from fcos_jax.utils import compile_cache, compile_options
 
     compile_cache.enable(args.cache_dir)
     config = load_config(REPO / "configs" / "torchvision_fcos_r50_fpn.py")

@@ -22,8 +22,8 @@ import numpy as np
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import cpu_model, median_ms  # noqa: E402  (benchmarks/common.py)
 
-from fcos_jax import compile_options  # noqa: E402
 from fcos_jax.models import cpu_kernels  # noqa: E402
+from fcos_jax.utils import compile_options  # noqa: E402
 
 # name: (batch, height, width, cin, cout, kernel size, stride, groups); input size, so the output
 # is (height + 2p - k) // stride + 1 with p = k // 2.

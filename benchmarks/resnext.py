@@ -50,10 +50,10 @@ def jax_worker(args) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import compile_options
     from fcos_jax.config_io import load_config
     from fcos_jax.convert import convert_file
     from fcos_jax.models import build_model
+    from fcos_jax.utils import compile_options
 
     config = load_config(CONFIG)
     config.model.backbone.frozen_stages = -1  # every stage trainable (backward mode)

@@ -48,9 +48,9 @@ def jax_worker(args) -> dict:
     import jax.numpy as jnp
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import compile_options
     from fcos_jax.config_io import load_config
     from fcos_jax.models import build_model
+    from fcos_jax.utils import compile_options
 
     config = load_config(REPO / CONFIG)
     model = build_model(config.model)

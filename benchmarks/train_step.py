@@ -116,8 +116,9 @@ def jax_worker(args) -> dict:
     import jax
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import compile_cache, compile_options, losses, sharding, train_lib
+    from fcos_jax import losses, sharding, train_lib
     from fcos_jax.config_io import load_config
+    from fcos_jax.utils import compile_cache, compile_options
 
     if args.cache_dir:
         compile_cache.enable(args.cache_dir)

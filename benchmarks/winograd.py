@@ -27,8 +27,8 @@ import numpy as np
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import cpu_model, median_ms  # noqa: E402  (benchmarks/common.py)
 
-from fcos_jax import compile_options  # noqa: E402
 from fcos_jax.models import cpu_kernels, winograd  # noqa: E402
+from fcos_jax.utils import compile_options  # noqa: E402
 
 VARIANTS = {"F(2,3)": winograd.F2X3, "F(4,3)": winograd.F4X3}
 # [B, H, W, C] x [3, 3, C, K] -> [B, H, W, K]: what `cpu_kernels.conv2d` runs when not Winograd.

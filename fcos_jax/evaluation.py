@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from fcos_jax import boxes as box_ops
-from fcos_jax import jsonio
+from fcos_jax.utils import jsonio
 
 ClassList = Sequence[tuple[int, str]]
 

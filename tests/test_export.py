@@ -28,11 +28,12 @@ import jax
 import numpy as np
 import pytest
 
-from fcos_jax import compare, compile_options, eval_lib, evaluation, export, inference
+from fcos_jax import compare, eval_lib, evaluation, export, inference
 from fcos_jax.config_io import load_config
 from fcos_jax.convert import convert_state_dict
 from fcos_jax.testing.images import natural_image
 from fcos_jax.testing.torchvision_random import random_fcos
+from fcos_jax.utils import compile_options
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENT = REPO / "tests" / "export_client.py"
