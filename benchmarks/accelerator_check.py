@@ -66,8 +66,9 @@ def jax_train(args) -> dict:
     import jax
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import sharding, train_lib
+    from fcos_jax import train_lib
     from fcos_jax.config_io import load_config
+    from fcos_jax.parallel import sharding
 
     mesh = sharding.make_mesh(jax.local_devices())
     batch_size = args.batch * mesh.size
@@ -213,8 +214,9 @@ def collectives(args) -> dict:
     import jax
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import communication, sharding
+    from fcos_jax import communication
     from fcos_jax.config_io import load_config
+    from fcos_jax.parallel import sharding
 
     mesh = sharding.make_mesh(jax.local_devices())
     config = load_config(R50_GN)

@@ -71,8 +71,9 @@ def main() -> None:
     args = parser.parse_args()
     import jax
 
-    from fcos_jax import communication, sharding
+    from fcos_jax import communication
     from fcos_jax.config_io import load_config
+    from fcos_jax.parallel import sharding
 
     if jax.device_count() != 8:
         raise SystemExit("run with XLA_FLAGS=--xla_force_host_platform_device_count=8")

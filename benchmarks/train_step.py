@@ -77,8 +77,9 @@ def jax_state_and_batch(config, mesh, batch_size: int, height: int, width: int):
     import jax.numpy as jnp
     import numpy as np
 
-    from fcos_jax import optim, sharding, train_lib
+    from fcos_jax import optim, train_lib
     from fcos_jax.models import build_model
+    from fcos_jax.parallel import sharding
 
     model = build_model(config.model)
     init_hw = (64, 64)  # parameters do not depend on the image size
@@ -116,8 +117,9 @@ def jax_worker(args) -> dict:
     import jax
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import losses, sharding, train_lib
+    from fcos_jax import losses, train_lib
     from fcos_jax.config_io import load_config
+    from fcos_jax.parallel import sharding
     from fcos_jax.utils import compile_cache, compile_options
 
     if args.cache_dir:

@@ -2,7 +2,7 @@
 
 Each program is compiled for abstract inputs (no weights, no data: compiling is enough) exactly as
 `train.py` and `eval.py` build it, and its collectives are read from the compiled HLO
-(`fcos_jax.collectives`). `accelerator=True` traces XLA's own convolutions only
+(`fcos_jax.parallel.collectives`). `accelerator=True` traces XLA's own convolutions only
 (`cpu_kernels.accelerator_kernels`), the program a GPU or TPU would compile, while compiling here.
 Used by the tests of the data-parallel contract and by `benchmarks/accelerator_check.py`.
 """
@@ -16,8 +16,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from fcos_jax import collectives, eval_lib, optim, sharding, train_lib
+from fcos_jax import eval_lib, optim, train_lib
 from fcos_jax.models import build_model, cpu_kernels
+from fcos_jax.parallel import collectives, sharding
 
 
 def _traced_as(accelerator: bool):

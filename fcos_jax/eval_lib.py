@@ -22,8 +22,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fcos_jax import classes as class_lists
-from fcos_jax import evaluation, postprocess, sharding
+from fcos_jax import evaluation, postprocess
 from fcos_jax.models import build_model
+from fcos_jax.parallel import sharding
 from fcos_jax.utils import compile_cache, compile_options, jsonio
 
 log = logging.getLogger(__name__)

@@ -29,10 +29,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from fcos_jax import classes as class_lists
-from fcos_jax import eval_lib, optim, sharding, train_lib, workdir_lock
+from fcos_jax import eval_lib, optim, train_lib, workdir_lock
 from fcos_jax.data import pipeline as data_pipeline
 from fcos_jax.data import sources as data_sources
 from fcos_jax.models import build_model
+from fcos_jax.parallel import sharding
 from fcos_jax.train_checkpoints import TrainCheckpoints
 from fcos_jax.train_errors import NonFiniteStepError
 from fcos_jax.train_log import TrainLog

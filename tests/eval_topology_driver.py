@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     settings = json.loads(Path(sys.argv[1]).read_text())
     process_id = int(sys.argv[2]) if len(sys.argv) > 2 else 0
-    from fcos_jax import sharding
+    from fcos_jax.parallel import sharding
 
     if settings.get("num_processes", 1) > 1:
         sharding.initialize_distributed(

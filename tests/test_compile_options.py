@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fcos_jax import eval_lib, inference, sharding, train_lib
+from fcos_jax import eval_lib, inference, train_lib
 from fcos_jax.config_io import load_config
+from fcos_jax.parallel import sharding
 from fcos_jax.utils import compile_options
 
 CPU = jax.devices("cpu")[0]  # the options are XLA:CPU's; every JAX install has this backend

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from fcos_jax import config_base, eval_lib, sharding
+from fcos_jax import config_base, eval_lib
+from fcos_jax.parallel import sharding
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,9 @@ from damage_helpers import largest_array_file, overwrite_middle
 from flax import traverse_util
 from test_checkpoint import random_variables, tiny_config
 
-from fcos_jax import checkpoint, sharding
+from fcos_jax import checkpoint
 from fcos_jax.models import build_model
+from fcos_jax.parallel import sharding
 from fcos_jax.train_checkpoints import TrainCheckpoints
 
 IMAGE_HW = (64, 64)

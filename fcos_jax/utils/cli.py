@@ -81,7 +81,7 @@ def start_jax(parsed_flags: flags.FlagValues) -> None:
     import jax
     from absl import logging
 
-    from fcos_jax import sharding
+    from fcos_jax.parallel import sharding
 
     quiet_library_logs()
     try:
@@ -136,7 +136,7 @@ def run(main, errors: tuple[type[BaseException], ...] = ()) -> None:
 
     from absl import app
 
-    from fcos_jax.sharding import LeaderFailedError
+    from fcos_jax.parallel.sharding import LeaderFailedError
 
     expected = (
         app.UsageError,
