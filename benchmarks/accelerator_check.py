@@ -67,7 +67,7 @@ def jax_train(args) -> dict:
 
     sys.path.insert(0, str(REPO))
     from fcos_jax import train_lib
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
     from fcos_jax.parallel import sharding
 
     mesh = sharding.make_mesh(jax.local_devices())
@@ -165,7 +165,7 @@ def jax_infer(args) -> dict:
 
     sys.path.insert(0, str(REPO))
     from fcos_jax import inference
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
 
     config = load_config(TORCHVISION)
     detector = inference.Detector.from_config(config, args.checkpoint)
@@ -215,7 +215,7 @@ def collectives(args) -> dict:
 
     sys.path.insert(0, str(REPO))
     from fcos_jax import communication
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
     from fcos_jax.parallel import sharding
 
     mesh = sharding.make_mesh(jax.local_devices())

@@ -72,7 +72,7 @@ def main() -> None:
     import jax
 
     from fcos_jax import communication
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
     from fcos_jax.parallel import sharding
 
     if jax.device_count() != 8:

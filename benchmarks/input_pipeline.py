@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fcos_jax import classes, config_base  # noqa: E402
+from fcos_jax.config import base as config_base
+from fcos_jax.config import classes  # noqa: E402
 from fcos_jax.data import pipeline, shapes  # noqa: E402
 
 

@@ -50,7 +50,7 @@ def jax_worker(args) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
     from fcos_jax.convert import convert_file
     from fcos_jax.models import build_model
     from fcos_jax.utils import compile_options

@@ -41,7 +41,7 @@ ARTIFACT_FORMAT = {"stablehlo": "stablehlo", "savedmodel": "savedmodel", "onnxru
 def _detector(weights: str):
     """Our Detector of the torchvision config (canvas mode) with the benchmark's weights."""
     from fcos_jax import inference
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
     from fcos_jax.convert import convert_file
 
     config = load_config(REPO / "configs" / "torchvision_fcos_r50_fpn.py")

@@ -118,7 +118,7 @@ def jax_worker(args) -> dict:
 
     sys.path.insert(0, str(REPO))
     from fcos_jax import losses, train_lib
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
     from fcos_jax.parallel import sharding
     from fcos_jax.utils import compile_cache, compile_options
 
@@ -225,7 +225,7 @@ def torch_worker(args) -> dict:
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
 
     b = load_config(REPO / args.config).model.backbone
     trunk = TORCH_TRUNKS.get((b.depth, b.groups, b.base_width))

@@ -23,7 +23,7 @@ runs.
 
 from pathlib import Path
 
-from fcos_jax.config_io import load_config
+from fcos_jax.config import load_config
 
 
 def get_config():

@@ -22,7 +22,7 @@ trains at 320. At 256 px, 720 steps gave AP50 0.91 and 560 steps at 320 px 0.85:
 keep a margin above AP50 0.9.
 """
 
-from fcos_jax import config_base
+from fcos_jax.config import base as config_base
 
 
 def get_config():

@@ -17,7 +17,7 @@ two choices (measured on a 16-image folder, 1 vs 4 devices, 10 steps):
 
 from pathlib import Path
 
-from fcos_jax.config_io import load_config
+from fcos_jax.config import load_config
 
 
 def get_config():

@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from fcos_jax import checkpoint_integrity as integrity
-from fcos_jax.classes import ClassList, class_list, from_meta, resolve_num_classes
+from fcos_jax.config.classes import ClassList, class_list, from_meta, resolve_num_classes
 from fcos_jax.models import build_model
 from fcos_jax.parallel import sharding as mesh_lib
 from fcos_jax.utils import jsonio

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from fcos_jax import boxes as box_ops
-from fcos_jax import modes, nms
+from fcos_jax import nms
+from fcos_jax.config import modes
 from fcos_jax.points import all_level_points
 
 MODES = modes.POSTPROCESS_MODES

@@ -21,7 +21,7 @@ Files (paths) and encoded bytes are decoded with `cv2.imdecode(..., IMREAD_COLOR
 which also maps grey, alpha and 16-bit files to 8-bit BGR, as mmcv does.
 
 The `scale` field is what post-processing divides resized-image boxes by, per axis (y, x), as
-`preprocess.scale_factor` says (`fcos_jax/modes.py` pairs it with `test.postprocess`):
+`preprocess.scale_factor` says (`fcos_jax/config/modes.py` pairs it with `test.postprocess`):
   single       (s, s): mmdet v1 divides by the single float scale factor (mmdet resize only).
   per_axis     (new_h / h, new_w / w): mmdet v2/v3 rescale each axis by its own factor;
                torchvision's `postprocess.detect` then rescales with float32(original / resized),
@@ -34,7 +34,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fcos_jax.modes import SCALE_FACTORS
+from fcos_jax.config.modes import SCALE_FACTORS
 
 RESIZE_MODES = ("mmdet", "torchvision")
 

@@ -28,8 +28,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from fcos_jax import checkpoint, train_lib
-from fcos_jax import classes as class_lists
-from fcos_jax.classes import ClassList
+from fcos_jax.config import classes as class_lists
+from fcos_jax.config.classes import ClassList
 from fcos_jax.parallel import sharding
 
 log = logging.getLogger(__name__)

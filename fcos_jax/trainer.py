@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fcos_jax import classes as class_lists
 from fcos_jax import eval_lib, optim, train_lib, workdir_lock
+from fcos_jax.config import classes as class_lists
 from fcos_jax.data import pipeline as data_pipeline
 from fcos_jax.data import sources as data_sources
 from fcos_jax.models import build_model

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from fcos_jax import config_base
+from fcos_jax.config import base as config_base
 
 
 def natural_image(h: int, w: int, seed: int) -> np.ndarray:

@@ -27,7 +27,7 @@ def main() -> None:
             settings["coordinator"], settings["num_processes"], process_id
         )
     from fcos_jax import eval_lib
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
 
     config = load_config(REPO / settings["config"])
     overrides = dict(settings["overrides"])

@@ -21,7 +21,8 @@ from damage_helpers import (
 )
 from flax import traverse_util
 
-from fcos_jax import checkpoint, config_base
+from fcos_jax import checkpoint
+from fcos_jax.config import base as config_base
 
 
 def tiny_config(**head):

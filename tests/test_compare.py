@@ -16,7 +16,7 @@ from mmdet_random import COMPARE_SCALE, mmdet_checkpoint, mmdet_fcos_shapes
 from subprocess_cli import REPO, run_module
 
 from fcos_jax import compare
-from fcos_jax.config_io import load_config
+from fcos_jax.config import load_config
 
 CONFIGS = REPO / "configs"
 R50_NO_GN = CONFIGS / "fcos_r50_caffe_fpn_1x.py"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fcos_jax import eval_lib, inference, train_lib
-from fcos_jax.config_io import load_config
+from fcos_jax.config import load_config
 from fcos_jax.parallel import sharding
 from fcos_jax.utils import compile_options
 

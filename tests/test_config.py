@@ -1,4 +1,4 @@
-"""The configs and their one check (fcos_jax/config_check.py): every row loads through both
+"""The configs and their one check (fcos_jax/config/check.py): every row loads through both
 loaders and passes; old `train.*` names, typos and disagreeing conventions are refused in one
 line, in a config file and on the command line (exit 2)."""
 
@@ -10,8 +10,10 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from fcos_jax import config_base, config_check, inference, modes
-from fcos_jax.config_io import load_config
+from fcos_jax import inference
+from fcos_jax.config import base as config_base
+from fcos_jax.config import check as config_check
+from fcos_jax.config import load_config, modes
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.py"))

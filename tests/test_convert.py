@@ -15,7 +15,7 @@ from mmdet_random import mmdet_fcos_shapes, random_state_dict, resnet_shapes
 from subprocess_cli import REPO, run_module
 
 from fcos_jax import checkpoint
-from fcos_jax.config_io import load_config
+from fcos_jax.config import load_config
 from fcos_jax.convert import ConversionError, convert_state_dict, describe, read_state_dict
 
 CONFIGS = REPO / "configs"

@@ -35,7 +35,7 @@ for path in (REPO, TESTS):  # when run as a script
 from test_predict import firing_variables, tiny_config  # noqa: E402
 
 from fcos_jax import communication, inference  # noqa: E402
-from fcos_jax.config_io import load_config  # noqa: E402
+from fcos_jax.config import load_config  # noqa: E402
 from fcos_jax.parallel import collectives, sharding  # noqa: E402
 from fcos_jax.testing.images import natural_image  # noqa: E402
 

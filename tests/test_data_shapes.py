@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from fcos_jax import classes
+from fcos_jax.config import classes
 from fcos_jax.data import annotations, shapes
 
 

@@ -5,7 +5,8 @@ import pytest
 import tensorflow_datasets as tfds
 from data_helpers import encode, folder_config, natural_image, random_dataset
 
-from fcos_jax import classes, config_base
+from fcos_jax.config import base as config_base
+from fcos_jax.config import classes
 from fcos_jax.data import coco_folder, sources, tfrecord_access
 
 # Three fake coco/2017 examples: (image id, h, w, [(label, is_crowd, (ymin, xmin, ymax, xmax))]).

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from fcos_jax import config_base, eval_lib
+from fcos_jax import eval_lib
+from fcos_jax.config import base as config_base
 from fcos_jax.parallel import sharding
 
 

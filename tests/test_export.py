@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from fcos_jax import compare, eval_lib, evaluation, export, inference
-from fcos_jax.config_io import load_config
+from fcos_jax.config import load_config
 from fcos_jax.convert import convert_state_dict
 from fcos_jax.testing.images import natural_image
 from fcos_jax.testing.torchvision_random import random_fcos

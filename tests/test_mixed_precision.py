@@ -12,7 +12,7 @@ import pytest
 from subprocess_cli import run_module
 
 from fcos_jax import eval_lib
-from fcos_jax.config_io import load_config
+from fcos_jax.config import load_config
 
 TRAIN_STEPS = 300
 LR_STEPS = (227, 272)  # the demo's two lr drops (x0.1 each), moved with the shorter run

@@ -6,7 +6,8 @@ import optax
 import pytest
 import torch
 
-from fcos_jax import config_base, optim
+from fcos_jax import optim
+from fcos_jax.config import base as config_base
 
 # Leaf path -> (shape, label for the caffe R-50 setting, label for X-101 with the v1 quirk).
 # The labels are written by hand from docs/modes.md §2.2 and §2.10, independently of
@@ -294,7 +295,7 @@ def test_torchvision_row_trains_like_torchvisions_reference_recipe():
     torchvision trains (requires_grad), MultiStepLR per epoch and a LinearLR warm-up of
     min(1000, len(data_loader) - 1) iterations in epoch 0; 3 epochs of 4 steps, decays after 1, 2.
     """
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
     from fcos_jax.convert import core as convert_core
     from fcos_jax.testing.torchvision_random import pretrained_layout_fcos
 

@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from fcos_jax import classes, config_base, draw, inference, postprocess, predict, preprocess
-from fcos_jax.config_io import load_config
+from fcos_jax import draw, inference, postprocess, predict, preprocess
+from fcos_jax.config import base as config_base
+from fcos_jax.config import classes, load_config
 from fcos_jax.models import build_model
 from fcos_jax.testing.images import natural_image
 

@@ -23,8 +23,8 @@ from mmdet_random import COMPARE_SCALE, mmdet_fcos_shapes, random_state_dict
 from subprocess_cli import REPO, run_module
 
 from fcos_jax import checkpoint, compare
-from fcos_jax.classes import coco_classes
-from fcos_jax.config_io import load_config
+from fcos_jax.config import load_config
+from fcos_jax.config.classes import coco_classes
 from fcos_jax.convert import (
     ConversionError,
     convert_file,

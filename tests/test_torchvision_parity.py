@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from fcos_jax import compare, inference
-from fcos_jax.classes import coco91_classes
-from fcos_jax.config_io import load_config
+from fcos_jax.config import load_config
+from fcos_jax.config.classes import coco91_classes
 from fcos_jax.testing.images import natural_image
 from fcos_jax.testing.torchvision_random import random_fcos
 

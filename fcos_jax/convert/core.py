@@ -14,7 +14,7 @@ import numpy as np
 from flax import traverse_util
 
 from fcos_jax import checkpoint
-from fcos_jax.classes import ClassList, resolve_num_classes
+from fcos_jax.config.classes import ClassList, resolve_num_classes
 from fcos_jax.convert import name_maps
 from fcos_jax.convert.errors import ConversionError
 from fcos_jax.convert.readers import StateDict, file_classes, read_checkpoint

@@ -22,7 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from fcos_jax import checkpoint
-from fcos_jax.classes import ClassList, from_meta
+from fcos_jax.config.classes import ClassList, from_meta
 from fcos_jax.convert import expressible, name_maps
 from fcos_jax.convert.core import COLLECTIONS, COUNTERS_META_KEY, fit_classes
 from fcos_jax.convert.errors import ConversionError

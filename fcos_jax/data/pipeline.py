@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from fcos_jax import classes as class_lists
 from fcos_jax import preprocess
 from fcos_jax.canvas import eval_canvases
+from fcos_jax.config import classes as class_lists
 from fcos_jax.data import epoch_plan, eval_plan, geometry, sources, transforms
 from fcos_jax.data.examples import Examples, prepare_examples
 

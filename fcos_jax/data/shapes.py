@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fcos_jax import classes
+from fcos_jax.config import classes
 
 SPLITS = {"train": 0, "validation": 1}  # split name -> code mixed into each image's seed
 MIN_SIZE, MAX_SIZE = 20.0, 160.0  # geometric-mean box side, pixels

@@ -31,7 +31,7 @@ class FCOS(nn.Module):
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> FCOS:
-    """FCOS from `config.model` (see fcos_jax/config_base.py)."""
+    """FCOS from `config.model` (see fcos_jax/config/base.py)."""
     if model_config.dtype not in DTYPES:
         raise ValueError(f"model.dtype: {model_config.dtype!r} not in {sorted(DTYPES)}")
     dtype = DTYPES[model_config.dtype]

@@ -8,7 +8,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from fcos_jax import config_check
+from fcos_jax.config import check as config_check
 
 # `--config.a.b=v` / `--noconfig.a.b`: an override of a config file flag's field.
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([\w.]+)")

@@ -18,7 +18,8 @@ from typing import Any
 
 import ml_collections
 
-from fcos_jax import config_base, modes
+from fcos_jax.config import base as config_base
+from fcos_jax.config import modes
 
 # The fields that moved out of `train`, by their group now. MOVED: old name -> new name; the old
 # name is refused with its new place, never read.

@@ -16,7 +16,7 @@ Field groups, each read by the modules named:
               trainer.py.
   init_from, seed, name
 
-`fcos_jax/config_check.py` refuses unknown fields, a field that moved out of `train` (naming its
+`fcos_jax/config/check.py` refuses unknown fields, a field that moved out of `train` (naming its
 new place), and conventions that disagree (`check`).
 """
 
@@ -82,7 +82,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     )
     # mmdet v1 pixel convention (docs/modes.md §2.6): widths are x2 - x1 + 1 in the data, the
     # targets, the losses and the COCO results; test.postprocess mmdet_v1 needs True, the other
-    # modes and targets.assigner torchvision False (fcos_jax/config_check.py).
+    # modes and targets.assigner torchvision False (fcos_jax/config/check.py).
     c.legacy_plus_one = True
 
     c.test = ml_collections.ConfigDict(
