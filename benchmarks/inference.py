@@ -54,8 +54,9 @@ def jax_worker(args) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import checkpoint, postprocess
+    from fcos_jax import checkpoint
     from fcos_jax.config import load_config
+    from fcos_jax.detection import postprocess
     from fcos_jax.models import build_model
     from fcos_jax.utils import compile_cache, compile_options
 

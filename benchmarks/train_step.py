@@ -117,8 +117,9 @@ def jax_worker(args) -> dict:
     import jax
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import losses, train_lib
+    from fcos_jax import train_lib
     from fcos_jax.config import load_config
+    from fcos_jax.detection import losses
     from fcos_jax.parallel import sharding
     from fcos_jax.utils import compile_cache, compile_options
 

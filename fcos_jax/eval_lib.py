@@ -21,8 +21,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from fcos_jax import evaluation, postprocess
+from fcos_jax import evaluation
 from fcos_jax.config import classes as class_lists
+from fcos_jax.detection import postprocess
 from fcos_jax.models import build_model
 from fcos_jax.parallel import sharding
 from fcos_jax.utils import compile_cache, compile_options, jsonio

@@ -23,10 +23,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from fcos_jax import canvas, checkpoint, postprocess, preprocess
+from fcos_jax import canvas, checkpoint, preprocess
 from fcos_jax.config import check as config_check
 from fcos_jax.config import load_config
 from fcos_jax.config.classes import ClassList, class_list, from_meta, resolve_num_classes
+from fcos_jax.detection import postprocess
 from fcos_jax.models import build_model
 from fcos_jax.parallel import sharding
 from fcos_jax.utils import compile_cache, compile_options

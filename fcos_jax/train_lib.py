@@ -26,7 +26,8 @@ import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, PartitionSpec
 
-from fcos_jax import losses, optim, points, targets
+from fcos_jax import optim
+from fcos_jax.detection import losses, points, targets
 from fcos_jax.models import cpu_kernels
 from fcos_jax.parallel import sharding
 from fcos_jax.utils import compile_options

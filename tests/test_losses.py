@@ -15,7 +15,7 @@ import torchvision
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.image_list import ImageList
 
-from fcos_jax import losses, targets
+from fcos_jax.detection import losses, targets
 
 # --- element-wise terms -------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from fcos_jax.points import all_level_points
+from fcos_jax.detection.points import all_level_points
 
 STRIDES = (8, 16, 32, 64, 128)
 

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from fcos_jax import draw, inference, postprocess, predict, preprocess
+from fcos_jax import draw, inference, predict, preprocess
 from fcos_jax.config import base as config_base
 from fcos_jax.config import classes, load_config
+from fcos_jax.detection import postprocess
 from fcos_jax.models import build_model
 from fcos_jax.testing.images import natural_image
 

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.image_list import ImageList
 
-from fcos_jax import targets
+from fcos_jax.detection import targets
 
 FEATURES = ((8, 8), (4, 4), (2, 2))
 STRIDES = (8, 16, 32)

@@ -32,8 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # when run as a script
     sys.path.insert(0, str(REPO))
 
-from fcos_jax import optim, postprocess, train_lib  # noqa: E402
+from fcos_jax import optim, train_lib  # noqa: E402
 from fcos_jax.config import base as config_base  # noqa: E402
+from fcos_jax.detection import postprocess  # noqa: E402
 from fcos_jax.models import build_model  # noqa: E402
 from fcos_jax.parallel import sharding  # noqa: E402
 

@@ -5,11 +5,12 @@ Field groups, each read by the modules named:
   preprocess  decoding, resizing, normalisation, padding and the scale-factor convention of
               input images: preprocess.py, data/.
   legacy_plus_one  the +1 pixel convention of the data, targets, losses and COCO results.
-  test        post-processing mode, its thresholds, the evaluation batch: postprocess.py,
+  test        post-processing mode, its thresholds, the evaluation batch: detection/postprocess.py,
               eval_lib.py, inference.py.
   data        dataset source, class list, canvases and ground-truth padding: data/.
-  targets     assignment of points to boxes (assigner, ranges, centre sampling): targets.py.
-  loss        box loss, normalisers and focal loss: losses.py.
+  targets     assignment of points to boxes (assigner, ranges, centre sampling):
+              detection/targets.py.
+  loss        box loss, normalisers and focal loss: detection/losses.py.
   optim       optimizer, parameter groups, learning-rate schedule and clipping: optim.py.
   augment     training scales and flips: data/epoch_plan.py.
   train       the loop: batch, run length, cadence of logs, checkpoints and evaluations:

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcos_jax import boxes as box_ops
-from fcos_jax import points as point_grid
+from fcos_jax.detection import boxes as box_ops
+from fcos_jax.detection import points as point_grid
 
 ASSIGNERS = ("mmdet", "torchvision")
 # torchvision: `pairwise_match * (1e8 - area)`, unmatched when the maximum is below 1e-5.

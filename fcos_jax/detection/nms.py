@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fcos_jax import boxes as box_ops
+from fcos_jax.detection import boxes as box_ops
 
 # torchvision.ops.batched_nms runs one NMS over boxes shifted by label * (max coordinate + 1)
 # when it has at most this many boxes (4000 coordinates on CPU, 100000 on CUDA), else an exact
