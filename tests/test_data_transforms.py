@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from data_helpers import encode, natural_image
 
-from fcos_jax import preprocess
-from fcos_jax.data import epoch_plan, examples, geometry, transforms
+from fcos_jax.data import epoch_plan, examples, geometry, preprocess, transforms
 
 CAFFE_MEAN = (102.9801, 115.9465, 122.7717)
 TV_MEAN, TV_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from fcos_jax import preprocess
 from fcos_jax.config import base as config_base
+from fcos_jax.data import preprocess
 from fcos_jax.testing.images import natural_image
 
 CAFFE_MEAN = (102.9801, 115.9465, 122.7717)

@@ -46,7 +46,7 @@ def _torchvision_reference(config, state_dict, image_path: str) -> ReferenceRun:
     except ImportError as error:
         raise CompareError(f"torchvision is not importable: {error}") from None
 
-    from fcos_jax import preprocess
+    from fcos_jax.data import preprocess
 
     image_rgb = preprocess.load_rgb(image_path, image_path)
     long_side, short_side = max(config.preprocess.scale), min(config.preprocess.scale)

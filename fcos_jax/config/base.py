@@ -3,7 +3,7 @@
 Field groups, each read by the modules named:
   model       architecture (backbone, FPN, head) and compute dtype: models/.
   preprocess  decoding, resizing, normalisation, padding and the scale-factor convention of
-              input images: preprocess.py, data/.
+              input images: data/preprocess.py, data/.
   legacy_plus_one  the +1 pixel convention of the data, targets, losses and COCO results.
   test        post-processing mode, its thresholds, the evaluation batch: detection/postprocess.py,
               eval_lib.py, inference.py.

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fcos_jax import preprocess
+from fcos_jax.data import preprocess
 from fcos_jax.detection import boxes as box_ops
 
 

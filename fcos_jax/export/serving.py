@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fcos_jax import canvas, preprocess
+from fcos_jax.data import canvas, preprocess
 from fcos_jax.detection import postprocess
 from fcos_jax.inference import Detector
 
