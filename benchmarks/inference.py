@@ -54,7 +54,7 @@ def jax_worker(args) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import checkpoint
+    from fcos_jax.checkpoint import store
     from fcos_jax.config import load_config
     from fcos_jax.detection import postprocess
     from fcos_jax.models import build_model
@@ -62,7 +62,7 @@ def jax_worker(args) -> dict:
 
     compile_cache.enable(args.cache_dir)
     config = load_config(REPO / "configs" / "torchvision_fcos_r50_fpn.py")
-    variables, _ = checkpoint.restore_inference(args.checkpoint, config)
+    variables, _ = store.restore_inference(args.checkpoint, config)
     params, stats = variables["params"], variables["batch_stats"]
     model = build_model(config.model)
     images = jax.device_put(np.load(args.input).transpose(0, 2, 3, 1))  # NCHW -> NHWC

@@ -226,13 +226,13 @@ def evaluate_checkpoint(
     prints the AP table. The class list (and, with `model.head.num_classes = 0`, the head's
     size) comes from the checkpoint's meta; a checkpoint of another config name is refused
     unless `allow_other_config_name`. Returns the stats."""
-    from fcos_jax import checkpoint
+    from fcos_jax.checkpoint import store
     from fcos_jax.data import sources
 
     compile_cache.enable_from_config(config)
     mesh = sharding.make_mesh()
     # The checkpoint first: a damaged or mismatched one stops before any data is prepared.
-    step, variables, meta = checkpoint.restore_inference_step(
+    step, variables, meta = store.restore_inference_step(
         checkpoint_path,
         config,
         sharding.replicated(mesh),

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fcos_jax import checkpoint
+from fcos_jax.checkpoint import store
 from fcos_jax.config import check as config_check
 from fcos_jax.config import load_config
 from fcos_jax.config.classes import ClassList, class_list, from_meta, resolve_num_classes
@@ -143,7 +143,7 @@ class Detector:
         else:
             config = config_or_path
         compile_cache.enable_from_config(config, compilation_cache_dir)
-        variables, meta = checkpoint.restore_inference(
+        variables, meta = store.restore_inference(
             checkpoint_path, config, allow_other_config_name=allow_other_config_name
         )
         classes = from_meta(meta, str(checkpoint_path)) if "classes" in meta else None

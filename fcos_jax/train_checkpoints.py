@@ -1,7 +1,7 @@
 """A training workdir's checkpoints: the state a run starts from and the states it saves.
 
 `TrainCheckpoints(workdir, config, classes)` holds the workdir's orbax manager and the meta
-(config name, class list) written with every step (the layout is `checkpoint.py`'s):
+(config name, class list) written with every step (the layout is `checkpoint/store.py`'s):
   * `restore_or_initialise` gives the run's first train state, replicated on the mesh: the
     workdir's newest intact checkpoint (newer damaged steps are moved aside, with a warning)
     with everything (params, BN statistics, optimizer, data iterator), restored onto this run's
@@ -27,7 +27,8 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from fcos_jax import checkpoint, train_lib
+from fcos_jax import train_lib
+from fcos_jax.checkpoint import store
 from fcos_jax.config import classes as class_lists
 from fcos_jax.config.classes import ClassList
 from fcos_jax.parallel import sharding
@@ -46,14 +47,14 @@ class TrainCheckpoints:
         self.workdir = Path(workdir).absolute()
         self.config = config
         self.classes = list(classes)
-        self.meta = checkpoint.make_meta(config, source=TRAIN_SOURCE, classes=classes)
+        self.meta = store.make_meta(config, source=TRAIN_SOURCE, classes=classes)
         keep = int(config.train.keep_checkpoints)
         if keep < 2:
             raise ValueError(
                 f"train.keep_checkpoints: expected >= 2, got {keep} (the checkpoint before the "
                 "newest is kept until a step on the newest has had a finite loss)"
             )
-        self.manager = checkpoint.checkpoint_manager(self.workdir, max_to_keep=keep)
+        self.manager = store.checkpoint_manager(self.workdir, max_to_keep=keep)
 
     @property
     def latest_step(self) -> int | None:
@@ -87,7 +88,7 @@ class TrainCheckpoints:
         state = create(rng)
         source = self.config.init_from
         if source:
-            loaded, loaded_meta = checkpoint.restore_weights(source)
+            loaded, loaded_meta = store.restore_weights(source)
             variables = {"params": state.params, "batch_stats": state.batch_stats}
             variables, report = merge_init_weights(variables, loaded, source)
             state = state.replace(
@@ -104,7 +105,7 @@ class TrainCheckpoints:
     def save(self, step: int, state: train_lib.TrainState, data_state: dict[str, Any]) -> None:
         """Starts an asynchronous save of `state` at `step`, after the previous one finished."""
         self.manager.wait_until_finished()
-        checkpoint.save(
+        store.save(
             self.manager,
             step,
             state.params,
@@ -152,7 +153,7 @@ class TrainCheckpoints:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
         )
-        step, items, damaged = checkpoint.restore_training(
+        step, items, damaged = store.restore_training(
             self.manager,
             abstract.params,
             abstract.batch_stats,
@@ -173,11 +174,11 @@ class TrainCheckpoints:
 
     def _check_meta(self, meta: dict[str, Any], step_dir: Path) -> None:
         """Refuses a checkpoint of another config or class list."""
-        checkpoint.check_config_name(
+        store.check_config_name(
             meta, self.config.name, step_dir, "use another --workdir (or the same config) to go on"
         )
         if "classes" in meta and class_lists.from_meta(meta, str(step_dir)) != self.classes:
-            raise checkpoint.CheckpointError(
+            raise store.CheckpointError(
                 f"{step_dir}: the workdir was trained on other classes than the data has now "
                 f"({len(meta['classes'])} vs {len(self.classes)}: channel -> category id, name); "
                 "use another --workdir for this data"

@@ -14,7 +14,7 @@ import torchvision
 from mmdet_random import mmdet_fcos_shapes, random_state_dict, resnet_shapes
 from subprocess_cli import REPO, run_module
 
-from fcos_jax import checkpoint
+from fcos_jax.checkpoint import store
 from fcos_jax.config import load_config
 from fcos_jax.convert import ConversionError, convert_state_dict, describe, read_state_dict
 
@@ -48,7 +48,7 @@ def test_cli_converts_mmdet_v1_file_keeping_its_bn_counters(mmdet_r50_gn_v1):
 
 
 def test_converted_meta_holds_coco_class_list_in_channel_order(mmdet_r50_gn_v1):
-    _, meta = checkpoint.restore_inference(mmdet_r50_gn_v1["output"], load_config(R50_GN))
+    _, meta = store.restore_inference(mmdet_r50_gn_v1["output"], load_config(R50_GN))
     assert meta["config_name"] == "fcos_r50_caffe_fpn_gn_1x"
     assert "fcos_r50_caffe_fpn_gn_1x_4gpu.pth" in meta["source"]
     assert len(meta["classes"]) == 80
@@ -66,7 +66,7 @@ def test_converted_meta_holds_coco_class_list_in_channel_order(mmdet_r50_gn_v1):
 
 def test_classifier_bias_is_not_rotated(mmdet_r50_gn_v1):
     # mmdet's upgrade_model_version rotates the cls bias by one; we must not (docs/modes.md §2.11).
-    variables, _ = checkpoint.restore_inference(mmdet_r50_gn_v1["output"], load_config(R50_GN))
+    variables, _ = store.restore_inference(mmdet_r50_gn_v1["output"], load_config(R50_GN))
     bias = np.asarray(variables["params"]["bbox_head"]["conv_cls"]["bias"])
     np.testing.assert_array_equal(bias, mmdet_r50_gn_v1["sd"]["bbox_head.fcos_cls.bias"].numpy())
 

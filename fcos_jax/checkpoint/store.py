@@ -36,7 +36,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from fcos_jax import checkpoint_integrity as integrity
+from fcos_jax.checkpoint import integrity
 from fcos_jax.config.classes import ClassList, class_list, from_meta, resolve_num_classes
 from fcos_jax.models import build_model
 from fcos_jax.parallel import sharding as mesh_lib
