@@ -16,7 +16,7 @@ torchvision on the same device, and what the programs move between devices. Prin
                split over the local devices) against torchvision's `fcos_resnet50_fpn` in eval
                mode, batches of 1 and 8 different images; images/s.
   collectives  the train step (k = 1) and the evaluation's predict step compiled on all local
-               devices (`fcos_jax.communication`): all-reduce count and bytes against the
+               devices (`fcos_jax.training.communication`): all-reduce count and bytes against the
                trainable parameters' bytes; collectives inside loops (want 0).
 
 Each part runs in a process of its own (JAX and torch never share a device's memory). torch runs
@@ -66,9 +66,9 @@ def jax_train(args) -> dict:
     import jax
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import train_lib
     from fcos_jax.config import load_config
     from fcos_jax.parallel import sharding
+    from fcos_jax.training import train_step
 
     mesh = sharding.make_mesh(jax.local_devices())
     batch_size = args.batch * mesh.size
@@ -78,8 +78,8 @@ def jax_train(args) -> dict:
     model, optimizer, schedule, state, batch = jax_state_and_batch(
         config, mesh, batch_size, args.height, args.width
     )
-    step = train_lib.jit_train_step(
-        train_lib.make_train_step(config, model, optimizer, schedule, mesh), mesh
+    step = train_step.jit_train_step(
+        train_step.make_train_step(config, model, optimizer, schedule, mesh), mesh
     )
     start = time.perf_counter()
     step = step.lower(state, batch).compile()
@@ -214,9 +214,9 @@ def collectives(args) -> dict:
     import jax
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import communication
     from fcos_jax.config import load_config
     from fcos_jax.parallel import sharding
+    from fcos_jax.training import communication
 
     mesh = sharding.make_mesh(jax.local_devices())
     config = load_config(R50_GN)

@@ -5,10 +5,10 @@
 
 For each config: the parameter bytes, the trainable parameters' bytes, and the all-reduce bytes
 of its train step compiled on the 8 simulated devices (as an accelerator would compile it:
-`cpu_kernels.accelerator_kernels`; read from the HLO by `fcos_jax.communication`). Then the time of
-that all-reduce at 8, 64 and 256 devices on the interconnects of `LINKS` (nominal rates, as the
-vendors state them), against the step's compute at the seed recipe's 2 images per device
-(3 x `FORWARD_TFLOP` x 2 at `UTILISATION` of the chip's bfloat16 peak). Prints a Markdown
+`cpu_kernels.accelerator_kernels`; read from the HLO by `fcos_jax.training.communication`). Then
+the time of that all-reduce at 8, 64 and 256 devices on the interconnects of `LINKS` (nominal
+rates, as the vendors state them), against the step's compute at the seed recipe's 2 images per
+device (3 x `FORWARD_TFLOP` x 2 at `UTILISATION` of the chip's bfloat16 peak). Prints a Markdown
 table; docs/architecture.md#communication holds its output and reads it.
 
 The all-reduce model: a ring within a group of g devices moves 2 (g - 1) / g x S per device.
@@ -71,9 +71,9 @@ def main() -> None:
     args = parser.parse_args()
     import jax
 
-    from fcos_jax import communication
     from fcos_jax.config import load_config
     from fcos_jax.parallel import sharding
+    from fcos_jax.training import communication
 
     if jax.device_count() != 8:
         raise SystemExit("run with XLA_FLAGS=--xla_force_host_platform_device_count=8")

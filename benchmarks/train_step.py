@@ -77,16 +77,16 @@ def jax_state_and_batch(config, mesh, batch_size: int, height: int, width: int):
     import jax.numpy as jnp
     import numpy as np
 
-    from fcos_jax import optim, train_lib
     from fcos_jax.models import build_model
     from fcos_jax.parallel import sharding
+    from fcos_jax.training import optim, train_step
 
     model = build_model(config.model)
     init_hw = (64, 64)  # parameters do not depend on the image size
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *init_hw, 3)))
     optimizer, schedule = optim.build_optimizer(config, shapes["params"], 1000)
     create = jax.jit(
-        functools.partial(train_lib.create_train_state, config, model, optimizer),
+        functools.partial(train_step.create_train_state, config, model, optimizer),
         static_argnums=1,
     )
     state = sharding.replicate(create(jax.random.key(0, impl="rbg"), init_hw), mesh)
@@ -117,10 +117,10 @@ def jax_worker(args) -> dict:
     import jax
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import train_lib
     from fcos_jax.config import load_config
     from fcos_jax.detection import losses
     from fcos_jax.parallel import sharding
+    from fcos_jax.training import train_step
     from fcos_jax.utils import compile_cache, compile_options
 
     if args.cache_dir:
@@ -134,23 +134,23 @@ def jax_worker(args) -> dict:
     )
     labels = optimizer_labels(config, state.params)
 
-    step = train_lib.jit_train_step(
-        train_lib.make_train_step(config, model, optimizer, schedule, mesh), mesh
+    step = train_step.jit_train_step(
+        train_step.make_train_step(config, model, optimizer, schedule, mesh), mesh
     )
-    loss_kwargs = train_lib._loss_kwargs(config)  # the step's own loss settings
+    loss_kwargs = train_step._loss_kwargs(config)  # the step's own loss settings
 
     @functools.partial(jax.jit, compiler_options=compile_options.compiler_options())
     def forward_and_loss(params, batch_stats, batch):
         variables = {"params": params, "batch_stats": batch_stats}
-        if train_lib.trains_batch_stats(config):  # the step's BN mode: batch statistics
+        if train_step.trains_batch_stats(config):  # the step's BN mode: batch statistics
             outputs, _ = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
         else:
             outputs = model.apply(variables, batch["image"], train=True)
-        batch_targets = train_lib.encode_batch(config, batch)
+        batch_targets = train_step.encode_batch(config, batch)
         normalizers = losses.batch_normalizers(batch_targets)
         return losses.fcos_loss(outputs, batch_targets, normalizers=normalizers, **loss_kwargs)
 
-    encode = jax.jit(functools.partial(train_lib.encode_batch, config))
+    encode = jax.jit(functools.partial(train_step.encode_batch, config))
 
     start = time.perf_counter()
     step = step.lower(state, batch).compile()  # the executable itself: compiled once
@@ -201,7 +201,7 @@ def optimizer_labels(config, params) -> int:
     import jax
     import numpy as np
 
-    from fcos_jax import optim
+    from fcos_jax.training import optim
 
     labels = optim.param_labels(params, config)
     sizes = jax.tree.map(lambda p, label: 0 if label == optim.FROZEN else p.size, params, labels)

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from fcos_jax import eval_lib, inference, train_lib
+from fcos_jax import eval_lib, inference
 from fcos_jax.config import load_config
 from fcos_jax.parallel import sharding
+from fcos_jax.training import train_step
 from fcos_jax.utils import compile_options
 
 CPU = jax.devices("cpu")[0]  # the options are XLA:CPU's; every JAX install has this backend
@@ -108,7 +109,7 @@ def test_train_eval_and_inference_programs_are_compiled_with_the_options(bogus_o
     n = jax.device_count()
     image = jax.ShapeDtypeStruct((n, 64, 64, 3), jnp.float32)
 
-    step = train_lib.jit_train_step(lambda state, batch: (state, {"loss": batch.sum()}), mesh)
+    step = train_step.jit_train_step(lambda state, batch: (state, {"loss": batch.sum()}), mesh)
     assert compiles_with_the_options(step, {"w": jnp.ones(2)}, jnp.ones((n, 2)))
 
     model_json = config.model.to_json(sort_keys=True)

@@ -34,10 +34,11 @@ for path in (REPO, TESTS):  # when run as a script
 
 from test_predict import firing_variables, tiny_config  # noqa: E402
 
-from fcos_jax import communication, inference  # noqa: E402
+from fcos_jax import inference  # noqa: E402
 from fcos_jax.config import load_config  # noqa: E402
 from fcos_jax.parallel import collectives, sharding  # noqa: E402
 from fcos_jax.testing.images import natural_image  # noqa: E402
+from fcos_jax.training import communication  # noqa: E402
 
 DEVICES = 8
 R50_GN = REPO / "configs" / "fcos_r50_caffe_fpn_gn_1x.py"

@@ -1,4 +1,5 @@
-"""optim.py against torch.optim.SGD / AdamW param groups driven by a plain-Python mmcv schedule."""
+"""training/optim.py against torch.optim.SGD / AdamW param groups driven by a plain-Python mmcv
+schedule."""
 
 import jax
 import numpy as np
@@ -6,8 +7,8 @@ import optax
 import pytest
 import torch
 
-from fcos_jax import optim
 from fcos_jax.config import base as config_base
+from fcos_jax.training import optim
 
 # Leaf path -> (shape, label for the caffe R-50 setting, label for X-101 with the v1 quirk).
 # The labels are written by hand from docs/modes.md §2.2 and §2.10, independently of

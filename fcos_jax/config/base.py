@@ -11,10 +11,10 @@ Field groups, each read by the modules named:
   targets     assignment of points to boxes (assigner, ranges, centre sampling):
               detection/targets.py.
   loss        box loss, normalisers and focal loss: detection/losses.py.
-  optim       optimizer, parameter groups, learning-rate schedule and clipping: optim.py.
+  optim       optimizer, parameter groups, learning-rate schedule and clipping: training/optim.py.
   augment     training scales and flips: data/epoch_plan.py.
   train       the loop: batch, run length, cadence of logs, checkpoints and evaluations:
-              trainer.py.
+              training/trainer.py.
   init_from, seed, name
 
 `fcos_jax/config/check.py` refuses unknown fields, a field that moved out of `train` (naming its

@@ -26,10 +26,10 @@ import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, PartitionSpec
 
-from fcos_jax import optim
 from fcos_jax.detection import losses, points, targets
 from fcos_jax.models import cpu_kernels
 from fcos_jax.parallel import sharding
+from fcos_jax.training import optim
 from fcos_jax.utils import compile_options
 
 PyTree = Any

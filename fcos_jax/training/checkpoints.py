@@ -27,11 +27,11 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from fcos_jax import train_lib
 from fcos_jax.checkpoint import store
 from fcos_jax.config import classes as class_lists
 from fcos_jax.config.classes import ClassList
 from fcos_jax.parallel import sharding
+from fcos_jax.training import train_step
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -67,7 +67,7 @@ class TrainCheckpoints:
         optimizer: optax.GradientTransformation,
         mesh: Mesh,
         image_hw: tuple[int, int],
-    ) -> tuple[int, train_lib.TrainState, dict[str, Any] | None]:
+    ) -> tuple[int, train_step.TrainState, dict[str, Any] | None]:
         """(first step, state replicated on `mesh`, data iterator state to restore or None).
 
         image_hw: an input size for the model's initialisation (its parameters do not depend
@@ -75,7 +75,7 @@ class TrainCheckpoints:
         """
         create = jax.jit(
             functools.partial(
-                train_lib.create_train_state, self.config, model, optimizer, image_hw=image_hw
+                train_step.create_train_state, self.config, model, optimizer, image_hw=image_hw
             )
         )
         rng = jax.random.PRNGKey(int(self.config.seed))
@@ -102,7 +102,7 @@ class TrainCheckpoints:
                     log.info("  %s", line)
         return 0, sharding.replicate(state, mesh), None
 
-    def save(self, step: int, state: train_lib.TrainState, data_state: dict[str, Any]) -> None:
+    def save(self, step: int, state: train_step.TrainState, data_state: dict[str, Any]) -> None:
         """Starts an asynchronous save of `state` at `step`, after the previous one finished."""
         self.manager.wait_until_finished()
         store.save(
@@ -143,8 +143,8 @@ class TrainCheckpoints:
         self.manager.close()
 
     def _resume(
-        self, abstract: train_lib.TrainState, mesh: Mesh
-    ) -> tuple[int, train_lib.TrainState, dict[str, Any]]:
+        self, abstract: train_step.TrainState, mesh: Mesh
+    ) -> tuple[int, train_step.TrainState, dict[str, Any]]:
         """(step, state, data state) of the newest intact checkpoint, restored with the shardings
         of this run's mesh (replicated); refused when another config or class list wrote it.
         Newer damaged steps are moved aside (`<step>.damaged`), out of the way of this run's
@@ -164,7 +164,7 @@ class TrainCheckpoints:
             moved = self.set_aside(bad_step, "damaged")
             if jax.process_index() == 0:
                 log.warning("damaged checkpoint step %d moved aside to %s", bad_step, moved)
-        state = train_lib.TrainState(
+        state = train_step.TrainState(
             step=np.asarray(step, np.int32),
             params=items["params"],
             batch_stats=items["batch_stats"] or {},

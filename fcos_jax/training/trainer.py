@@ -28,15 +28,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fcos_jax import eval_lib, optim, train_lib, workdir_lock
+from fcos_jax import eval_lib
 from fcos_jax.config import classes as class_lists
 from fcos_jax.data import pipeline as data_pipeline
 from fcos_jax.data import sources as data_sources
 from fcos_jax.models import build_model
 from fcos_jax.parallel import sharding
-from fcos_jax.train_checkpoints import TrainCheckpoints
-from fcos_jax.train_errors import NonFiniteStepError
-from fcos_jax.train_log import TrainLog
+from fcos_jax.training import optim, train_step, workdir_lock
+from fcos_jax.training.checkpoints import TrainCheckpoints
+from fcos_jax.training.errors import NonFiniteStepError
+from fcos_jax.training.log import TrainLog
 from fcos_jax.utils import compile_cache
 
 TRAIN_INPUTS = ("image", "boxes", "labels", "box_valid")
@@ -125,12 +126,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     )
     if data_state is not None:
         pipeline.restore(data_state)
-    step_fn = train_lib.jit_train_step(
-        train_lib.make_train_step(config, model, optimizer, schedule, mesh), mesh
+    step_fn = train_step.jit_train_step(
+        train_step.make_train_step(config, model, optimizer, schedule, mesh), mesh
     )
     predict_step = None
 
-    def evaluate(state: train_lib.TrainState, step: int) -> dict[str, float]:
+    def evaluate(state: train_step.TrainState, step: int) -> dict[str, float]:
         nonlocal predict_step
         predict_step = predict_step or eval_lib.make_predict_step(config, mesh)
         variables = {"params": state.params, "batch_stats": state.batch_stats}

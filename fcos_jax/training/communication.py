@@ -16,9 +16,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from fcos_jax import eval_lib, optim, train_lib
+from fcos_jax import eval_lib
 from fcos_jax.models import build_model, cpu_kernels
 from fcos_jax.parallel import collectives, sharding
+from fcos_jax.training import optim, train_step
 
 
 def _traced_as(accelerator: bool):
@@ -56,7 +57,7 @@ def train_step_hlo(
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3)))
         optimizer, schedule = optim.build_optimizer(config, shapes["params"], 1000)
         state = jax.eval_shape(
-            lambda: train_lib.create_train_state(
+            lambda: train_step.create_train_state(
                 config, model, optimizer, jax.random.PRNGKey(0), image_hw
             )
         )
@@ -66,8 +67,8 @@ def train_step_hlo(
             "labels": jax.ShapeDtypeStruct((batch_size, max_boxes), jnp.int32),
             "box_valid": jax.ShapeDtypeStruct((batch_size, max_boxes), jnp.bool_),
         }
-        step = train_lib.jit_train_step(
-            train_lib.make_train_step(config, model, optimizer, schedule, mesh), mesh
+        step = train_step.jit_train_step(
+            train_step.make_train_step(config, model, optimizer, schedule, mesh), mesh
         )
         lowered = step.lower(
             _abstract(state, sharding.replicated(mesh)),
