@@ -5,7 +5,8 @@
   python eval.py --config configs/shapes.py --checkpoint workdirs/shapes --per_class
   python eval.py --config configs/shapes.py --detections results.json --annotations gt.json
 
-All logic lives in `fcos_jax.eval_lib`; this file only parses flags and starts (multi-host) JAX.
+All logic lives in `fcos_jax.evaluation.evaluator`; this file only parses flags and starts
+(multi-host) JAX.
 """
 
 from absl import app, flags
@@ -32,14 +33,14 @@ def main(argv):
         raise app.UsageError("give exactly one of --checkpoint and --detections")
     config = cli.config_from_flag()
     cli.start_jax(FLAGS)
-    from fcos_jax import eval_lib
+    from fcos_jax.evaluation import evaluator
 
     if FLAGS.detections:
-        eval_lib.evaluate_results_file(
+        evaluator.evaluate_results_file(
             config, FLAGS.detections, FLAGS.annotations or None, per_class=FLAGS.per_class
         )
         return
-    eval_lib.evaluate_checkpoint(
+    evaluator.evaluate_checkpoint(
         config,
         FLAGS.checkpoint,
         annotations=FLAGS.annotations or None,

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fcos_jax import eval_lib, inference
+from fcos_jax import inference
 from fcos_jax.config import load_config
+from fcos_jax.evaluation import evaluator
 from fcos_jax.parallel import sharding
 from fcos_jax.training import train_step
 from fcos_jax.utils import compile_options
@@ -121,4 +122,4 @@ def test_train_eval_and_inference_programs_are_compiled_with_the_options(bogus_o
     batch = dict(image=image, image_hw=pair, scale=pair, original_hw=pair)
     batch.update(image_id=jax.ShapeDtypeStruct((n,), jnp.int32))
     batch.update(example_valid=jax.ShapeDtypeStruct((n,), jnp.bool_))
-    assert compiles_with_the_options(eval_lib.make_predict_step(config, mesh), variables, batch)
+    assert compiles_with_the_options(evaluator.make_predict_step(config, mesh), variables, batch)

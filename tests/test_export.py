@@ -28,9 +28,10 @@ import jax
 import numpy as np
 import pytest
 
-from fcos_jax import compare, eval_lib, evaluation, export, inference
+from fcos_jax import compare, export, inference
 from fcos_jax.config import load_config
 from fcos_jax.convert import convert_state_dict
+from fcos_jax.evaluation import coco, evaluator
 from fcos_jax.testing.images import natural_image
 from fcos_jax.testing.torchvision_random import random_fcos
 from fcos_jax.utils import compile_options
@@ -250,16 +251,16 @@ def test_eval_ap_of_artifact_detections_equals_eval_on_the_checkpoint(
     for row, (image_id, _) in enumerate(tiny_model["images"]):
         found = _artifact_detections(outputs, row)
         channels = np.asarray([channel_of[int(cid)] for cid in found["labels"]], np.int32)
-        results += evaluation.detections_to_coco(
+        results += coco.detections_to_coco(
             image_id, found["boxes"], found["scores"], channels, detector.classes, False
         )
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
-    expected = eval_lib.evaluate_results_file(config, tiny_model["results"])
+    expected = evaluator.evaluate_results_file(config, tiny_model["results"])
     # The table eval.py printed for the checkpoint is these stats, rounded.
     np.testing.assert_allclose(_stats(tiny_model["table"]), list(expected.values()), atol=5e-4)
     assert list(expected.values())[1] > 0  # the checkpoint detects something (AP50)
-    found = eval_lib.evaluate_results_file(config, path)
+    found = evaluator.evaluate_results_file(config, path)
     assert found.keys() == expected.keys()
     np.testing.assert_allclose(list(found.values()), list(expected.values()), atol=1e-3)
 

@@ -6,7 +6,7 @@ Field groups, each read by the modules named:
               input images: data/preprocess.py, data/.
   legacy_plus_one  the +1 pixel convention of the data, targets, losses and COCO results.
   test        post-processing mode, its thresholds, the evaluation batch: detection/postprocess.py,
-              eval_lib.py, inference.py.
+              evaluation/evaluator.py, inference.py.
   data        dataset source, class list, canvases and ground-truth padding: data/.
   targets     assignment of points to boxes (assigner, ranges, centre sampling):
               detection/targets.py.

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from fcos_jax import eval_lib
+from fcos_jax.evaluation import evaluator
 from fcos_jax.models import build_model, cpu_kernels
 from fcos_jax.parallel import collectives, sharding
 from fcos_jax.training import optim, train_step
@@ -87,7 +87,7 @@ def predict_step_hlo(
     """Compiled HLO of the evaluation's predict step (`eval_lib.make_predict_step`) for a global
     batch of `test.batch_size` rounded up to the mesh, images of `image_hw`."""
     model = build_model(config.model)
-    batch_size = eval_lib.eval_batch_size(config, mesh)
+    batch_size = evaluator.eval_batch_size(config, mesh)
     with _traced_as(accelerator):
         variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3)))
         batch = {
@@ -98,7 +98,7 @@ def predict_step_hlo(
             "image_id": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
             "example_valid": jax.ShapeDtypeStruct((batch_size,), jnp.bool_),
         }
-        lowered = eval_lib.make_predict_step(config, mesh).lower(
+        lowered = evaluator.make_predict_step(config, mesh).lower(
             _abstract(variables, sharding.replicated(mesh)),
             _abstract(batch, sharding.batch_sharding(mesh)),
         )

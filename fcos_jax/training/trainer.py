@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fcos_jax import eval_lib
 from fcos_jax.config import classes as class_lists
 from fcos_jax.data import pipeline as data_pipeline
 from fcos_jax.data import sources as data_sources
+from fcos_jax.evaluation import evaluator
 from fcos_jax.models import build_model
 from fcos_jax.parallel import sharding
 from fcos_jax.training import optim, train_step, workdir_lock
@@ -133,9 +133,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
 
     def evaluate(state: train_step.TrainState, step: int) -> dict[str, float]:
         nonlocal predict_step
-        predict_step = predict_step or eval_lib.make_predict_step(config, mesh)
+        predict_step = predict_step or evaluator.make_predict_step(config, mesh)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        stats, text = eval_lib.evaluate(
+        stats, text = evaluator.evaluate(
             config, variables, mesh, classes=pipeline.classes, predict_step=predict_step
         )
         train_log.evaluation(step, stats, text)

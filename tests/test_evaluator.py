@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from fcos_jax import eval_lib
 from fcos_jax.config import base as config_base
+from fcos_jax.evaluation import evaluator
 from fcos_jax.parallel import sharding
 
 
@@ -20,14 +20,14 @@ from fcos_jax.parallel import sharding
 def test_the_global_batch_rounds_up_to_the_devices(requested, devices, expected):
     config = config_base.get_base_config()
     config.test.batch_size = requested
-    assert eval_lib.eval_batch_size(config, SimpleNamespace(size=devices)) == expected
+    assert evaluator.eval_batch_size(config, SimpleNamespace(size=devices)) == expected
 
 
 def test_a_non_positive_batch_is_refused_naming_the_field():
     config = config_base.get_base_config()
     config.test.batch_size = 0
     with pytest.raises(ValueError, match="test.batch_size"):
-        eval_lib.eval_batch_size(config, SimpleNamespace(size=1))
+        evaluator.eval_batch_size(config, SimpleNamespace(size=1))
 
 
 def test_validation_data_with_other_classes_than_the_model_is_refused():
@@ -36,7 +36,7 @@ def test_validation_data_with_other_classes_than_the_model_is_refused():
         classes=[(1, "cat"), (2, "dog")], source="mydata validation (annotations/val.json)"
     )
     with pytest.raises(ValueError, match=r"annotations/val.json\): the validation data's classes"):
-        eval_lib.evaluate(
+        evaluator.evaluate(
             config,
             {},
             sharding.make_mesh(),
