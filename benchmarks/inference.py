@@ -219,8 +219,8 @@ def make_inputs(directory: Path, height: int, width: int, count: int) -> tuple[P
     import torch
 
     sys.path.insert(0, str(REPO))
+    from fcos_jax.compare.torchvision_random import random_fcos
     from fcos_jax.testing.images import natural_image
-    from fcos_jax.testing.torchvision_random import random_fcos
 
     rgbs = [natural_image(height, width, seed=i) for i in range(count)]
     model = random_fcos(0, rgbs[0], min_size=min(height, width), max_size=max(height, width))

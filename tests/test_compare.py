@@ -1,7 +1,8 @@
 """`python -m fcos_jax.compare --format mmdet`: random mmdet checkpoints (tests/mmdet_random.py)
-through the mmdet reference (fcos_jax/mmdet_reference.py, pinned in test_mmdet_reference.py) and
-our converted model, per level and end to end; a perturbed tensor fails naming its level; bad
-input exits 2 with one line. The torchvision mode's CLI is tested in test_torchvision_parity.py.
+through the mmdet reference (fcos_jax/compare/mmdet_reference.py, pinned in
+test_mmdet_reference.py) and our converted model, per level and end to end; a perturbed tensor
+fails naming its level; bad input exits 2 with one line. The torchvision mode's CLI is tested in
+test_torchvision_parity.py.
 
 Images are 97 x 130 at scale (160, 128) (X-101: (96, 64)), so each model compiles in seconds.
 """

@@ -29,11 +29,11 @@ import numpy as np
 import pytest
 
 from fcos_jax import compare, export, inference
+from fcos_jax.compare.torchvision_random import random_fcos
 from fcos_jax.config import load_config
 from fcos_jax.convert import convert_state_dict
 from fcos_jax.evaluation import coco, evaluator
 from fcos_jax.testing.images import natural_image
-from fcos_jax.testing.torchvision_random import random_fcos
 from fcos_jax.utils import compile_options
 
 REPO = Path(__file__).resolve().parents[1]

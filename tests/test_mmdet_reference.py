@@ -1,4 +1,4 @@
-"""fcos_jax.mmdet_reference pinned to references no one here wrote.
+"""fcos_jax.compare.mmdet_reference pinned to references no one here wrote.
 
 - torchvision's FCOS, for the subset the two share (pytorch-style R-50, GN head with conv bias,
   P6 from the P5 output, centerness on the regression branch, relu(x) * stride regression): a
@@ -25,9 +25,9 @@ from detect_reference import (
     reference_detect,
 )
 
-from fcos_jax import mmdet_reference as ref
+from fcos_jax.compare import mmdet_reference as ref
+from fcos_jax.compare.torchvision_random import calibrate_batch_norms, random_fcos
 from fcos_jax.testing.images import natural_image
-from fcos_jax.testing.torchvision_random import calibrate_batch_norms, random_fcos
 
 IMAGENET_MEAN_01 = torch.tensor([0.485, 0.456, 0.406])
 IMAGENET_STD_01 = torch.tensor([0.229, 0.224, 0.225])

@@ -296,9 +296,9 @@ def test_torchvision_row_trains_like_torchvisions_reference_recipe():
     torchvision trains (requires_grad), MultiStepLR per epoch and a LinearLR warm-up of
     min(1000, len(data_loader) - 1) iterations in epoch 0; 3 epochs of 4 steps, decays after 1, 2.
     """
+    from fcos_jax.compare.torchvision_random import pretrained_layout_fcos
     from fcos_jax.config import load_config
     from fcos_jax.convert import core as convert_core
-    from fcos_jax.testing.torchvision_random import pretrained_layout_fcos
 
     steps_per_epoch, epochs = 4, 3
     config = load_config("configs/torchvision_fcos_r50_fpn.py")

@@ -130,7 +130,7 @@ def compare(
 def _settings_of(written_config: Path, state_dict: dict):
     """The mmdet reference's settings (`mmdet_reference.MmdetFcos`) as the mmdetection 3 config
     file states them, its widths checked against `state_dict`."""
-    from fcos_jax import mmdet_reference
+    from fcos_jax.compare import mmdet_reference
     from fcos_jax.convert.mmdet_config import read_mmdet_config
 
     try:

@@ -1,6 +1,6 @@
 """The PyTorch references a comparison runs on one image, and what they return (`ReferenceRun`).
 
-  mmdet        `fcos_jax.mmdet_reference`: mmdetection's FCOS test path written in torch from
+  mmdet        `mmdet_reference.py`: mmdetection's FCOS test path written in torch from
                mmdetection's semantics (no mmdetection needed), on the file's tensors, with the
                architecture, preprocessing and post-processing (`test.postprocess` mmdet_v1 or
                mmdet_v3) the config states.
@@ -116,7 +116,7 @@ def mmdet_settings(config: ml_collections.ConfigDict):
     """The mmdet config fields (`mmdet_reference.MmdetFcos`) our config stands for.
 
     Raises CompareError for a config with no mmdetection counterpart."""
-    from fcos_jax import mmdet_reference
+    from fcos_jax.compare import mmdet_reference
 
     problems = mmdet_problems(config)
     if problems:
@@ -146,9 +146,9 @@ def mmdet_settings(config: ml_collections.ConfigDict):
 
 
 def _mmdet_reference(config, state_dict, image_path: str, settings=None) -> ReferenceRun:
-    """`fcos_jax.mmdet_reference` on one image file, with `settings` (`MmdetFcos`, e.g. from a
-    written mmdetection 3 config) or those `config` stands for."""
-    from fcos_jax import mmdet_reference
+    """`mmdet_reference.run` on one image file, with `settings` (`MmdetFcos`, e.g. from a written
+    mmdetection 3 config) or those `config` stands for."""
+    from fcos_jax.compare import mmdet_reference
 
     settings = settings or mmdet_settings(config)
     try:
