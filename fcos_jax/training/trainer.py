@@ -95,7 +95,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     compile_cache.enable_from_config(config)
     mesh = sharding.make_mesh()
     t = config.train
-    sharding.local_batch_size(int(t.batch_size), mesh)  # validates divisibility
     if int(t.batch_size) % (int(t.accumulate_steps) * mesh.size):
         raise ValueError(
             f"train.batch_size {t.batch_size} must divide into train.accumulate_steps "
