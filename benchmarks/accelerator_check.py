@@ -8,7 +8,7 @@ torchvision on the same device, and what the programs move between devices. Prin
                `fcos_resnet50_fpn` weights and a natural-looking image, our side at
                `jax_default_matmul_precision=highest` (exit status 0: head outputs within 1e-4
                of torchvision's and the same detections).
-  train step   the R-50 caffe GN row (`configs/fcos_r50_caffe_fpn_gn_1x.py`), `train_lib`'s step
+  train step   the R-50 caffe GN row (`configs/fcos_r50_caffe_fpn_gn_1x.py`), `train_step`'s step
                on every local device, float32 and bfloat16 (`model.dtype`), against
                torchvision's FCOS R-50 (FrozenBatchNorm2d, stages 2-4 trainable, SGD) in float32
                and under bfloat16 autocast (AMP); images/s and peak device memory.

@@ -9,7 +9,7 @@ batch of 2 images of 800x1344 with 8 random boxes each (padded to the config's m
 our side, as training pads them). Both models start from their own random initialisation; only
 speed is compared, not values.
 
-  ours         `train_lib.make_train_step` of `--config` (default the mmdet v1 R-50 caffe GN row:
+  ours         `train_step.make_train_step` of `--config` (default the mmdet v1 R-50 caffe GN row:
                stem and stage 1 frozen, frozen BN, 80 classes), jitted on a 1-device mesh: target
                encoding, losses, gradients and the update in one program.
   torchvision  `FCOS` as `fcos_resnet50_fpn` builds it with pretrained weights (docs/modes.md §4.2):
@@ -27,7 +27,7 @@ Each side runs in its own subprocess (its peak RSS, `ru_maxrss`, is its own) and
 median and min of `--steps` timed steps after `--warmup` untimed ones (for JAX the first compiles;
 compile time is reported separately). Also timed: the forward pass with the loss alone (ours:
 jitted without gradients; torchvision: `model(images, targets)` recording the graph), so
-backward + update = step - forward; our target encoding (`train_lib.encode_batch` jitted alone on
+backward + update = step - forward; our target encoding (`train_step.encode_batch` jitted alone on
 the same batch) as a share of our step; torchvision's own image transform inside its step.
 With `--rounds N` the sides alternate N times and the lowest median of each timing counts (other
 load on a shared machine only ever adds time).

@@ -1,4 +1,5 @@
-"""eval_lib: the global evaluation batch on any device count, the model's vs the data's classes.
+"""evaluation/evaluator.py: the global evaluation batch on any device count, the model's vs the
+data's classes.
 
 Evaluation on real topologies (1 device, 4 devices, 2 processes x 2 devices) runs end to end in
 test_train_cli.py.

@@ -9,7 +9,7 @@ One layout for trained and converted weights (docs/architecture.md#checkpoints):
   meta         JSON: format version, config name, source, parts held, class list
                `[[category_id, name], ...]` in class-channel order.
   checksums    JSON: SHA-256 of every array and JSON item as handed to the save
-               (`checkpoint_integrity`); written by orbax with the step, so a finished step
+               (`integrity`); written by orbax with the step, so a finished step
                always has it. Format version 1 steps (before checksums) are read unverified,
                with a warning.
 The converter writes step 0 without `opt_state`/`data_state`. Inference restores only `params`,

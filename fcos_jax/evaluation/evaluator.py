@@ -60,7 +60,7 @@ def make_predict_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable
 
 
 # COCO results travel between processes as rows of this many float64 values (exact for the ids
-# and for the rounded Python floats of `evaluation.detections_to_coco`).
+# and for the rounded Python floats of `coco.detections_to_coco`).
 _RESULT_COLUMNS = ("image_id", "category_id", "x", "y", "w", "h", "score")
 
 

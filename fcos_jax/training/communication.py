@@ -84,7 +84,7 @@ def predict_step_hlo(
     *,
     accelerator: bool = False,
 ) -> str:
-    """Compiled HLO of the evaluation's predict step (`eval_lib.make_predict_step`) for a global
+    """Compiled HLO of the evaluation's predict step (`evaluator.make_predict_step`) for a global
     batch of `test.batch_size` rounded up to the mesh, images of `image_hw`."""
     model = build_model(config.model)
     batch_size = evaluator.eval_batch_size(config, mesh)

@@ -6,10 +6,10 @@
   * takes its first state from `TrainCheckpoints.restore_or_initialise`: the workdir's newest
     intact checkpoint, or the initialisation with `config.init_from`'s weights, or the
     initialisation;
-  * runs the jitted data-parallel step (`train_lib`) on every device of every process;
+  * runs the jitted data-parallel step (`train_step`) on every device of every process;
   * puts the next batches on the devices while a step runs, and reads the metrics of step s
     while step s + 1 runs, so the step never waits for the host;
-  * reports loss components, lr, images/s and ETA (`train_log`), saves a checkpoint every
+  * reports loss components, lr, images/s and ETA (`log.TrainLog`), saves a checkpoint every
     `train.checkpoint_every` steps and at the end, evaluates every `train.eval_every` steps and
     at the end;
   * stops on a non-finite loss or state with one line naming the step and the newest good
