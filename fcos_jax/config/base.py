@@ -17,8 +17,7 @@ Field groups, each read by the modules named:
               training/trainer.py.
   init_from, seed, name
 
-`fcos_jax/config/check.py` refuses unknown fields, a field that moved out of `train` (naming its
-new place), and conventions that disagree (`check`).
+`fcos_jax/config/check.py` refuses unknown fields and conventions that disagree (`check`).
 """
 
 import ml_collections

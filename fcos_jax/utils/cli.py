@@ -34,15 +34,6 @@ def config_from_flag(name: str = "config") -> ml_collections.ConfigDict:
     return config
 
 
-def check_overrides(argv: list[str]) -> None:
-    """ValueError for a `--config.<field>` override of a field that moved (its new place)."""
-    for arg in argv[1:]:
-        match = _OVERRIDE.match(arg)
-        message = match and config_check.moved_message(match.group(1))
-        if message:
-            raise ValueError(f"{message} ({arg.split('=', 1)[0]})")
-
-
 def _unknown_override(argv: list[str], error: BaseException) -> str:
     """One line for an override ml_collections refused because the config lacks the field
     (with its did-you-mean suggestion, if any)."""
@@ -156,7 +147,6 @@ def run(main, errors: tuple[type[BaseException], ...] = ()) -> None:
 
     def parse_flags(argv: list[str]) -> list[str]:
         try:
-            check_overrides(argv)
             return flags.FLAGS(argv)
         except (flags.Error, ValueError) as error:
             fail(error)
