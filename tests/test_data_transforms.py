@@ -53,7 +53,8 @@ def test_torchvision_resized_size_floors():
 
 
 def _cv2_train_image(data, resized_hw, flip, canvas_hw, mean, std, to_rgb):
-    """Spec 7 with cv2: imread (BGR), resize INTER_LINEAR uint8, normalise, flip, zero pad."""
+    """docs/modes.md §2.7 with cv2: imread (BGR), resize INTER_LINEAR uint8, normalise, flip, zero
+    pad."""
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     img = cv2.resize(img, resized_hw[::-1], interpolation=cv2.INTER_LINEAR)
     if to_rgb:

@@ -43,9 +43,8 @@ TV_SCALE = (512, 320)
 TV_IMAGES = ((333, 500, 11), (340, 497, 12))  # resize to 320x480 and 320x467: canvas 320x512
 TINY_STEPS = 40
 # StableHLO and Detector run one XLA, but the symbolic-batch module is compiled apart from
-# Detector's jit (with the same compile options: tests/export_client.py): bit-equal on AMD EPYC
-# (Zen 3/4) and, with the options, on the Intel Xeon of 2026-12-03 (without them, YNNPACK's
-# convolutions in the client moved a box by 7.1e-4 px). Same detections in the same order.
+# Detector's jit (with the same compile options: tests/export_client.py), so the two may differ
+# by rounding on some CPUs (docs/benchmarks.md §6). Same detections in the same order.
 STABLEHLO_RTOL = STABLEHLO_ATOL = 1e-5  # boxes in pixels, scores
 
 

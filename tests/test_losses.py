@@ -214,7 +214,7 @@ def encode_batch(boxes, labels, valid, features, strides, ranges, **kwargs):
 
 
 @pytest.mark.parametrize("normalizer", ["v1", "global"])
-def test_mmdet_loss_matches_a_pytorch_transcription_of_spec_5(normalizer):
+def test_mmdet_v1_losses_match_a_pytorch_transcription_of_mmdetection(normalizer):
     rng = np.random.default_rng(3)
     boxes, labels, valid = small_ground_truth()
     head_outputs = random_head_outputs(rng, 2, FEATURES, NUM_CLASSES)
@@ -242,7 +242,7 @@ def test_mmdet_loss_matches_a_pytorch_transcription_of_spec_5(normalizer):
     np.testing.assert_allclose(float(ours["loss"]), total, rtol=1e-5)
 
 
-def test_v1_and_global_normalisers_differ_only_where_spec_5_says():
+def test_v1_normalizer_differs_from_global_in_the_classification_loss_only():
     rng = np.random.default_rng(4)
     boxes, labels, valid = small_ground_truth()
     head_outputs = random_head_outputs(rng, 2, FEATURES, NUM_CLASSES)

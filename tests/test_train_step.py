@@ -1,7 +1,7 @@
 """training/train_step.py: one compiled step, learning, gradient accumulation and device-count
 invariance.
 
-Every backward pass costs 20-60 s to compile here, so the tests share one tiny model
+Every backward pass takes tens of seconds to compile on a CPU, so the tests share one tiny model
 (ResNet-18 at stem width 16, 32-channel FPN and head, 3 classes) at 96x96 with a global batch
 of 4, and one jitted step per (norm, accumulation, device count) cached for the whole module.
 The 4-device side runs this file as a script in a subprocess: XLA's simulated device count must
@@ -9,8 +9,7 @@ be set before JAX starts, and the test process already has one device.
 
 Run as a script (`XLA_FLAGS=--xla_force_host_platform_device_count=4 python
 tests/test_train_step.py OUT_DIR`) it writes one 4-device step per norm to OUT_DIR/<norm>.npz: the
-4-device side of the invariance test. Runtime here: about 1.5 minutes on a quiet 2-core machine
-and 5 under load, almost all of it compiling.
+4-device side of the invariance test; almost all of its runtime is compiling.
 """
 
 import contextlib

@@ -59,7 +59,7 @@ def top_k_indices(key: jax.Array, k: int, sort_top_k: bool) -> jax.Array:
 
     The optimization barrier keeps XLA from folding later slices of the result into the sort
     that top_k is written as; when that happens XLA:CPU no longer recognises the top-k and runs
-    a full sort (about 30x slower for 270k entries). `sort_top_k`: take the same indices from a
+    a full sort, many times slower. `sort_top_k`: take the same indices from a
     full stable sort instead of `lax.top_k`, for runtimes that cannot read `chlo.top_k` (TF
     2.21's reader of the StableHLO that jax 0.10 writes)."""
     if sort_top_k:

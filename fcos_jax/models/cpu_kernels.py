@@ -1,30 +1,16 @@
 """The convolution and max-pool computations under `layers`, in the forms XLA:CPU runs fastest.
 
-Kernels are HWIO; computation runs in the operands' dtype. A 1x1 convolution is
-one 2-D matrix product, positions as rows (`pointwise`, after a strided slice when stride > 1): the
-same math, but XLA:CPU differentiates matrix products several times faster than 1x1 convolutions,
-and a 2-D product's kernel gradient (rows^T @ dy, one contracting axis) is faster than the 4-D
-einsum's (three contracting axes): the backward of R-50's expanding 1x1 convolutions takes
-0.42-0.69x the einsum's time, the others about 0.9x (`benchmarks/pointwise.py`). Larger kernels run
-XLA's convolution forward and for both gradients when ungrouped: with the model's compile options
-(`compile_options`: convolutions stay with XLA, not YNNPACK) XLA:CPU's kernel-gradient convolution
-beats one matrix product per kernel tap at every ungrouped shape of the R-50 step
-(`benchmarks/kernel_gradient.py`; 3x3 256->256 at 2x100x168, dx + dk: 339 vs 419 ms). Grouped
-kernels (ResNeXt's 64 groups) always take the per-tap loop, each tap one matrix product per group
-batched over the groups: XLA:CPU's grouped weight-gradient convolution is 37 to 280x slower (dx +
-dk, 64 groups of 4 channels at 2x50x84: 13.6 s vs 0.37 s; of 8 at 2x25x42: 4.8 s vs 17 ms). Narrow
-groups (at most 4 channels: ResNeXt-64x4d's stage 1) also run forward and input gradient as an
-elementwise sum over taps and channels with the groups as the minor axis (`_grouped_tap_sum`), about
-2x faster there than XLA:CPU's grouped convolution inside the backbone. Other forward values are
-XLA's convolution, except wide float32 3x3 ones with many positions (the FCOS head and FPN at P3/P4,
-ResNet stage 3), whose forward is Winograd F(4x4, 3x3) (`models.winograd`: 4x fewer products, about
-1.5e-5 of the output's magnitude in rounding; `_uses_winograd`). Inside a while loop (gradient
-accumulation's micro-batch scan, traced within `inside_a_loop`) XLA:CPU's kernel-gradient
-convolution is ~66x and its transposed convolution ~4x slower than outside one, so there every
-kernel gradient is per tap and ungrouped input gradients are per-tap products added into their
-windows. All of this is for XLA:CPU: each tuned form is one branch of `lax.platform_dependent`, so
-a program lowered for a GPU or TPU (also one exported on a CPU host) holds XLA's own convolution
-and gradients only; `accelerator_kernels()` traces that form alone, whatever the backend.
+XLA:CPU's speed depends a lot on how a convolution is written, so `conv2d` picks a form per
+shape at trace time: a 1x1 convolution is one 2-D matrix product with the positions as rows
+(`pointwise`); a wide float32 3x3 convolution over many positions runs its forward as Winograd
+F(4x4, 3x3) (`models.winograd`); grouped kernels (ResNeXt) take their kernel gradient as one
+matrix product per tap, and narrow groups also their forward and input gradient as a tap sum;
+inside a while loop (gradient accumulation, `inside_a_loop`) every kernel gradient is per tap.
+Everything else is XLA's own convolution and gradients. `max_pool` has a gradient of its own
+because XLA:CPU's is slow. Each tuned form is the `cpu` branch of `lax.platform_dependent`, so a
+program lowered for a GPU or TPU (also one exported on a CPU host) holds XLA's own convolution
+and gradients only; `accelerator_kernels()` traces that form alone, whatever the backend. The
+measurements behind each choice are in docs/benchmarks.md §6.
 """
 
 import contextlib
@@ -50,10 +36,9 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups
     )
 
 
-# Narrow groups (at most this many input and output channels each) take the tap-sum path. In the
-# X-101 backbone forward at 1x256x448 it halved stage 1's grouped convolutions (64 groups of 4) but
-# made stage 2's (64 of 8) 2.5x slower: there the transpose back to channel order, fused into the
-# following BN + ReLU, turns the groups-minor loads into strided ones.
+# Narrow groups (at most this many input and output channels each) take the tap-sum path. Wider
+# groups run slower that way inside the backbone: the transpose back to channel order, fused into
+# the following BN + ReLU, turns the groups-minor loads into strided ones.
 TAP_SUM_MAX_GROUP_WIDTH = 4
 
 
@@ -63,8 +48,8 @@ def _grouped_tap_sum(x: jax.Array, weights: jax.Array, stride: int, out_hw: tupl
     x: [B, Hp, Wp, Cin/G, G] (already padded), weights: [kh, kw, Cin/G, Cout/G, G]
     -> [B, H', W', Cout/G, G]. Each of the kh * kw * Cin/G terms multiplies a strided window of one
     input channel of every group by the matching kernel column of every group; with the groups as
-    the minor axis XLA:CPU vectorises the sum over them (alone about 5x faster than its grouped
-    convolution for 64 groups of 4 or 8 channels, where its per-group products are too small).
+    the minor axis XLA:CPU vectorises the sum over them (faster than its grouped convolution,
+    whose per-group products are too small at these widths).
     """
     kh, kw, cin_per_group = weights.shape[:3]
     out_h, out_w = out_hw
@@ -182,10 +167,8 @@ def _tap_sum_input_gradient(dy, kernel, stride, padding, groups, in_hw):
 
 # Wide, large 3x3 convolutions (at least this many input and output channels and output positions
 # H * W per image) run forward as Winograd F(4x4, 3x3) on XLA:CPU, in float32 only (bfloat16 would
-# lose too much in the transforms). Measured forward, ms, XLA vs F(4, 3) (`benchmarks/winograd.py`):
-# 256->256 at 1x100x168 66 vs 54, 2x100x168 143 vs 124, 1x50x84 17.8 vs 12.0, but 1x25x42 4.9 vs
-# 6.6, and 128->128 at 1x100x168 17 vs 24, 64->64 at 1x200x336 20 vs 43 (the transforms cost more
-# than the products they save). Gradients stay XLA's: through the transforms they were slower.
+# lose too much in the transforms); below these sizes the transforms cost more than the products
+# they save. Gradients stay XLA's: through the transforms they were slower.
 # The choice depends on the image size, never on the batch: an image's outputs do not change with
 # the images it is batched with, and a symbolic batch (`jax.export`) decides as a concrete one.
 WINOGRAD_MIN_CHANNELS = 256
@@ -258,7 +241,7 @@ def _tap_input_gradient(
     """The input gradient of an ungrouped `conv2d` as one matrix product per kernel tap, each
     added into its strided window of the padded input (inside a loop XLA:CPU runs this several
     times faster than its transposed convolution: `benchmarks/loop_conv.py`). Taps written out:
-    a `fori_loop` over them measured more temporary memory, not less.
+    a `fori_loop` over them took more temporary memory, not less.
 
     dy: [B, H', W', Cout], kernel: [k, k, Cin, Cout] -> dx [B, H, W, Cin], in_hw = (H, W).
     """
@@ -324,7 +307,7 @@ def _tuned_gradients(stride, padding, groups, in_a_loop, x, kernel, dy):
         return lax.dynamic_update_index_in_dim(dkernel, product, t, 0)
 
     # A loop, not kh * kw independent products: each tap's slice of x is a copy the size of x, and
-    # XLA:CPU would cut them all at once (about 4x the backward pass's temporary memory).
+    # XLA:CPU would cut them all at once (several times the backward pass's temporary memory).
     # Zeros typed like x and dy: inside `jax.shard_map` a loop carry must vary over the devices
     # as the products added into it do.
     shape = (kh * kw, cin_per_group, cout)
@@ -345,8 +328,8 @@ def max_pool(x: jax.Array, kernel_size: int, stride: int, padding: int) -> jax.A
     x: [B, H, W, C] -> [B, H', W', C], H' = (H + 2p - k) // s + 1.
 
     The backward pass is an argmax over the k*k window taps and strided scatters by interior
-    padding; XLA's own max-pool gradient (a variadic reduce-window over index iotas, then a
-    scatter) took about a fifth of a from-scratch ResNet-18 training step on XLA:CPU.
+    padding: XLA's own max-pool gradient (a variadic reduce-window over index iotas, then a
+    scatter) took a large share of a from-scratch ResNet-18 training step on XLA:CPU.
     """
     return _max_pool(x, kernel_size, stride, padding, _POOL_AS_TAPS.get())
 
@@ -376,7 +359,7 @@ def max_pool_as_taps():
     """Within this context, `max_pool` traces its forward as the maximum of the k*k strided
     taps instead of `lax.reduce_window`: the same values, and what ONNX export needs (jax2onnx
     turns an NHWC reduce_window into a 4-d MaxPool that onnxruntime rejects). Not the default:
-    on XLA:CPU the taps took ~1.8x the time of reduce_window (a padded copy per call)."""
+    on XLA:CPU the taps are slower than reduce_window (a padded copy per call)."""
     token = _POOL_AS_TAPS.set(True)
     try:
         yield
