@@ -39,7 +39,7 @@ DEFAULT_CONFIGS = (
 # the 21.4 times as many pixels. A training step costs about three forward passes.
 FORWARD_TFLOP = {(50, 1): 0.42, (101, 1): 0.58, (101, 64): 0.92}
 IMAGES_PER_DEVICE = 2
-UTILISATION = 0.3  # share of the bfloat16 peak a detection train step sustains (an assumption)
+UTILIZATION = 0.3  # share of the bfloat16 peak a detection train step sustains (an assumption)
 # name: (kind, bytes/s per device for the reduction, bfloat16 peak FLOP/s per device)
 LINKS = {
     "H100 NVLink 4 + 400 Gb/s NIC per GPU": ("gpu", (450e9, 50e9), 989e12),
@@ -100,7 +100,7 @@ def main() -> None:
     print("|---|---|---|" + "---|" * len(DEVICE_COUNTS))
     for name, reduced, tflop in rows:
         for link_name, link in LINKS.items():
-            compute = IMAGES_PER_DEVICE * tflop * 1e12 / (UTILISATION * link[2])
+            compute = IMAGES_PER_DEVICE * tflop * 1e12 / (UTILIZATION * link[2])
             times = " | ".join(
                 f"{1e3 * allreduce_seconds(reduced, n, link):.2f}" for n in DEVICE_COUNTS
             )

@@ -89,7 +89,7 @@ def test_mmdet_v3_names_and_x101_grouped_convs_convert():
 # --- torchvision -------------------------------------------------------------------------------
 
 
-def randomised(state_dict):
+def randomized(state_dict):
     """Each float tensor replaced by distinct random values (so spot checks can tell them apart)."""
     gen = torch.Generator().manual_seed(0)
     return {
@@ -109,7 +109,7 @@ def torchvision_state_dicts():
     body = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
     backbone = _resnet_fpn_extractor(body, 3, [2, 3, 4], LastLevelP6P7(256, 256))
     frozen = torchvision.models.detection.FCOS(backbone, num_classes=91)
-    return randomised(built.state_dict()), randomised(frozen.state_dict())
+    return randomized(built.state_dict()), randomized(frozen.state_dict())
 
 
 def check_torchvision_spots(converted, sd):
@@ -180,7 +180,7 @@ def test_caffe_resnet50_backbone_converts_and_reports_untouched_parts():
 
 
 def test_torchvision_resnet50_backbone_converts_ignoring_fc():
-    sd = randomised(torchvision.models.resnet50().state_dict())
+    sd = randomized(torchvision.models.resnet50().state_dict())
     converted = convert_state_dict(sd, "backbone", load_config(TORCHVISION))
     assert converted.ignored == ("fc.bias", "fc.weight")
     np.testing.assert_array_equal(

@@ -43,7 +43,7 @@ def _fake_coco_source(builder, split, decoders=None, **kwargs):
     return examples
 
 
-def test_coco_2017_source_maps_labels_to_ids_and_normalised_boxes_to_pixels(tmp_path):
+def test_coco_2017_source_maps_labels_to_ids_and_normalized_boxes_to_pixels(tmp_path):
     with tfds.testing.mock_data(num_examples=3, as_data_source_fn=_fake_coco_source):
         source = sources.TfdsCocoSource("coco/2017", "train", tmp_path, tmp_path / "cache")
         assert source.classes == classes.coco_classes()

@@ -218,7 +218,7 @@ def test_v1_suppresses_by_the_iou_with_plus_one_pixels():
 # --- preprocessing ----------------------------------------------------------------------------
 
 
-def test_prepare_follows_mmcv_sizes_normalises_then_pads(tmp_path):
+def test_prepare_follows_mmcv_sizes_normalizes_then_pads(tmp_path):
     # 333 x 501 at (1333, 800): s = min(1333/501, 800/333) = 2.4024; int(501 s + 0.5) = 1204.
     bgr = np.zeros((333, 501, 3), np.uint8)
     bgr[...] = (10, 20, 30)  # a constant image stays constant under resizing

@@ -56,7 +56,7 @@ def start(config, workdir):
     optimizer = optax.sgd(0.01, momentum=0.9)
     checkpoints = TrainCheckpoints(workdir, config, CLASSES)
     try:
-        return checkpoints.restore_or_initialise(
+        return checkpoints.restore_or_initialize(
             model, optimizer, sharding.make_mesh(), IMAGE_HW
         ), optimizer
     finally:
@@ -87,22 +87,22 @@ def test_init_from_takes_every_leaf_of_the_same_shape_and_keeps_the_others_fresh
         got, want_stored = flat(getattr(state, collection)), flat(stored[collection])
         want_fresh = flat(fresh[collection])
         assert set(got) == set(want_fresh)
-        reinitialised = []
+        reinitialized = []
         for key, value in got.items():
             if want_stored[key].shape == value.shape:
                 np.testing.assert_array_equal(value, want_stored[key], err_msg=key)
             else:
                 np.testing.assert_array_equal(value, want_fresh[key], err_msg=key)
-                reinitialised.append(key)
+                reinitialized.append(key)
         if collection == "params":
             # 3 vs 5 classes: only the classification conv differs in shape.
-            assert reinitialised and all("conv_cls" in k for k in reinitialised), reinitialised
+            assert reinitialized and all("conv_cls" in k for k in reinitialized), reinitialized
     # The optimizer starts from zero momentum on the merged parameters.
     for leaf in jax.tree.leaves(state.opt_state):
         np.testing.assert_array_equal(np.asarray(leaf), 0)
 
 
-def test_init_from_a_backbone_only_source_keeps_neck_and_head_initialised(tmp_path):
+def test_init_from_a_backbone_only_source_keeps_neck_and_head_initialized(tmp_path):
     config = run_config()
     stored = random_variables(config, seed=4)
     backbone_only = {k: {"backbone": v["backbone"]} for k, v in stored.items()}

@@ -48,7 +48,7 @@ NORMS = ("frozen_bn", "batch_stats_bn")
 # ~0.14) and AP50 is 1.0 from step 150 on at base_lr 0.004..0.006 with either conv gradient.
 STEPS_PER_EPOCH = 50
 # Class channel -> colour of its filled rectangles in the synthetic images.
-CLASS_COLOURS = ((230.0, 40.0, 40.0), (40.0, 220.0, 40.0), (50.0, 60.0, 235.0))
+CLASS_COLORS = ((230.0, 40.0, 40.0), (40.0, 220.0, 40.0), (50.0, 60.0, 235.0))
 # Objects per synthetic image: (class channel, x1, y1, x2, y2) in pixels. Sizes from 14 to 80 px,
 # so positives land on the stride-8 and stride-16 levels. Image 3 has no object.
 OBJECTS = (
@@ -96,7 +96,7 @@ def synthetic_batch(image_order: tuple[int, ...]) -> dict[str, np.ndarray]:
     for row, index in enumerate(image_order):
         canvas = backgrounds[index].copy()
         for j, (label, x1, y1, x2, y2) in enumerate(OBJECTS[index]):
-            canvas[y1:y2, x1:x2] = CLASS_COLOURS[label]
+            canvas[y1:y2, x1:x2] = CLASS_COLORS[label]
             boxes[row, j] = (x1, y1, x2, y2)
             labels[row, j] = label
             valid[row, j] = True

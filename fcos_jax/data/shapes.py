@@ -113,12 +113,12 @@ def render_image(
         mask = _shape_mask(kind, rng, bw, bh)
         region = image[y0 : y0 + bh, x0 : x0 + bw]
         local = region.reshape(-1, 3).mean(axis=0)
-        colour = rng.uniform(0, 255, size=3)
+        color = rng.uniform(0, 255, size=3)
         for _attempt in range(10):
-            if np.abs(colour - local).sum() > 150:
+            if np.abs(color - local).sum() > 150:
                 break
-            colour = rng.uniform(0, 255, size=3)
-        region[mask] = colour
+            color = rng.uniform(0, 255, size=3)
+        region[mask] = color
         cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
         tight = [
             float(x0 + cols[0]),

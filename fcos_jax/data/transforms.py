@@ -61,9 +61,9 @@ def train_image(
     if p.resize == "mmdet":
         # cv2 resizes uint8 to uint8: round (a convex combination of 0..255 needs no clipping).
         pixels = tf.round(tf.image.resize(image, resized_hw, method="bilinear", antialias=False))
-        pixels = preprocess.normalise(pixels, p.mean, p.std, p.unit_range)
+        pixels = preprocess.normalize(pixels, p.mean, p.std, p.unit_range)
     else:  # torchvision: normalise, then resize the float image
-        pixels = preprocess.normalise(tf.cast(image, tf.float32), p.mean, p.std, p.unit_range)
+        pixels = preprocess.normalize(tf.cast(image, tf.float32), p.mean, p.std, p.unit_range)
         pixels = tf.image.resize(pixels, resized_hw, method="bilinear", antialias=False)
     pad = canvas_hw - resized_hw
     return tf.pad(pixels, [[0, pad[0]], [0, pad[1]], [0, 0]])

@@ -61,7 +61,7 @@ class TrainCheckpoints:
         """The latest finished step in the workdir, or None."""
         return self.manager.latest_step()
 
-    def restore_or_initialise(
+    def restore_or_initialize(
         self,
         model: nn.Module,
         optimizer: optax.GradientTransformation,

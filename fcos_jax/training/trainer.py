@@ -120,7 +120,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *canvas, 3)))
     optimizer, schedule = optim.build_optimizer(config, shapes["params"], steps_per_epoch)
     checkpoints = TrainCheckpoints(workdir, config, pipeline.classes)
-    start_step, state, data_state = checkpoints.restore_or_initialise(
+    start_step, state, data_state = checkpoints.restore_or_initialize(
         model, optimizer, mesh, canvas
     )
     if data_state is not None:
