@@ -1,6 +1,7 @@
 """The configs and their one check (fcos_jax/config/check.py): every row loads through both
-loaders and passes; old `train.*` names, typos and disagreeing conventions are refused in one
-line, in a config file and on the command line (exit 2)."""
+loaders and passes; unknown fields and disagreeing conventions are refused in one line, in a
+config file and on the command line (exit 2). Modules are built from their config groups
+(fcos_jax/config/groups.py)."""
 
 import subprocess
 import sys
@@ -14,6 +15,9 @@ from fcos_jax import inference
 from fcos_jax.config import base as config_base
 from fcos_jax.config import check as config_check
 from fcos_jax.config import load_config, modes
+from fcos_jax.config.groups import kwargs_for
+from fcos_jax.models import build_model
+from fcos_jax.models.resnet import ResNet
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
@@ -137,3 +141,23 @@ def test_a_missing_field_and_a_mismatch_on_the_command_line_fail_in_one_line():
     assert mismatch.returncode == 2
     (line,) = mismatch.stderr.strip().splitlines()
     assert "config.legacy_plus_one=True" in line and "config.test.postprocess='mmdet_v3'" in line
+
+
+def test_each_model_part_takes_every_field_its_config_group_names():
+    config = _base()
+    config.model.backbone.depth, config.model.fpn.out_channels = 101, 128
+    config.model.head.strides = [8, 16, 32, 64, 128]  # as a config read back from JSON
+    model = build_model(config.model)
+    parts = (("backbone", model.backbone), ("fpn", model.neck), ("head", model.bbox_head))
+    for group, module in parts:
+        for name, value in config.model[group].items():
+            if name != "norm_trainable":  # the optimizer's field, not the backbone's
+                expected = tuple(value) if isinstance(value, list | tuple) else value
+                assert getattr(module, name) == expected, f"model.{group}.{name}"
+    assert model.bbox_head.strides == (8, 16, 32, 64, 128)
+
+
+def test_a_field_two_config_groups_set_must_be_given():
+    config = _base()
+    with pytest.raises(ValueError, match="ResNet.norm: set by two config groups"):
+        kwargs_for(ResNet, config.model.backbone, config.model.head)

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from fcos_jax.compare.errors import CompareError, ReferenceWeightsError
+from fcos_jax.config.groups import kwargs_for
 from fcos_jax.convert.expressible import mmdet_problems
 
 OUTPUT_KEYS = ("cls_logits", "bbox_reg", "centerness")
@@ -122,27 +123,19 @@ def mmdet_settings(config: ml_collections.ConfigDict):
     if problems:
         raise CompareError(f"--format mmdet: {'; '.join(problems)}")
     b, h, p, t = config.model.backbone, config.model.head, config.preprocess, config.test
-    return mmdet_reference.MmdetFcos(
-        depth=b.depth,
-        style=b.style,
-        groups=b.groups,
+    # The fields named alike in mmdetection and our groups are read by name; these four differ.
+    settings = kwargs_for(
+        mmdet_reference.MmdetFcos,
+        b,
+        h,
+        p,
+        t,
         head_norm=h.norm,
-        gn_groups=h.gn_groups,
-        stacked_convs=h.stacked_convs,
-        centerness_on_reg=h.centerness_on_reg,
         norm_on_bbox=h.regression == "scale_relu_stride",
-        strides=tuple(h.strides),
         img_scale=tuple(p.scale),
-        mean=tuple(p.mean),
-        std=tuple(p.std),
-        to_rgb=p.to_rgb,
-        size_divisor=p.size_divisor,
         postprocess=t.postprocess.removeprefix("mmdet_"),
-        nms_pre=t.nms_pre,
-        score_thr=t.score_thr,
-        nms_iou=t.nms_iou,
-        max_per_img=t.max_per_img,
     )
+    return mmdet_reference.MmdetFcos(**settings)
 
 
 def _mmdet_reference(config, state_dict, image_path: str, settings=None) -> ReferenceRun:

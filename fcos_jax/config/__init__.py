@@ -5,6 +5,7 @@
   check.py    the one check of a loaded config: known fields, conventions that cannot disagree
   modes.py    each post-processing mode's +1 and scale-factor convention
   classes.py  class lists: channel -> (dataset category id, name)
+  groups.py   a config group as the keyword arguments of the module it configures
 
 No module here imports JAX: a config is loaded and checked before anything is compiled.
 """
