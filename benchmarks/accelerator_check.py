@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_model, print_result, run_command, timed  # benchmarks/common.py
+from common import answer_as_worker, cpu_model, run_worker, timed  # benchmarks/common.py
 from inference import make_inputs  # benchmarks/inference.py
 from train_step import jax_state_and_batch, synthetic_inputs  # benchmarks/train_step.py
 
@@ -244,14 +244,13 @@ WORKERS = {
 
 
 def _worker(name: str, args, *extra: str, env: dict | None = None) -> dict:
-    command = [
-        sys.executable, __file__, "--worker", name, "--height", str(args.height),
-        "--width", str(args.width), "--batch", str(args.batch), "--steps", str(args.steps),
-        "--batches", ",".join(map(str, args.batches)), *extra,
+    flags = [
+        "--height", str(args.height), "--width", str(args.width), "--batch", str(args.batch),
+        "--steps", str(args.steps), "--batches", ",".join(map(str, args.batches)), *extra,
     ]  # fmt: skip
     # JAX must not take most of the device's memory in processes that share it with torch.
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", **(env or {})}
-    return run_command(command, env, name, str(REPO))
+    return run_worker(__file__, name, flags, env)
 
 
 def _parity(weights: Path, image: Path, scale: tuple[int, int]) -> dict:
@@ -351,7 +350,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         args.batches = [int(b) for b in args.batches.split(",")]
-        print_result(WORKERS[args.worker](args))
+    if answer_as_worker(args, WORKERS):
         return
     height, width, batch, batches, steps = SIZES["tiny" if args.tiny else "full"]
     args.height, args.width, args.batch, args.batches, args.steps = (

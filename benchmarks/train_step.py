@@ -41,7 +41,13 @@ import time
 from pathlib import Path
 
 import op_profile  # benchmarks/op_profile.py
-from common import best_round, cpu_model, print_result, run_command, timed  # benchmarks/common.py
+from common import (  # benchmarks/common.py
+    alternating_rounds,
+    answer_as_worker,
+    cpu_model,
+    run_worker,
+    timed,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BOXES_PER_IMAGE = 8
@@ -301,29 +307,29 @@ def torch_worker(args) -> dict:
 # Orchestration
 
 
-def run_worker(side: str, args) -> dict:
+def run_side(side: str, args) -> dict:
     env = dict(os.environ)
     if side == "jax" and args.xla_flags:
         env["XLA_FLAGS"] = args.xla_flags
-    command = [
-        sys.executable, __file__, "--worker", side, "--config", args.config,
-        "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-        "--height", str(args.height), "--width", str(args.width),
+    flags = [
+        "--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--batch", str(args.batch), "--height", str(args.height), "--width", str(args.width),
         "--torch-threads", str(args.torch_threads), "--accumulate", str(args.accumulate),
     ]  # fmt: skip
     if side == "jax" and args.cache_dir:
-        command += ["--cache-dir", args.cache_dir]
+        flags += ["--cache-dir", args.cache_dir]
     if args.profile:
-        command += ["--profile", str(Path(args.profile) / side)]
-    return run_command(command, env, side, str(REPO))
+        flags += ["--profile", str(Path(args.profile) / side)]
+    return run_worker(__file__, side, flags, env)
 
 
-def run_jax_warm(args) -> tuple[dict, dict]:
-    """(cache-filling run, timed run): the first JAX worker compiles into `args.cache_dir`, the
-    second loads its programs from there, so its peak RSS is the steady state without XLA's
-    compilation peak (which the first reports; it runs one step after one warm-up)."""
-    filling = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1, "profile": ""})
-    return run_worker("jax", filling), run_worker("jax", args)
+def fill_cache(args) -> dict:
+    """The JAX worker that compiles into the empty `args.cache_dir` (one step after one warm-up):
+    its compile times and its peak RSS, XLA's compilation peak. The timed JAX workers after it
+    load their programs from the cache, so their peak RSS is the steady state."""
+    return run_side(
+        "jax", argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1, "profile": ""})
+    )
 
 
 def report(ours: dict, theirs: dict, args) -> None:
@@ -392,7 +398,7 @@ def sweep(args) -> None:
     print("|---|---|---|---|---|---|")
     for k in (int(v) for v in args.accumulate_sweep.split(",")):
         args.accumulate = k
-        compiling, r = run_jax_warm(args)
+        compiling, r = fill_cache(args), run_side("jax", args)
         print(
             f"| {k} | {r['step']['median']:.2f} | {r['max_rss_gib']:.2f} | "
             f"{compiling['max_rss_gib']:.2f} | {r['xla_temp_gib']:.2f} | "
@@ -427,8 +433,7 @@ def main() -> None:
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the first JAX step compiles)")
 
-    if args.worker:
-        print_result((jax_worker if args.worker == "jax" else torch_worker)(args))
+    if answer_as_worker(args, {"jax": jax_worker, "torch": torch_worker}):
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -436,17 +441,9 @@ def main() -> None:
         if args.accumulate_sweep:
             sweep(args)
             return
-        results = {"torch": [], "jax": []}
-        for i in range(args.rounds):  # alternate the sides so a change of load hits both
-            results["torch"].append(run_worker("torch", args))
-            if i == 0:
-                compiling, timed = run_jax_warm(args)
-            else:
-                timed = run_worker("jax", args)
-            results["jax"].append(timed)
-    ours = best_round(results["jax"])
+        compiling = fill_cache(args)
+        ours, theirs = alternating_rounds(lambda side: run_side(side, args), args.rounds)
     ours["compile_s"], ours["compile_rss_gib"] = compiling["compile_s"], compiling["max_rss_gib"]
-    theirs = best_round(results["torch"])
     report(ours, theirs, args)
     if args.profile:
         op_profile.report(
