@@ -10,9 +10,9 @@ evaluation pipeline (predict's cv2 preprocessing) of the R-50 caffe config: imag
 after the first batch, one process, all cores (`data.num_parallel_calls` = AUTOTUNE), and the CPU
 seconds per image (all threads), which do not depend on what else runs on the machine.
 
-Compare with the training step on the same cores (`benchmarks/train_step.py`; docs/benchmarks.md
-§6): the pipeline must stay well above the images per second a step consumes while sharing the
-cores.
+Compare with the training step on the same cores (`benchmarks/train_step.py`;
+docs/benchmarks.md#behind-the-code): the pipeline must stay well above the images per second a
+step consumes while sharing the cores.
 """
 
 import argparse

@@ -15,9 +15,9 @@ The number of classes and their names come from the training JSON's `categories`
 evaluation and prediction print and draw your class names without the dataset. The folder is
 checked and prepared once under `data.data_dir` (bad annotations are fixed and counted, broken
 images skipped with a warning naming the file). The schedule is in steps, whatever the number of
-images (what it reaches on folders it never saw, and in what time: docs/benchmarks.md §6,
-`benchmarks/custom_coco_time_to_ap.py`). Scale `train.num_steps` and `optim.lr_steps` together
-for longer or shorter runs.
+images (what it reaches on folders it never saw, and in what time:
+docs/benchmarks.md#behind-the-code, `benchmarks/custom_coco_time_to_ap.py`). Scale
+`train.num_steps` and `optim.lr_steps` together for longer or shorter runs.
 """
 
 from pathlib import Path
@@ -36,7 +36,7 @@ def get_config():
     d.max_boxes = 32
     # A few hundred images: 2.5x the demo's steps, a higher AdamW lr, and scale jitter (each image
     # resized to fit a random square of 256-320 px, the canvas staying 320) against overfitting
-    # (the runs that chose them: docs/benchmarks.md §6).
+    # (the runs that chose them: docs/benchmarks.md#behind-the-code).
     c.optim.base_lr, c.optim.lr_steps = 3e-3, (1512, 1815)
     c.train.num_steps = 2000
     c.augment.multiscale, c.augment.multiscale_mode = ((256, 256), (320, 320)), "range"

@@ -16,7 +16,7 @@ from scratch and in under 1000 steps, SGD and a smaller AdamW lr left the classi
 between shapes. Inputs of at most 256 px cost a little AP against 320 px for about two thirds of
 the step time; `--config.preprocess.scale='(320, 320)' --config.augment.multiscale='((320, 320),)'`
 trains at 320. The 800 steps keep a margin above AP50 0.9. The runs behind these choices:
-docs/benchmarks.md §6.
+docs/benchmarks.md#behind-the-code.
 """
 
 from fcos_jax.config import base as config_base
@@ -46,7 +46,7 @@ def get_config():
     d.source, d.classes, d.data_dir = "shapes", "shapes", ".data"
     d.eval_pad = "canvas"  # one compiled evaluation program instead of one per padded size
     # One decoding thread keeps far ahead of the step on these small images; more (AUTOTUNE) only
-    # compete with XLA for the CPU cores (docs/benchmarks.md §6).
+    # compete with XLA for the CPU cores (docs/benchmarks.md#behind-the-code).
     d.num_parallel_calls = 1
     d.max_boxes = 16
 

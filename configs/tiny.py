@@ -5,7 +5,7 @@
 
 The shapes model on 16 training images of about 100 px, batch 4, a few steps. Not a model to use.
 The tests compare runs on other device and process counts parameter by parameter, which fixes
-two choices (the runs behind them: docs/benchmarks.md §6):
+two choices (the runs behind them: docs/benchmarks.md#behind-the-code):
   * frozen BatchNorm (running statistics, as every model-zoo row): with batch statistics the
     cross-device sum order moves the statistics by rounding, and within a few steps a max-pool
     or ReLU near-tie in the stem routes a gradient to another pixel;

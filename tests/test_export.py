@@ -44,7 +44,7 @@ TV_IMAGES = ((333, 500, 11), (340, 497, 12))  # resize to 320x480 and 320x467: c
 TINY_STEPS = 40
 # StableHLO and Detector run one XLA, but the symbolic-batch module is compiled apart from
 # Detector's jit (with the same compile options: tests/export_client.py), so the two may differ
-# by rounding on some CPUs (docs/benchmarks.md §6). Same detections in the same order.
+# by rounding on some CPUs (docs/benchmarks.md#behind-the-code). Same detections in the same order.
 STABLEHLO_RTOL = STABLEHLO_ATOL = 1e-5  # boxes in pixels, scores
 
 

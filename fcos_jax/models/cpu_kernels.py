@@ -10,7 +10,7 @@ Everything else is XLA's own convolution and gradients. `max_pool` has a gradien
 because XLA:CPU's is slow. Each tuned form is the `cpu` branch of `lax.platform_dependent`, so a
 program lowered for a GPU or TPU (also one exported on a CPU host) holds XLA's own convolution
 and gradients only; `accelerator_kernels()` traces that form alone, whatever the backend. The
-measurements behind each choice are in docs/benchmarks.md §6.
+measurements behind each choice are in docs/benchmarks.md#behind-the-code.
 """
 
 import contextlib

@@ -3,8 +3,8 @@
 On XLA:CPU (jaxlib 0.10) convolutions and matrix products are handed to YNNPACK by default. Its
 grouped convolution (ResNeXt's 64 groups) is several times slower than XLA's own convolution of
 the same operands, while its dense convolutions and matrix products are no faster than XLA's
-(docs/benchmarks.md §6). The model's programs are therefore compiled with XLA's defaults less
-one: convolutions stay with XLA; other backends get none.
+(docs/benchmarks.md#behind-the-code). The model's programs are therefore compiled with XLA's
+defaults less one: convolutions stay with XLA; other backends get none.
 
 The option is per program (`jax.jit(..., compiler_options=...)`), so nothing process-wide
 (`XLA_FLAGS`) is touched and programs of the user's own are unaffected.
