@@ -5,13 +5,14 @@
   python eval.py --config configs/shapes.py --checkpoint workdirs/shapes --per_class
   python eval.py --config configs/shapes.py --detections results.json --annotations gt.json
 
-All logic lives in `fcos_jax.eval_lib`; this file only parses flags and starts (multi-host) JAX.
+All logic lives in `fcos_jax.evaluation.evaluator`; this file only parses flags and starts
+(multi-host) JAX.
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from fcos_jax import cli
+from fcos_jax.utils import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -32,14 +33,14 @@ def main(argv):
         raise app.UsageError("give exactly one of --checkpoint and --detections")
     config = cli.config_from_flag()
     cli.start_jax(FLAGS)
-    from fcos_jax import eval_lib
+    from fcos_jax.evaluation import evaluator
 
     if FLAGS.detections:
-        eval_lib.evaluate_results_file(
+        evaluator.evaluate_results_file(
             config, FLAGS.detections, FLAGS.annotations or None, per_class=FLAGS.per_class
         )
         return
-    eval_lib.evaluate_checkpoint(
+    evaluator.evaluate_checkpoint(
         config,
         FLAGS.checkpoint,
         annotations=FLAGS.annotations or None,

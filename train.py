@@ -4,7 +4,8 @@
   python train.py --config configs/fcos_r50_caffe_fpn_gn_1x.py --workdir workdirs/r50 \
       --config.init_from=ckpt/resnet50_caffe --config.data.data_dir=/data/tfds
 
-All logic lives in `fcos_jax.trainer`; this file only parses flags and starts (multi-host) JAX.
+All logic lives in `fcos_jax.training.trainer`; this file only parses flags and starts
+(multi-host) JAX.
 A second run on a workdir in use, a non-finite step and every usage or data error print one line
 `error: ...` and exit with status 2.
 Several processes: pass --coordinator_address, --num_processes and --process_id (or set
@@ -14,8 +15,8 @@ FCOS_COORDINATOR, FCOS_NUM_PROCESSES, FCOS_PROCESS_ID).
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fcos_jax import cli
-from fcos_jax.train_errors import NonFiniteStepError
+from fcos_jax.training.errors import NonFiniteStepError
+from fcos_jax.utils import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -29,7 +30,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = cli.config_from_flag()
     cli.start_jax(FLAGS)
-    from fcos_jax import trainer  # after jax.distributed is up
+    from fcos_jax.training import trainer  # after jax.distributed is up
 
     logging.info("config %s, workdir %s", config.name, FLAGS.workdir)
     trainer.train_and_evaluate(config, FLAGS.workdir)

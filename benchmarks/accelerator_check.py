@@ -8,7 +8,7 @@ torchvision on the same device, and what the programs move between devices. Prin
                `fcos_resnet50_fpn` weights and a natural-looking image, our side at
                `jax_default_matmul_precision=highest` (exit status 0: head outputs within 1e-4
                of torchvision's and the same detections).
-  train step   the R-50 caffe GN row (`configs/fcos_r50_caffe_fpn_gn_1x.py`), `train_lib`'s step
+  train step   the R-50 caffe GN row (`configs/fcos_r50_caffe_fpn_gn_1x.py`), `train_step`'s step
                on every local device, float32 and bfloat16 (`model.dtype`), against
                torchvision's FCOS R-50 (FrozenBatchNorm2d, stages 2-4 trainable, SGD) in float32
                and under bfloat16 autocast (AMP); images/s and peak device memory.
@@ -16,7 +16,7 @@ torchvision on the same device, and what the programs move between devices. Prin
                split over the local devices) against torchvision's `fcos_resnet50_fpn` in eval
                mode, batches of 1 and 8 different images; images/s.
   collectives  the train step (k = 1) and the evaluation's predict step compiled on all local
-               devices (`fcos_jax.communication`): all-reduce count and bytes against the
+               devices (`fcos_jax.training.communication`): all-reduce count and bytes against the
                trainable parameters' bytes; collectives inside loops (want 0).
 
 Each part runs in a process of its own (JAX and torch never share a device's memory). torch runs
@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import cpu_model, print_result, run_command, timed  # benchmarks/common.py
+from common import answer_as_worker, cpu_model, run_worker, timed  # benchmarks/common.py
 from inference import make_inputs  # benchmarks/inference.py
 from train_step import jax_state_and_batch, synthetic_inputs  # benchmarks/train_step.py
 
@@ -66,8 +66,9 @@ def jax_train(args) -> dict:
     import jax
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import sharding, train_lib
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
+    from fcos_jax.parallel import sharding
+    from fcos_jax.training import train_step
 
     mesh = sharding.make_mesh(jax.local_devices())
     batch_size = args.batch * mesh.size
@@ -77,8 +78,8 @@ def jax_train(args) -> dict:
     model, optimizer, schedule, state, batch = jax_state_and_batch(
         config, mesh, batch_size, args.height, args.width
     )
-    step = train_lib.jit_train_step(
-        train_lib.make_train_step(config, model, optimizer, schedule, mesh), mesh
+    step = train_step.jit_train_step(
+        train_step.make_train_step(config, model, optimizer, schedule, mesh), mesh
     )
     start = time.perf_counter()
     step = step.lower(state, batch).compile()
@@ -164,7 +165,7 @@ def jax_infer(args) -> dict:
 
     sys.path.insert(0, str(REPO))
     from fcos_jax import inference
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
 
     config = load_config(TORCHVISION)
     detector = inference.Detector.from_config(config, args.checkpoint)
@@ -213,8 +214,9 @@ def collectives(args) -> dict:
     import jax
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import communication, sharding
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
+    from fcos_jax.parallel import sharding
+    from fcos_jax.training import communication
 
     mesh = sharding.make_mesh(jax.local_devices())
     config = load_config(R50_GN)
@@ -242,14 +244,13 @@ WORKERS = {
 
 
 def _worker(name: str, args, *extra: str, env: dict | None = None) -> dict:
-    command = [
-        sys.executable, __file__, "--worker", name, "--height", str(args.height),
-        "--width", str(args.width), "--batch", str(args.batch), "--steps", str(args.steps),
-        "--batches", ",".join(map(str, args.batches)), *extra,
+    flags = [
+        "--height", str(args.height), "--width", str(args.width), "--batch", str(args.batch),
+        "--steps", str(args.steps), "--batches", ",".join(map(str, args.batches)), *extra,
     ]  # fmt: skip
     # JAX must not take most of the device's memory in processes that share it with torch.
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", **(env or {})}
-    return run_command(command, env, name, str(REPO))
+    return run_worker(__file__, name, flags, env)
 
 
 def _parity(weights: Path, image: Path, scale: tuple[int, int]) -> dict:
@@ -349,7 +350,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         args.batches = [int(b) for b in args.batches.split(",")]
-        print_result(WORKERS[args.worker](args))
+    if answer_as_worker(args, WORKERS):
         return
     height, width, batch, batches, steps = SIZES["tiny" if args.tiny else "full"]
     args.height, args.width, args.batch, args.batches, args.steps = (

@@ -6,9 +6,12 @@ import os
 import resource
 import statistics
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 MARK = "RESULT "  # a worker's result: one line "RESULT {json}" on its stdout
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_command(command: list[str], env: dict, label: str, cwd: str) -> dict:
@@ -24,6 +27,22 @@ def run_command(command: list[str], env: dict, label: str, cwd: str) -> dict:
     return result
 
 
+def run_worker(script: str, name: str, flags: list[str], env: dict | None = None) -> dict:
+    """`script --worker name *flags` in a process of its own from the repository root: its
+    `RESULT` (`run_command`, labelled `name`). env: the worker's environment (default ours)."""
+    command = [sys.executable, script, "--worker", name, *flags]
+    return run_command(command, dict(os.environ) if env is None else env, name, str(REPO))
+
+
+def answer_as_worker(args, workers: dict) -> bool:
+    """When this process was started as a worker (`args.worker` names one of `workers`), runs
+    `workers[args.worker](args)` and prints its `RESULT` line; returns whether it did."""
+    if not args.worker:
+        return False
+    print_result(workers[args.worker](args))
+    return True
+
+
 def print_result(result: dict) -> None:
     """A worker's answer: `result` with this process's peak RSS (`max_rss_gib`, GiB) as the one
     `MARK` line on stdout that `run_command` reads."""
@@ -34,7 +53,8 @@ def print_result(result: dict) -> None:
 def best_round(rounds: list[dict]) -> dict:
     """One side's worker results of several rounds -> one: each timing (a dict with a "median",
     seconds), at any depth, from the round where it was fastest (a busy machine only ever adds
-    time), the peak RSS (`max_rss_gib`) the largest of all, anything else from the first round."""
+    time), the peak RSS (`max_rss_gib`) the largest of all, the load average (`load`, before and
+    after) the lowest before and the highest after, anything else from the first round."""
 
     def merge(values: list):
         first = values[0]
@@ -46,6 +66,8 @@ def best_round(rounds: list[dict]) -> dict:
 
     best = merge(rounds)
     best["max_rss_gib"] = max(r["max_rss_gib"] for r in rounds)
+    if all("load" in r for r in rounds):
+        best["load"] = (min(r["load"][0] for r in rounds), max(r["load"][1] for r in rounds))
     return best
 
 

@@ -5,10 +5,10 @@
 
 For each config: the parameter bytes, the trainable parameters' bytes, and the all-reduce bytes
 of its train step compiled on the 8 simulated devices (as an accelerator would compile it:
-`layers.accelerator_kernels`; read from the HLO by `fcos_jax.communication`). Then the time of
-that all-reduce at 8, 64 and 256 devices on the interconnects of `LINKS` (nominal rates, as the
-vendors state them), against the step's compute at the seed recipe's 2 images per device
-(3 x `FORWARD_TFLOP` x 2 at `UTILISATION` of the chip's bfloat16 peak). Prints a Markdown
+`cpu_kernels.accelerator_kernels`; read from the HLO by `fcos_jax.training.communication`). Then
+the time of that all-reduce at 8, 64 and 256 devices on the interconnects of `LINKS` (nominal
+rates, as the vendors state them), against the step's compute at the seed recipe's 2 images per
+device (3 x `FORWARD_TFLOP` x 2 at `UTILISATION` of the chip's bfloat16 peak). Prints a Markdown
 table; docs/architecture.md#communication holds its output and reads it.
 
 The all-reduce model: a ring within a group of g devices moves 2 (g - 1) / g x S per device.
@@ -39,7 +39,7 @@ DEFAULT_CONFIGS = (
 # the 21.4 times as many pixels. A training step costs about three forward passes.
 FORWARD_TFLOP = {(50, 1): 0.42, (101, 1): 0.58, (101, 64): 0.92}
 IMAGES_PER_DEVICE = 2
-UTILISATION = 0.3  # share of the bfloat16 peak a detection train step sustains (an assumption)
+UTILIZATION = 0.3  # share of the bfloat16 peak a detection train step sustains (an assumption)
 # name: (kind, bytes/s per device for the reduction, bfloat16 peak FLOP/s per device)
 LINKS = {
     "H100 NVLink 4 + 400 Gb/s NIC per GPU": ("gpu", (450e9, 50e9), 989e12),
@@ -71,8 +71,9 @@ def main() -> None:
     args = parser.parse_args()
     import jax
 
-    from fcos_jax import communication, sharding
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
+    from fcos_jax.parallel import sharding
+    from fcos_jax.training import communication
 
     if jax.device_count() != 8:
         raise SystemExit("run with XLA_FLAGS=--xla_force_host_platform_device_count=8")
@@ -99,7 +100,7 @@ def main() -> None:
     print("|---|---|---|" + "---|" * len(DEVICE_COUNTS))
     for name, reduced, tflop in rows:
         for link_name, link in LINKS.items():
-            compute = IMAGES_PER_DEVICE * tflop * 1e12 / (UTILISATION * link[2])
+            compute = IMAGES_PER_DEVICE * tflop * 1e12 / (UTILIZATION * link[2])
             times = " | ".join(
                 f"{1e3 * allreduce_seconds(reduced, n, link):.2f}" for n in DEVICE_COUNTS
             )

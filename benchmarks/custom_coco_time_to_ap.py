@@ -76,7 +76,7 @@ def _polygon(kind: int, cx: float, cy: float, r: float, angle: float) -> list[np
     return [(pts @ rot.T + (cx, cy)).round().astype(np.int32)]
 
 
-def _draw(rng, canvas, style, kind, cx, cy, r, colour):
+def _draw(rng, canvas, style, kind, cx, cy, r, color):
     """Draws one object; returns its box (x, y, w, h) from the pixels it changed."""
     mask = np.zeros(canvas.shape[:2], np.uint8)
     angle = float(rng.uniform(0, 2 * np.pi))
@@ -107,7 +107,7 @@ def _draw(rng, canvas, style, kind, cx, cy, r, colour):
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
         return None
-    canvas[mask > 0] = colour
+    canvas[mask > 0] = color
     x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
     return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
 
@@ -127,16 +127,16 @@ def write_split(root: Path, split: str, n: int, style: str, seed: int) -> tuple[
             r = float(np.exp(rng.uniform(np.log(9), np.log(min(h, w) / 3.2))))
             cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
             local = canvas[int(cy), int(cx)]
-            colour = rng.uniform(0, 255, 3)
-            while np.abs(colour - local).sum() < 150:
-                colour = rng.uniform(0, 255, 3)
+            color = rng.uniform(0, 255, 3)
+            while np.abs(color - local).sum() < 150:
+                color = rng.uniform(0, 255, 3)
             kind = int(rng.integers(4))
-            box = _draw(rng, canvas, style, kind, cx, cy, r, colour)
+            box = _draw(rng, canvas, style, kind, cx, cy, r, color)
             if box:
                 anns.append({"category_id": kind + 1, "bbox": box, "iscrowd": 0})
         if count and rng.random() < 0.1:  # a crowd: a cluster of small shapes, one box
             kind, x0, y0 = int(rng.integers(4)), rng.uniform(0, w - 80), rng.uniform(0, h - 80)
-            colour = rng.uniform(0, 255, 3)
+            color = rng.uniform(0, 255, 3)
             boxes = [
                 _draw(
                     rng,
@@ -146,7 +146,7 @@ def write_split(root: Path, split: str, n: int, style: str, seed: int) -> tuple[
                     x0 + rng.uniform(8, 72),
                     y0 + rng.uniform(8, 72),
                     6.0,
-                    colour,
+                    color,
                 )
                 for _ in range(6)
             ]

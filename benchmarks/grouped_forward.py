@@ -9,7 +9,7 @@ stage 3: 64 groups of 16; stride 1 and the strided first block).
   .venv/bin/python benchmarks/grouped_forward.py [--runs 5]
 
 Prints the median milliseconds of each and the largest difference from XLA's output. Each is
-compiled with the library's compile options (`fcos_jax.compile_options`, as the model is).
+compiled with the library's compile options (`fcos_jax.utils.compile_options`, as the model is).
 """
 
 import argparse
@@ -23,7 +23,7 @@ import numpy as np
 from common import cpu_model  # benchmarks/common.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fcos_jax import compile_options  # noqa: E402
+from fcos_jax.utils import compile_options  # noqa: E402
 
 GROUPS = 64
 # (height, width, channels, stride) of the input of a stage's grouped 3x3 convolution

@@ -36,9 +36,9 @@ from pathlib import Path
 
 from common import (  # benchmarks/common.py
     alternating_rounds,
+    answer_as_worker,
     cpu_model,
-    print_result,
-    run_command,
+    run_worker,
     timed,
 )
 
@@ -54,13 +54,15 @@ def jax_worker(args) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import checkpoint, compile_cache, compile_options, postprocess
-    from fcos_jax.config_io import load_config
+    from fcos_jax.checkpoint import store
+    from fcos_jax.config import load_config
+    from fcos_jax.detection import postprocess
     from fcos_jax.models import build_model
+    from fcos_jax.utils import compile_cache, compile_options
 
     compile_cache.enable(args.cache_dir)
     config = load_config(REPO / "configs" / "torchvision_fcos_r50_fpn.py")
-    variables, _ = checkpoint.restore_inference(args.checkpoint, config)
+    variables, _ = store.restore_inference(args.checkpoint, config)
     params, stats = variables["params"], variables["batch_stats"]
     model = build_model(config.model)
     images = jax.device_put(np.load(args.input).transpose(0, 2, 3, 1))  # NCHW -> NHWC
@@ -217,8 +219,8 @@ def make_inputs(directory: Path, height: int, width: int, count: int) -> tuple[P
     import torch
 
     sys.path.insert(0, str(REPO))
+    from fcos_jax.compare.torchvision_random import random_fcos
     from fcos_jax.testing.images import natural_image
-    from fcos_jax.testing.torchvision_random import random_fcos
 
     rgbs = [natural_image(height, width, seed=i) for i in range(count)]
     model = random_fcos(0, rgbs[0], min_size=min(height, width), max_size=max(height, width))
@@ -241,20 +243,19 @@ def make_inputs(directory: Path, height: int, width: int, count: int) -> tuple[P
     return weights, converted, path
 
 
-def run_worker(side: str, args, paths: dict[str, Path]) -> dict:
+def run_side(side: str, args, paths: dict[str, Path]) -> dict:
     env = dict(os.environ)
     if side == "jax" and args.xla_flags:
         env["XLA_FLAGS"] = args.xla_flags
-    command = [
-        sys.executable, __file__, "--worker", side, "--weights", str(paths["weights"]),
-        "--checkpoint", str(paths["checkpoint"]), "--cache-dir", str(paths["cache"]),
-        "--input", str(paths["input"]), "--runs", str(args.runs),
-        "--torch-threads", str(args.torch_threads),
+    flags = [
+        "--weights", str(paths["weights"]), "--checkpoint", str(paths["checkpoint"]),
+        "--cache-dir", str(paths["cache"]), "--input", str(paths["input"]),
+        "--runs", str(args.runs), "--torch-threads", str(args.torch_threads),
         "--torch-memory-format", args.torch_memory_format,
     ]  # fmt: skip
     if args.batches:
-        command += ["--batches", ",".join(map(str, args.batches))]
-    return run_command(command, env, side, str(REPO))
+        flags += ["--batches", ",".join(map(str, args.batches))]
+    return run_worker(__file__, side, flags, env)
 
 
 def _header(args, what: str) -> None:
@@ -359,8 +360,7 @@ def main() -> None:
     parser.add_argument("--input", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.worker:
-        print_result((jax_worker if args.worker == "jax" else torch_worker)(args))
+    if answer_as_worker(args, {"jax": jax_worker, "torch": torch_worker}):
         return
 
     load_before = os.getloadavg()
@@ -369,8 +369,8 @@ def main() -> None:
         weights, converted, image = make_inputs(Path(tmp), args.height, args.width, count)
         paths = {"weights": weights, "checkpoint": converted, "input": image}
         paths["cache"] = Path(tmp) / "jax_cache"
-        warmup = run_worker("jax", args, paths)  # compiles into the empty cache
-        ours, theirs = alternating_rounds(lambda side: run_worker(side, args, paths), args.rounds)
+        warmup = run_side("jax", args, paths)  # compiles into the empty cache
+        ours, theirs = alternating_rounds(lambda side: run_side(side, args, paths), args.rounds)
     (report_throughput if args.batches else report)(ours, theirs, warmup, args)
     print(
         f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} "

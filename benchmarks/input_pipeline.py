@@ -1,4 +1,4 @@
-"""Throughput of the input pipelines at the seed scale 1333x800 on this machine.
+"""Throughput of the input pipelines at the seed scale 1333x800.
 
   .venv/bin/python benchmarks/input_pipeline.py                # 1333x800, global batch 16
   .venv/bin/python benchmarks/input_pipeline.py --scale 320,320 --images 256
@@ -10,9 +10,9 @@ evaluation pipeline (predict's cv2 preprocessing) of the R-50 caffe config: imag
 after the first batch, one process, all cores (`data.num_parallel_calls` = AUTOTUNE), and the CPU
 seconds per image (all threads), which do not depend on what else runs on the machine.
 
-Compare with the training step: the R-50 forward+backward alone took 3.1-5.9 s per 800x1216
-image on these 2 cores (measured 2026-11-23), i.e. 0.2-0.3 images/s; the pipeline must stay well
-above that while sharing the cores.
+Compare with the training step on the same cores (`benchmarks/train_step.py`;
+docs/benchmarks.md#behind-the-code): the pipeline must stay well above the images per second a
+step consumes while sharing the cores.
 """
 
 import argparse
@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fcos_jax import classes, config_base  # noqa: E402
+from fcos_jax.config import base as config_base
+from fcos_jax.config import classes  # noqa: E402
 from fcos_jax.data import pipeline, shapes  # noqa: E402
 
 

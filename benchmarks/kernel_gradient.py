@@ -1,10 +1,10 @@
-"""`layers.conv2d`'s backward with its per-tap kernel gradient against XLA's own, per shape.
+"""`cpu_kernels.conv2d`'s backward with its per-tap kernel gradient against XLA's own, per shape.
 
-`layers.conv2d` chooses, per convolution, between XLA's kernel-gradient convolution and a loop of
-one matrix product per kernel tap (`layers._uses_tap_kernel_gradient`). This times the whole
-backward (input and kernel gradient of sum(conv(x, k) * w)) both ways for the convolution shapes
-of the R-50/X-101 FCOS training step at 800x1344, batch 2, compiled as the library compiles its
-programs (`compile_options.compiler_options()`), outside any loop.
+`cpu_kernels.conv2d` chooses, per convolution, between XLA's kernel-gradient convolution and a
+loop of one matrix product per kernel tap (`cpu_kernels._uses_tap_kernel_gradient`). This times the
+whole backward (input and kernel gradient of sum(conv(x, k) * w)) both ways for the convolution
+shapes of the R-50/X-101 FCOS training step at 800x1344, batch 2, compiled as the library compiles
+its programs (`compile_options.compiler_options()`), outside any loop.
 
   .venv/bin/python benchmarks/kernel_gradient.py [--runs 5] [--only stem,head]
 
@@ -22,8 +22,8 @@ import numpy as np
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import cpu_model, median_ms  # noqa: E402  (benchmarks/common.py)
 
-from fcos_jax import compile_options  # noqa: E402
-from fcos_jax.models import layers  # noqa: E402
+from fcos_jax.models import cpu_kernels  # noqa: E402
+from fcos_jax.utils import compile_options  # noqa: E402
 
 # name: (batch, height, width, cin, cout, kernel size, stride, groups); input size, so the output
 # is (height + 2p - k) // stride + 1 with p = k // 2.
@@ -51,18 +51,19 @@ def backward(tap: bool, stride: int, groups: int):
     """jit of (x, kernel, weights) -> (dx, dkernel), per-tap kernel gradient or XLA's."""
 
     def loss(x, kernel, weights):
-        return jnp.sum(layers.conv2d(x, kernel, stride, kernel.shape[0] // 2, groups) * weights)
+        y = cpu_kernels.conv2d(x, kernel, stride, kernel.shape[0] // 2, groups)
+        return jnp.sum(y * weights)
 
     grad = jax.grad(loss, argnums=(0, 1))
 
     def traced(x, kernel, weights):
         # The choice is made at trace time: force it one way while this program is traced.
-        chooser = layers._uses_tap_kernel_gradient
-        layers._uses_tap_kernel_gradient = lambda *_: tap
+        chooser = cpu_kernels._uses_tap_kernel_gradient
+        cpu_kernels._uses_tap_kernel_gradient = lambda *_: tap
         try:
             return grad(x, kernel, weights)
         finally:
-            layers._uses_tap_kernel_gradient = chooser
+            cpu_kernels._uses_tap_kernel_gradient = chooser
 
     return jax.jit(traced, compiler_options=compile_options.compiler_options())
 

@@ -1,7 +1,7 @@
-"""1x1 convolutions: `layers.pointwise` (one 2-D matrix product) against the 4-D einsum, per shape.
+"""1x1 convolutions: `cpu_kernels.pointwise` (one 2-D matrix product) against the 4-D einsum.
 
 A 1x1 convolution is a matrix product over channels. Written as the einsum `bhwc,cf->bhwf`, its
-kernel gradient is `bhwc,bhwf->cf`, a product with three contracting axes; `layers.pointwise`
+kernel gradient is `bhwc,bhwf->cf`, a product with three contracting axes; `cpu_kernels.pointwise`
 flattens the positions into rows first, so the kernel gradient is `rows^T @ dy` with one. This
 times the forward and the backward (dx + dkernel of sum(conv(x, k) * w)) both ways at the 1x1
 shapes of the R-50 FCOS training step at 800x1344, batch 2, compiled as the library compiles its
@@ -23,8 +23,8 @@ import numpy as np
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import cpu_model, median_ms  # noqa: E402  (benchmarks/common.py)
 
-from fcos_jax import compile_options  # noqa: E402
-from fcos_jax.models import layers  # noqa: E402
+from fcos_jax.models import cpu_kernels  # noqa: E402
+from fcos_jax.utils import compile_options  # noqa: E402
 
 # name: (batch, height, width, cin, cout) of the R-50 bottlenecks' 1x1 convolutions (stride 1).
 SHAPES = {
@@ -69,7 +69,8 @@ def main() -> None:
         "| convolution | input | forward: einsum | pointwise | backward: einsum | pointwise |"
         " backward pointwise / einsum |\n|---|---|---|---|---|---|---|"
     )
-    (einsum_fwd, einsum_bwd), (pw_fwd, pw_bwd) = programs(einsum_4d), programs(layers.pointwise)
+    einsum_fwd, einsum_bwd = programs(einsum_4d)
+    pw_fwd, pw_bwd = programs(cpu_kernels.pointwise)
     for name, (b, h, w, cin, cout) in SHAPES.items():
         x = jnp.asarray(rng.standard_normal((b, h, w, cin)), jnp.float32)
         kernel = jnp.asarray(0.05 * rng.standard_normal((cin, cout)), jnp.float32)

@@ -25,6 +25,7 @@ configs/fcos_mstrain_640_800_x101_64x4d_fpn_gn_2x.py`.
 """
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -33,7 +34,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import op_profile  # noqa: E402  (benchmarks/op_profile.py)
-from common import print_result, run_command, synthetic_images, timed  # noqa: E402
+from common import (  # noqa: E402  (benchmarks/common.py)
+    alternating_rounds,
+    answer_as_worker,
+    run_worker,
+    synthetic_images,
+    timed,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "fcos_mstrain_640_800_x101_64x4d_fpn_gn_2x.py"
@@ -50,10 +57,10 @@ def jax_worker(args) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import compile_options
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
     from fcos_jax.convert import convert_file
     from fcos_jax.models import build_model
+    from fcos_jax.utils import compile_options
 
     config = load_config(CONFIG)
     config.model.backbone.frozen_stages = -1  # every stage trainable (backward mode)
@@ -179,26 +186,18 @@ def make_weights(path: Path) -> None:
     torch.save(model.state_dict(), path)
 
 
-def run_worker(side: str, mode: str, size: str, args, weights: Path, output: Path) -> dict:
+def run_side(side: str, mode: str, size: str, args, weights: Path, outputs: dict) -> dict:
+    """One side's worker for `mode`; it writes its C5 to `outputs[side]`."""
     env = dict(os.environ)
     if side == "jax" and args.xla_flags:
         env["XLA_FLAGS"] = args.xla_flags
-    command = [
-        sys.executable, __file__, "--worker", side, "--mode", mode, "--size", size,
-        "--weights", str(weights), "--output", str(output), "--runs", str(args.runs),
-        "--torch-threads", str(args.torch_threads),
+    flags = [
+        "--mode", mode, "--size", size, "--weights", str(weights), "--output", str(outputs[side]),
+        "--runs", str(args.runs), "--torch-threads", str(args.torch_threads),
     ]  # fmt: skip
     if args.profile:
-        command += ["--profile", str(Path(args.profile) / f"{mode}_{side}")]
-    return run_command(command, env, f"{side} {mode}", str(REPO))
-
-
-def best_round(rounds: list[dict]) -> dict:
-    """The round with the lowest median (a busy machine only ever adds time); peak RSS of all."""
-    best = dict(min(rounds, key=lambda r: r["time"]["median"]))
-    best["max_rss_gib"] = max(r["max_rss_gib"] for r in rounds)
-    best["load"] = (min(r["load"][0] for r in rounds), max(r["load"][1] for r in rounds))
-    return best
+        flags += ["--profile", str(Path(args.profile) / f"{mode}_{side}")]
+    return run_worker(__file__, side, flags, env)
 
 
 def report(mode: str, size: str, ours: dict, theirs: dict, c5_diff: float | None, args) -> None:
@@ -248,7 +247,7 @@ def main() -> None:
 
     if args.worker:
         args.size = tuple(int(v) for v in args.size.split(","))
-        print_result((jax_worker if args.worker == "jax" else torch_worker)(args))
+    if answer_as_worker(args, {"jax": jax_worker, "torch": torch_worker}):
         return
 
     modes = args.modes.split(",")
@@ -262,16 +261,15 @@ def main() -> None:
         make_weights(weights)
         for mode in modes:
             size = args.forward_size if mode == "forward" else args.backward_size
-            results = {"torch": [], "jax": []}
-            outputs = {side: Path(tmp) / f"c5_{side}.npy" for side in results}
-            for _ in range(args.rounds):  # alternate the sides so a change of load hits both
-                for side in ("torch", "jax"):
-                    results[side].append(run_worker(side, mode, size, args, weights, outputs[side]))
+            outputs = {side: Path(tmp) / f"c5_{side}.npy" for side in ("torch", "jax")}
+            run_mode = functools.partial(
+                run_side, mode=mode, size=size, args=args, weights=weights, outputs=outputs
+            )
+            ours, theirs = alternating_rounds(run_mode, args.rounds)
             c5_diff = None
             if mode == "forward":
                 c5_ours, c5_torch = np.load(outputs["jax"]), np.load(outputs["torch"])
                 c5_diff = float(np.abs(c5_ours - c5_torch).max() / np.abs(c5_torch).max())
-            ours, theirs = best_round(results["jax"]), best_round(results["torch"])
             report(mode, size, ours, theirs, c5_diff, args)
             if args.profile:
                 op_profile.report(

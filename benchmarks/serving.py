@@ -20,7 +20,7 @@ differences of a forward-only export (jax2tf, jax2onnx) against our jit.
 """
 
 import argparse
-import json
+import functools
 import os
 import subprocess
 import sys
@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from common import MARK, print_result, timed  # noqa: E402  (benchmarks/common.py)
+from common import answer_as_worker, run_worker, timed  # noqa: E402  (benchmarks/common.py)
 from inference import make_inputs  # noqa: E402  (benchmarks/inference.py)
 
 RUNTIMES = ("torchvision", "jit", "stablehlo", "savedmodel", "onnxruntime", "openvino")
@@ -41,7 +41,7 @@ ARTIFACT_FORMAT = {"stablehlo": "stablehlo", "savedmodel": "savedmodel", "onnxru
 def _detector(weights: str):
     """Our Detector of the torchvision config (canvas mode) with the benchmark's weights."""
     from fcos_jax import inference
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
     from fcos_jax.convert import convert_file
 
     config = load_config(REPO / "configs" / "torchvision_fcos_r50_fpn.py")
@@ -175,14 +175,6 @@ def heads_worker(args) -> dict:
 # Orchestration
 
 
-def run(command: list[str]) -> dict:
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{command[3]} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len(MARK) :])
-
-
 def export_artifacts(directory: Path, weights: Path) -> dict[str, tuple[Path, float]]:
     """{runtime: (artifact, export seconds)} through `python -m fcos_jax.export`'s library."""
     from fcos_jax import export
@@ -230,8 +222,8 @@ def main() -> None:
     parser.add_argument("--detections", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.worker:
-        print_result(heads_worker(args) if args.worker == "heads" else worker(args.worker, args))
+    workers = {runtime: functools.partial(worker, runtime) for runtime in RUNTIMES}
+    if answer_as_worker(args, {**workers, "heads": heads_worker}):
         return
 
     load_before = os.getloadavg()
@@ -244,14 +236,13 @@ def main() -> None:
             runtimes.remove("openvino")  # not installed
         results = {}
         for runtime in runtimes:
-            command = [
-                sys.executable, __file__, "--worker", runtime, "--weights", str(weights),
-                "--input", str(image), "--runs", str(args.runs),
+            flags = [
+                "--weights", str(weights), "--input", str(image), "--runs", str(args.runs),
                 "--detections", str(tmp / f"{runtime}.npz"),
             ]  # fmt: skip
             if runtime in artifacts:
-                command += ["--artifact", str(artifacts[runtime][0])]
-            results[runtime] = run(command)
+                flags += ["--artifact", str(artifacts[runtime][0])]
+            results[runtime] = run_worker(__file__, runtime, flags)
         matches = {
             runtime: match(tmp / f"{runtime}.npz", tmp / "jit.npz")
             for runtime in runtimes
@@ -259,12 +250,11 @@ def main() -> None:
         }
         heads = None
         if args.heads:
-            heads = run(
-                [
-                    sys.executable, __file__, "--worker", "heads", "--weights", str(weights),
-                    "--input", str(image), "--detections", str(tmp / "heads.npz"),
-                ]
-            )  # fmt: skip
+            flags = [
+                "--weights", str(weights), "--input", str(image),
+                "--detections", str(tmp / "heads.npz"),
+            ]  # fmt: skip
+            heads = run_worker(__file__, "heads", flags)
 
     base = results["torchvision"]["time"]["median"]
     print(

@@ -31,9 +31,9 @@ from pathlib import Path
 
 from common import (  # benchmarks/common.py
     alternating_rounds,
+    answer_as_worker,
     cpu_model,
-    print_result,
-    run_command,
+    run_worker,
     synthetic_images,
     timed,
 )
@@ -48,9 +48,9 @@ def jax_worker(args) -> dict:
     import jax.numpy as jnp
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import compile_options
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
     from fcos_jax.models import build_model
+    from fcos_jax.utils import compile_options
 
     config = load_config(REPO / CONFIG)
     model = build_model(config.model)
@@ -150,13 +150,12 @@ def torch_worker(args) -> dict:
     }
 
 
-def run_worker(side: str, args) -> dict:
-    command = [
-        sys.executable, __file__, "--worker", side, "--runs", str(args.runs),
-        "--batch", str(args.batch), "--height", str(args.height), "--width", str(args.width),
-        "--torch-threads", str(args.torch_threads),
+def run_side(side: str, args) -> dict:
+    flags = [
+        "--runs", str(args.runs), "--batch", str(args.batch), "--height", str(args.height),
+        "--width", str(args.width), "--torch-threads", str(args.torch_threads),
     ]  # fmt: skip
-    return run_command(command, dict(os.environ), side, str(REPO))
+    return run_worker(__file__, side, flags)
 
 
 def main() -> None:
@@ -169,10 +168,9 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print_result((jax_worker if args.worker == "jax" else torch_worker)(args))
+    if answer_as_worker(args, {"jax": jax_worker, "torch": torch_worker}):
         return
-    ours, theirs = alternating_rounds(lambda side: run_worker(side, args), args.rounds)
+    ours, theirs = alternating_rounds(lambda side: run_side(side, args), args.rounds)
     print(
         f"\nFCOS R-50 GN train-step parts, batch {args.batch}, {args.height}x{args.width}, float32,"
         f" {os.cpu_count()} cores ({cpu_model()}), median (min) wall seconds of {args.runs} runs"

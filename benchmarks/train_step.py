@@ -9,7 +9,7 @@ batch of 2 images of 800x1344 with 8 random boxes each (padded to the config's m
 our side, as training pads them). Both models start from their own random initialisation; only
 speed is compared, not values.
 
-  ours         `train_lib.make_train_step` of `--config` (default the mmdet v1 R-50 caffe GN row:
+  ours         `train_step.make_train_step` of `--config` (default the mmdet v1 R-50 caffe GN row:
                stem and stage 1 frozen, frozen BN, 80 classes), jitted on a 1-device mesh: target
                encoding, losses, gradients and the update in one program.
   torchvision  `FCOS` as `fcos_resnet50_fpn` builds it with pretrained weights (docs/modes.md §4.2):
@@ -27,7 +27,7 @@ Each side runs in its own subprocess (its peak RSS, `ru_maxrss`, is its own) and
 median and min of `--steps` timed steps after `--warmup` untimed ones (for JAX the first compiles;
 compile time is reported separately). Also timed: the forward pass with the loss alone (ours:
 jitted without gradients; torchvision: `model(images, targets)` recording the graph), so
-backward + update = step - forward; our target encoding (`train_lib.encode_batch` jitted alone on
+backward + update = step - forward; our target encoding (`train_step.encode_batch` jitted alone on
 the same batch) as a share of our step; torchvision's own image transform inside its step.
 With `--rounds N` the sides alternate N times and the lowest median of each timing counts (other
 load on a shared machine only ever adds time).
@@ -41,7 +41,13 @@ import time
 from pathlib import Path
 
 import op_profile  # benchmarks/op_profile.py
-from common import best_round, cpu_model, print_result, run_command, timed  # benchmarks/common.py
+from common import (  # benchmarks/common.py
+    alternating_rounds,
+    answer_as_worker,
+    cpu_model,
+    run_worker,
+    timed,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BOXES_PER_IMAGE = 8
@@ -77,15 +83,16 @@ def jax_state_and_batch(config, mesh, batch_size: int, height: int, width: int):
     import jax.numpy as jnp
     import numpy as np
 
-    from fcos_jax import optim, sharding, train_lib
     from fcos_jax.models import build_model
+    from fcos_jax.parallel import sharding
+    from fcos_jax.training import optim, train_step
 
     model = build_model(config.model)
     init_hw = (64, 64)  # parameters do not depend on the image size
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *init_hw, 3)))
     optimizer, schedule = optim.build_optimizer(config, shapes["params"], 1000)
     create = jax.jit(
-        functools.partial(train_lib.create_train_state, config, model, optimizer),
+        functools.partial(train_step.create_train_state, config, model, optimizer),
         static_argnums=1,
     )
     state = sharding.replicate(create(jax.random.key(0, impl="rbg"), init_hw), mesh)
@@ -116,8 +123,11 @@ def jax_worker(args) -> dict:
     import jax
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax import compile_cache, compile_options, losses, sharding, train_lib
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
+    from fcos_jax.detection import losses
+    from fcos_jax.parallel import sharding
+    from fcos_jax.training import train_step
+    from fcos_jax.utils import compile_cache, compile_options
 
     if args.cache_dir:
         compile_cache.enable(args.cache_dir)
@@ -130,23 +140,23 @@ def jax_worker(args) -> dict:
     )
     labels = optimizer_labels(config, state.params)
 
-    step = train_lib.jit_train_step(
-        train_lib.make_train_step(config, model, optimizer, schedule, mesh), mesh
+    step = train_step.jit_train_step(
+        train_step.make_train_step(config, model, optimizer, schedule, mesh), mesh
     )
-    loss_kwargs = train_lib._loss_kwargs(config)  # the step's own loss settings
+    loss_kwargs = train_step._loss_kwargs(config)  # the step's own loss settings
 
     @functools.partial(jax.jit, compiler_options=compile_options.compiler_options())
     def forward_and_loss(params, batch_stats, batch):
         variables = {"params": params, "batch_stats": batch_stats}
-        if train_lib.trains_batch_stats(config):  # the step's BN mode: batch statistics
+        if train_step.trains_batch_stats(config):  # the step's BN mode: batch statistics
             outputs, _ = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
         else:
             outputs = model.apply(variables, batch["image"], train=True)
-        batch_targets = train_lib.encode_batch(config, batch)
+        batch_targets = train_step.encode_batch(config, batch)
         normalizers = losses.batch_normalizers(batch_targets)
         return losses.fcos_loss(outputs, batch_targets, normalizers=normalizers, **loss_kwargs)
 
-    encode = jax.jit(functools.partial(train_lib.encode_batch, config))
+    encode = jax.jit(functools.partial(train_step.encode_batch, config))
 
     start = time.perf_counter()
     step = step.lower(state, batch).compile()  # the executable itself: compiled once
@@ -197,7 +207,7 @@ def optimizer_labels(config, params) -> int:
     import jax
     import numpy as np
 
-    from fcos_jax import optim
+    from fcos_jax.training import optim
 
     labels = optim.param_labels(params, config)
     sizes = jax.tree.map(lambda p, label: 0 if label == optim.FROZEN else p.size, params, labels)
@@ -222,7 +232,7 @@ def torch_worker(args) -> dict:
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     sys.path.insert(0, str(REPO))
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
 
     b = load_config(REPO / args.config).model.backbone
     trunk = TORCH_TRUNKS.get((b.depth, b.groups, b.base_width))
@@ -297,29 +307,29 @@ def torch_worker(args) -> dict:
 # Orchestration
 
 
-def run_worker(side: str, args) -> dict:
+def run_side(side: str, args) -> dict:
     env = dict(os.environ)
     if side == "jax" and args.xla_flags:
         env["XLA_FLAGS"] = args.xla_flags
-    command = [
-        sys.executable, __file__, "--worker", side, "--config", args.config,
-        "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-        "--height", str(args.height), "--width", str(args.width),
+    flags = [
+        "--config", args.config, "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--batch", str(args.batch), "--height", str(args.height), "--width", str(args.width),
         "--torch-threads", str(args.torch_threads), "--accumulate", str(args.accumulate),
     ]  # fmt: skip
     if side == "jax" and args.cache_dir:
-        command += ["--cache-dir", args.cache_dir]
+        flags += ["--cache-dir", args.cache_dir]
     if args.profile:
-        command += ["--profile", str(Path(args.profile) / side)]
-    return run_command(command, env, side, str(REPO))
+        flags += ["--profile", str(Path(args.profile) / side)]
+    return run_worker(__file__, side, flags, env)
 
 
-def run_jax_warm(args) -> tuple[dict, dict]:
-    """(cache-filling run, timed run): the first JAX worker compiles into `args.cache_dir`, the
-    second loads its programs from there, so its peak RSS is the steady state without XLA's
-    compilation peak (which the first reports; it runs one step after one warm-up)."""
-    filling = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1, "profile": ""})
-    return run_worker("jax", filling), run_worker("jax", args)
+def fill_cache(args) -> dict:
+    """The JAX worker that compiles into the empty `args.cache_dir` (one step after one warm-up):
+    its compile times and its peak RSS, XLA's compilation peak. The timed JAX workers after it
+    load their programs from the cache, so their peak RSS is the steady state."""
+    return run_side(
+        "jax", argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1, "profile": ""})
+    )
 
 
 def report(ours: dict, theirs: dict, args) -> None:
@@ -388,7 +398,7 @@ def sweep(args) -> None:
     print("|---|---|---|---|---|---|")
     for k in (int(v) for v in args.accumulate_sweep.split(",")):
         args.accumulate = k
-        compiling, r = run_jax_warm(args)
+        compiling, r = fill_cache(args), run_side("jax", args)
         print(
             f"| {k} | {r['step']['median']:.2f} | {r['max_rss_gib']:.2f} | "
             f"{compiling['max_rss_gib']:.2f} | {r['xla_temp_gib']:.2f} | "
@@ -423,8 +433,7 @@ def main() -> None:
     if args.warmup < 1:
         parser.error("--warmup must be >= 1 (the first JAX step compiles)")
 
-    if args.worker:
-        print_result((jax_worker if args.worker == "jax" else torch_worker)(args))
+    if answer_as_worker(args, {"jax": jax_worker, "torch": torch_worker}):
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -432,17 +441,9 @@ def main() -> None:
         if args.accumulate_sweep:
             sweep(args)
             return
-        results = {"torch": [], "jax": []}
-        for i in range(args.rounds):  # alternate the sides so a change of load hits both
-            results["torch"].append(run_worker("torch", args))
-            if i == 0:
-                compiling, timed = run_jax_warm(args)
-            else:
-                timed = run_worker("jax", args)
-            results["jax"].append(timed)
-    ours = best_round(results["jax"])
+        compiling = fill_cache(args)
+        ours, theirs = alternating_rounds(lambda side: run_side(side, args), args.rounds)
     ours["compile_s"], ours["compile_rss_gib"] = compiling["compile_s"], compiling["max_rss_gib"]
-    theirs = best_round(results["torch"])
     report(ours, theirs, args)
     if args.profile:
         op_profile.report(

@@ -27,12 +27,12 @@ import numpy as np
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import cpu_model, median_ms  # noqa: E402  (benchmarks/common.py)
 
-from fcos_jax import compile_options  # noqa: E402
-from fcos_jax.models import layers, winograd  # noqa: E402
+from fcos_jax.models import cpu_kernels, winograd  # noqa: E402
+from fcos_jax.utils import compile_options  # noqa: E402
 
 VARIANTS = {"F(2,3)": winograd.F2X3, "F(4,3)": winograd.F4X3}
-# [B, H, W, C] x [3, 3, C, K] -> [B, H, W, K]: what `layers.conv2d` runs when not Winograd.
-xla_conv = functools.partial(layers._xla_conv, stride=1, padding=1)
+# [B, H, W, C] x [3, 3, C, K] -> [B, H, W, K]: what `cpu_kernels.conv2d` runs when not Winograd.
+xla_conv = functools.partial(cpu_kernels._xla_conv, stride=1, padding=1)
 
 # (batch, height, width, channels in, channels out): the R-50 FCOS head at P3/P4/P5 (800x1344)
 # and the ResNet stage 1-3 3x3 convolutions.

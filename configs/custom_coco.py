@@ -15,15 +15,14 @@ The number of classes and their names come from the training JSON's `categories`
 evaluation and prediction print and draw your class names without the dataset. The folder is
 checked and prepared once under `data.data_dir` (bad annotations are fixed and counted, broken
 images skipped with a warning naming the file). The schedule is in steps, whatever the number of
-images: on four generated folders it never saw (400 images of 300-480 px, 4 classes) it reached
-AP50 0.804-0.863 in 2000 steps, 10.3-10.8 min of train.py on a 2-core Intel Xeon (README, "Train
-on your own data"). Scale `train.num_steps` and `optim.lr_steps` together for longer or shorter
-runs.
+images (what it reaches on folders it never saw, and in what time:
+docs/benchmarks.md#behind-the-code, `benchmarks/custom_coco_time_to_ap.py`). Scale
+`train.num_steps` and `optim.lr_steps` together for longer or shorter runs.
 """
 
 from pathlib import Path
 
-from fcos_jax.config_io import load_config
+from fcos_jax.config import load_config
 
 
 def get_config():
@@ -35,10 +34,9 @@ def get_config():
     d.folder.name = "custom"
     d.min_image_side = 1
     d.max_boxes = 32
-    # A few hundred images: 2.5x the demo's steps (1600 steps: AP50 0.791-0.809 on two of the
-    # folders), AdamW at 3e-3 (2e-3: AP50 0.80 instead of 0.84 on a generated folder), and scale
-    # jitter (each image resized to fit a random square of 256-320 px, the canvas staying 320)
-    # against overfitting (without it: AP50 0.77).
+    # A few hundred images: 2.5x the demo's steps, a higher AdamW lr, and scale jitter (each image
+    # resized to fit a random square of 256-320 px, the canvas staying 320) against overfitting
+    # (the runs that chose them: docs/benchmarks.md#behind-the-code).
     c.optim.base_lr, c.optim.lr_steps = 3e-3, (1512, 1815)
     c.train.num_steps = 2000
     c.augment.multiscale, c.augment.multiscale_mode = ((256, 256), (320, 320)), "range"

@@ -9,7 +9,7 @@ pixel convention and `mmdet_v3` post-processing. Backbone: the Detectron2 caffe 
   python eval.py --config configs/fcos_center_normbbox_centeronreg_giou_r50_caffe_fpn_gn_1x.py --checkpoint workdirs/fcos_improved
 """
 
-from fcos_jax import config_base
+from fcos_jax.config import base as config_base
 
 
 def get_config():

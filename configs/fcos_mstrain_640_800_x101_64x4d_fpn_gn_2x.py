@@ -6,7 +6,7 @@ python eval.py --config configs/fcos_mstrain_640_800_x101_64x4d_fpn_gn_2x.py --c
 python train.py --config configs/fcos_mstrain_640_800_x101_64x4d_fpn_gn_2x.py --workdir workdirs/fcos_mstrain_640_800_x101_64x4d_fpn_gn_2x
 """
 
-from fcos_jax import config_base
+from fcos_jax.config import base as config_base
 
 
 def get_config():

@@ -6,7 +6,7 @@ python eval.py --config configs/fcos_r101_caffe_fpn_gn_2x.py --checkpoint ckpt/f
 python train.py --config configs/fcos_r101_caffe_fpn_gn_2x.py --workdir workdirs/fcos_r101_caffe_fpn_gn_2x
 """
 
-from fcos_jax import config_base
+from fcos_jax.config import base as config_base
 
 
 def get_config():

@@ -6,7 +6,7 @@ python eval.py --config configs/fcos_r50_caffe_fpn_1x.py --checkpoint ckpt/fcos_
 python train.py --config configs/fcos_r50_caffe_fpn_1x.py --workdir workdirs/fcos_r50_caffe_fpn_1x
 """
 
-from fcos_jax import config_base
+from fcos_jax.config import base as config_base
 
 
 def get_config():

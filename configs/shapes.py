@@ -4,25 +4,22 @@
   python train.py --config configs/shapes.py --workdir workdirs/shapes
   python eval.py --config configs/shapes.py --checkpoint workdirs/shapes
 
-No pretrained weights exist on this machine, so the backbone's BatchNorm normalises with batch
+The demo starts from no pretrained weights, so the backbone's BatchNorm normalises with batch
 statistics (docs/architecture.md#conventions) and every stage trains. The model is narrow
 (ResNet-18 at quarter width, a 32-channel FPN and a 2-conv head) and the images small (256-320
-px, resized to at most 256), so the whole run fits a 2-core CPU in a few minutes. It uses the
-improved recipe of later mmdetection (centre sampling, GIoU, norm_on_bbox, centerness on the reg
-branch, gradient clipping) and `mmdet_v3` post-processing.
+px, resized to at most 256), so the whole run takes minutes on a CPU. It uses the improved
+recipe of later mmdetection (centre sampling, GIoU, norm_on_bbox, centerness on the reg branch,
+gradient clipping) and `mmdet_v3` post-processing.
 
-The optimizer is AdamW (lr 2e-3 per 8 images, weight decay 0.05), not the seed recipe's SGD: from
-scratch and in under 1000 steps, SGD (best lr 0.05; 0.1 diverged) and AdamW at 1e-3 left the
-classifier unsure between shapes (AP 0.44-0.45 after 700 steps, most false positives a second
-class on a found object), AdamW at 2e-3 reached AP 0.70 / AP50 0.93 after the same 700 steps. A
-wider FPN and head (64 channels) did not help. Inputs of at most 256 px instead of 320 cost a
-little AP (800 steps: 0.72 / AP50 0.95 against 0.78 / 0.98) for 0.64x the pixels and 0.7x the
-step time; `--config.preprocess.scale='(320, 320)' --config.augment.multiscale='((320, 320),)'`
-trains at 320. At 256 px, 720 steps gave AP50 0.91 and 560 steps at 320 px 0.85: the 800 steps
-keep a margin above AP50 0.9.
+The optimizer is AdamW (lr 2e-3 per 8 images, weight decay 0.05), not the seed recipe's SGD:
+from scratch and in under 1000 steps, SGD and a smaller AdamW lr left the classifier unsure
+between shapes. Inputs of at most 256 px cost a little AP against 320 px for about two thirds of
+the step time; `--config.preprocess.scale='(320, 320)' --config.augment.multiscale='((320, 320),)'`
+trains at 320. The 800 steps keep a margin above AP50 0.9. The runs behind these choices:
+docs/benchmarks.md#behind-the-code.
 """
 
-from fcos_jax import config_base
+from fcos_jax.config import base as config_base
 
 
 def get_config():
@@ -48,8 +45,8 @@ def get_config():
     d = c.data
     d.source, d.classes, d.data_dir = "shapes", "shapes", ".data"
     d.eval_pad = "canvas"  # one compiled evaluation program instead of one per padded size
-    # One decoding thread gives ~140 images/s of these, ten times what the step consumes; more
-    # (AUTOTUNE) only compete with XLA for the two cores (13-15 vs 15-16.5 img/s measured).
+    # One decoding thread keeps far ahead of the step on these small images; more (AUTOTUNE) only
+    # compete with XLA for the CPU cores (docs/benchmarks.md#behind-the-code).
     d.num_parallel_calls = 1
     d.max_boxes = 16
 

@@ -5,19 +5,17 @@
 
 The shapes model on 16 training images of about 100 px, batch 4, a few steps. Not a model to use.
 The tests compare runs on other device and process counts parameter by parameter, which fixes
-two choices (measured on a 16-image folder, 1 vs 4 devices, 10 steps):
+two choices (the runs behind them: docs/benchmarks.md#behind-the-code):
   * frozen BatchNorm (running statistics, as every model-zoo row): with batch statistics the
-    cross-device sum order moves the statistics by ~1e-7, and within a few steps a max-pool or
-    ReLU near-tie in the stem routes a gradient to another pixel (1 vs 4 devices: 1.2e-7 for six
-    steps, then 1.9e-4 at step 7); with frozen BN they stay within 1.2e-7 through step 10.
+    cross-device sum order moves the statistics by rounding, and within a few steps a max-pool
+    or ReLU near-tie in the stem routes a gradient to another pixel;
   * SGD, not the demo's AdamW: SGD's update is linear in the gradient, so reduction-order rounding
-    stays at rounding size; AdamW's g / (sqrt(v) + eps) turned it into 1e-4 differences of
-    near-zero-gradient biases.
+    stays at rounding size; AdamW's g / (sqrt(v) + eps) magnifies it in near-zero-gradient biases.
 """
 
 from pathlib import Path
 
-from fcos_jax.config_io import load_config
+from fcos_jax.config import load_config
 
 
 def get_config():

@@ -28,7 +28,7 @@ defaults (train.py, engine.py, fcos.py):
   * `--amp` (float16 autocast on GPU) has no float32 equivalent: this row trains in float32.
 """
 
-from fcos_jax import config_base
+from fcos_jax.config import base as config_base
 
 
 def get_config():

@@ -4,9 +4,9 @@
     for dets in detector(["a.jpg", rgb_array]):
         dets["boxes"], dets["scores"], dets["names"]  # boxes: [N, 4] xyxy, original pixels
 
-Images go through `fcos_jax.preprocess` (the mode's reference transform, padded to a multiple of
-32, or with `data.eval_pad = 'canvas'` into the smallest canvas that holds them, as evaluation
-pads: `fcos_jax.canvas`), images of equal padded shape are batched, each batch is split over
+Images go through `fcos_jax.data.preprocess` (the mode's reference transform, padded to a multiple
+of 32, or with `data.eval_pad = 'canvas'` into the smallest canvas that holds them, as evaluation
+pads: `fcos_jax.data.canvas`), images of equal padded shape are batched, each batch is split over
 this process's devices, and the forward pass and the post-processing run as two jitted programs
 per padded shape, each device on its own images (compiled once;
 `test.compilation_cache_dir` or JAX's own `JAX_COMPILATION_CACHE_DIR` keeps compilations across
@@ -23,19 +23,15 @@ import jax
 import ml_collections
 import numpy as np
 
-from fcos_jax import (
-    canvas,
-    checkpoint,
-    compile_cache,
-    compile_options,
-    config_check,
-    postprocess,
-    preprocess,
-    sharding,
-)
-from fcos_jax.classes import ClassList, class_list, from_meta, resolve_num_classes
-from fcos_jax.config_io import load_config
+from fcos_jax.checkpoint import store
+from fcos_jax.config import check as config_check
+from fcos_jax.config import load_config
+from fcos_jax.config.classes import ClassList, class_list, from_meta, resolve_num_classes
+from fcos_jax.data import canvas, preprocess
+from fcos_jax.detection import postprocess
 from fcos_jax.models import build_model
+from fcos_jax.parallel import sharding
+from fcos_jax.utils import compile_cache, compile_options
 
 PyTree = Any
 ImageSource = preprocess.ImageSource
@@ -147,7 +143,7 @@ class Detector:
         else:
             config = config_or_path
         compile_cache.enable_from_config(config, compilation_cache_dir)
-        variables, meta = checkpoint.restore_inference(
+        variables, meta = store.restore_inference(
             checkpoint_path, config, allow_other_config_name=allow_other_config_name
         )
         classes = from_meta(meta, str(checkpoint_path)) if "classes" in meta else None
@@ -156,7 +152,7 @@ class Detector:
     # ----------------------------------------------------------------------------------------
 
     def preprocess(self, image: ImageSource, name: str = "image") -> dict[str, np.ndarray]:
-        """One image -> `fcos_jax.preprocess.preprocess` output for this detector's config, its
+        """One image -> `fcos_jax.data.preprocess.preprocess` output for this detector's config, its
         image zero padded into its canvas in canvas mode (`data.eval_pad = 'canvas'`)."""
         item = preprocess.preprocess(image, self.config.preprocess, name=name)
         if self.canvases is not None:

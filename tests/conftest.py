@@ -36,7 +36,7 @@ def mmdet_r50_gn_v1(tmp_path_factory):
     from subprocess_cli import run_module
 
     from fcos_jax.compare import mmdet_settings
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
 
     tmp = tmp_path_factory.mktemp("mmdet_r50_gn_v1")
     config_path = REPO / "configs" / "fcos_r50_caffe_fpn_gn_1x.py"

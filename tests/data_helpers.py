@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from fcos_jax import config_base
+from fcos_jax.config import base as config_base
 
 
 def natural_image(h: int, w: int, seed: int) -> np.ndarray:
@@ -17,10 +17,10 @@ def natural_image(h: int, w: int, seed: int) -> np.ndarray:
     coarse = rng.uniform(0, 255, size=(h // 16 + 2, w // 16 + 2, 3)).astype(np.float32)
     img = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
     for _ in range(5):
-        centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        center = (int(rng.integers(0, w)), int(rng.integers(0, h)))
         axes = (int(rng.integers(3, w // 3 + 4)), int(rng.integers(3, h // 3 + 4)))
-        colour = [float(c) for c in rng.uniform(0, 255, 3)]
-        cv2.ellipse(img, centre, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1)
+        color = [float(c) for c in rng.uniform(0, 255, 3)]
+        cv2.ellipse(img, center, axes, float(rng.uniform(0, 180)), 0, 360, color, -1)
     img += rng.normal(0, 6, img.shape).astype(np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)
 

@@ -1,6 +1,7 @@
 """Plain-Python references of the detection test paths (docs/modes.md §2.5, §3.5, §4.5 and §5),
 written with loops over float32 scalars, and random head outputs that exercise them.
-Shared by the tests of `fcos_jax.postprocess`, `fcos_jax.nms` and `fcos_jax.mmdet_reference`."""
+Shared by the tests of `fcos_jax.detection.postprocess`, `fcos_jax.detection.nms` and
+`fcos_jax.compare.mmdet_reference`."""
 
 import math
 

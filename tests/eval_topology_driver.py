@@ -20,14 +20,14 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     settings = json.loads(Path(sys.argv[1]).read_text())
     process_id = int(sys.argv[2]) if len(sys.argv) > 2 else 0
-    from fcos_jax import sharding
+    from fcos_jax.parallel import sharding
 
     if settings.get("num_processes", 1) > 1:
         sharding.initialize_distributed(
             settings["coordinator"], settings["num_processes"], process_id
         )
-    from fcos_jax import eval_lib
-    from fcos_jax.config_io import load_config
+    from fcos_jax.config import load_config
+    from fcos_jax.evaluation import evaluator
 
     config = load_config(REPO / settings["config"])
     overrides = dict(settings["overrides"])
@@ -44,7 +44,7 @@ def main() -> None:
     for batch_size in settings["batch_sizes"]:
         config.test.batch_size = batch_size
         results = out / f"results_{batch_size}.json"
-        stats = eval_lib.evaluate_checkpoint(config, settings["checkpoint"], results_path=results)
+        stats = evaluator.evaluate_checkpoint(config, settings["checkpoint"], results_path=results)
         if process_id == 0:
             (out / f"stats_{batch_size}.json").write_text(json.dumps(stats))
 

@@ -13,9 +13,9 @@ import sys
 import numpy as np
 
 INPUTS = ("images", "image_hw", "original_hw", "scale")
-# What fcos_jax.compile_options.compiler_options() gives on CPU, written out (this client never
-# imports fcos_jax; tests/test_export.py checks the two agree): compiled with them the artifact
-# runs the same XLA program as Detector, so its detections equal Detector's to rounding.
+# What fcos_jax.utils.compile_options.compiler_options() gives on CPU, written out (this client
+# never imports fcos_jax; tests/test_export.py checks the two agree): compiled with them the
+# artifact runs the same XLA program as Detector, so its detections equal Detector's to rounding.
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": (
         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import torch
 
-from fcos_jax import mmdet_reference
+from fcos_jax.compare import mmdet_reference
 from fcos_jax.testing.images import natural_image
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}

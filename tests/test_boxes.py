@@ -1,4 +1,5 @@
-"""boxes.py against hand-computed values (with and without the +1 convention) and torchvision."""
+"""detection/boxes.py against hand-computed values (with and without the +1 convention) and
+torchvision."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from fcos_jax import boxes as B
+from fcos_jax.detection import boxes as B
 
 F32 = np.float32
 

@@ -1,5 +1,5 @@
-"""fcos_jax.checkpoint: converted and training checkpoints, inference restore, mismatch errors,
-checksums and damaged steps."""
+"""fcos_jax.checkpoint.store: converted and training checkpoints, inference restore, mismatch
+errors, checksums and damaged steps."""
 
 import hashlib
 import json
@@ -21,7 +21,8 @@ from damage_helpers import (
 )
 from flax import traverse_util
 
-from fcos_jax import checkpoint, config_base
+from fcos_jax.checkpoint import store
+from fcos_jax.config import base as config_base
 
 
 def tiny_config(**head):
@@ -40,7 +41,7 @@ def tiny_config(**head):
 
 def random_variables(config, seed=0):
     rng = np.random.default_rng(seed)
-    shapes = checkpoint.abstract_variables(config.model)
+    shapes = store.abstract_variables(config.model)
     return jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), shapes)
 
 
@@ -55,27 +56,27 @@ def converted_dir(tmp_path_factory):
     config = tiny_config()
     variables = random_variables(config)
     directory = tmp_path_factory.mktemp("converted")
-    meta = checkpoint.make_meta(config, "test: random")
-    root = checkpoint.save_converted(directory, variables["params"], variables["batch_stats"], meta)
+    meta = store.make_meta(config, "test: random")
+    root = store.save_converted(directory, variables["params"], variables["batch_stats"], meta)
     assert root == directory / "checkpoints" and (root / "0").is_dir()
     return directory, variables
 
 
 def test_save_converted_then_restore_inference_round_trips(converted_dir):
     directory, variables = converted_dir
-    restored, meta = checkpoint.restore_inference(directory, tiny_config())
+    restored, meta = store.restore_inference(directory, tiny_config())
     assert_trees_equal(restored, variables)
     assert isinstance(restored["params"]["bbox_head"]["scales_0"]["scale"], jax.Array)
     assert restored["params"]["bbox_head"]["scales_0"]["scale"].shape == ()
     assert meta["config_name"] == "tiny" and meta["source"] == "test: random"
-    assert meta["format_version"] == checkpoint.FORMAT_VERSION
+    assert meta["format_version"] == store.FORMAT_VERSION
     assert meta["parts"] == ["backbone", "neck", "bbox_head"]
     assert meta["classes"][:2] == [[1, "person"], [2, "bicycle"]] and len(meta["classes"]) == 80
 
 
 def test_restore_inference_accepts_the_checkpoints_directory_itself(converted_dir):
     directory, variables = converted_dir
-    restored, _ = checkpoint.restore_inference(directory / "checkpoints", tiny_config())
+    restored, _ = store.restore_inference(directory / "checkpoints", tiny_config())
     assert_trees_equal(restored, variables)
 
 
@@ -84,8 +85,8 @@ def test_checkpoint_of_another_model_is_refused_naming_path_keys_and_shapes(conv
     other = tiny_config(norm="none", num_classes=80)
     other.model.fpn.out_channels = 32
     other.name = "other"
-    with pytest.raises(checkpoint.CheckpointError) as info:
-        checkpoint.restore_inference(directory, other)
+    with pytest.raises(store.CheckpointError) as info:
+        store.restore_inference(directory, other)
     message = str(info.value)
     assert message.startswith(str(directory / "checkpoints" / "0"))
     assert "'other'" in message and "'tiny'" in message
@@ -98,32 +99,32 @@ def test_backbone_only_checkpoint_is_refused_for_inference(tmp_path):
     config = tiny_config()
     variables = random_variables(config)
     backbone_only = {k: {"backbone": v["backbone"]} for k, v in variables.items()}
-    meta = checkpoint.make_meta(config, "backbone: r18.pth", parts=("backbone",))
-    checkpoint.save_converted(tmp_path, backbone_only["params"], backbone_only["batch_stats"], meta)
-    with pytest.raises(checkpoint.CheckpointError, match="holds only backbone weights.*init_from"):
-        checkpoint.restore_inference(tmp_path, config)
+    meta = store.make_meta(config, "backbone: r18.pth", parts=("backbone",))
+    store.save_converted(tmp_path, backbone_only["params"], backbone_only["batch_stats"], meta)
+    with pytest.raises(store.CheckpointError, match="holds only backbone weights.*init_from"):
+        store.restore_inference(tmp_path, config)
     # ... but its weights restore as stored, for config.init_from.
-    restored, meta = checkpoint.restore_weights(tmp_path)
+    restored, meta = store.restore_weights(tmp_path)
     assert_trees_equal(restored, backbone_only)
     assert meta["parts"] == ["backbone"]
 
 
 def test_save_converted_refuses_a_non_empty_directory(converted_dir):
     directory, variables = converted_dir
-    with pytest.raises(checkpoint.CheckpointError, match="already exists"):
-        checkpoint.save_converted(directory, variables["params"], variables["batch_stats"], {})
+    with pytest.raises(store.CheckpointError, match="already exists"):
+        store.save_converted(directory, variables["params"], variables["batch_stats"], {})
 
 
 def test_path_without_checkpoint_is_named(tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match=f"{tmp_path}/nothing: no such"):
-        checkpoint.restore_inference(tmp_path / "nothing", tiny_config())
-    with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint directory"):
-        checkpoint.restore_inference(tmp_path, tiny_config())
+    with pytest.raises(store.CheckpointError, match=f"{tmp_path}/nothing: no such"):
+        store.restore_inference(tmp_path / "nothing", tiny_config())
+    with pytest.raises(store.CheckpointError, match="not a checkpoint directory"):
+        store.restore_inference(tmp_path, tiny_config())
 
 
 def test_meta_refuses_class_list_that_does_not_fit_the_head():
-    with pytest.raises(checkpoint.CheckpointError, match="has 80 classes.*num_classes is 3"):
-        checkpoint.make_meta(tiny_config(num_classes=3), "x")
+    with pytest.raises(store.CheckpointError, match="has 80 classes.*num_classes is 3"):
+        store.make_meta(tiny_config(num_classes=3), "x")
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,7 @@ def training_workdir(tmp_path_factory):
     config = tiny_config()
     workdir = tmp_path_factory.mktemp("workdir")
     tx = optax.sgd(0.1, momentum=0.9)
-    manager = checkpoint.checkpoint_manager(workdir, max_to_keep=3)
+    manager = store.checkpoint_manager(workdir, max_to_keep=3)
     states = {}
     for step, seed in ((10, 1), (20, 2)):
         variables = random_variables(config, seed)
@@ -140,8 +141,8 @@ def training_workdir(tmp_path_factory):
         opt_shapes = jax.eval_shape(tx.init, variables["params"])
         opt_state = jax.tree.map(lambda x, s=seed: np.full(x.shape, s, x.dtype), opt_shapes)
         data_state = {"epoch": step // 10, "position": step}
-        meta = checkpoint.make_meta(config, "training")
-        checkpoint.save(
+        meta = store.make_meta(config, "training")
+        store.save(
             manager,
             step,
             variables["params"],
@@ -158,21 +159,21 @@ def training_workdir(tmp_path_factory):
 
 def test_restore_inference_takes_latest_step_of_a_training_workdir(training_workdir):
     workdir, config, _, states = training_workdir
-    restored, meta = checkpoint.restore_inference(workdir, config)
+    restored, meta = store.restore_inference(workdir, config)
     assert_trees_equal(restored, states[20][0])
     assert meta["source"] == "training"
 
 
 def test_restore_training_returns_the_full_train_state(training_workdir):
     workdir, config, tx, states = training_workdir
-    shapes = checkpoint.abstract_variables(config.model)
+    shapes = store.abstract_variables(config.model)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = lambda tree: jax.tree.map(  # noqa: E731
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
     )
     abstract_opt = abstract(jax.eval_shape(tx.init, shapes["params"]))
-    manager = checkpoint.checkpoint_manager(workdir, create=False)
-    step, restored, damaged = checkpoint.restore_training(
+    manager = store.checkpoint_manager(workdir, create=False)
+    step, restored, damaged = store.restore_training(
         manager, abstract(shapes["params"]), abstract(shapes["batch_stats"]), abstract_opt
     )
     variables, opt_state, data_state = states[20]
@@ -185,15 +186,15 @@ def test_restore_training_returns_the_full_train_state(training_workdir):
 
 
 def test_restore_training_of_a_fresh_workdir_is_none(tmp_path):
-    manager = checkpoint.checkpoint_manager(tmp_path)
-    assert checkpoint.restore_training(manager, {}, {}, {}) is None
+    manager = store.checkpoint_manager(tmp_path)
+    assert store.restore_training(manager, {}, {}, {}) is None
 
 
 def test_restore_training_of_a_converted_directory_names_missing_items(converted_dir):
     directory, _ = converted_dir
-    manager = checkpoint.checkpoint_manager(directory, create=False)
-    with pytest.raises(checkpoint.CheckpointError, match="lacks the item.*opt_state, data_state"):
-        checkpoint.restore_training(manager, {}, {}, {})
+    manager = store.checkpoint_manager(directory, create=False)
+    with pytest.raises(store.CheckpointError, match="lacks the item.*opt_state, data_state"):
+        store.restore_training(manager, {}, {}, {})
 
 
 # --- checksums: what was saved is what is restored, or the step is named -----------------------
@@ -238,13 +239,13 @@ def test_a_damaged_newest_step_is_named_and_the_step_before_it_is_used(damaged_c
     step_dir = workdir / "checkpoints" / "20"
     DAMAGE[how](step_dir)
     with caplog.at_level(logging.WARNING):
-        restored, _ = checkpoint.restore_inference(workdir, config)
+        restored, _ = store.restore_inference(workdir, config)
     assert_trees_equal(restored, states[10][0])
     assert re.search(rf"{step_dir}: checkpoint step 20 is damaged: array params/\S+", caplog.text)
     assert "using step 10, the newest intact step" in caplog.text
     # Given the step itself: one line naming the step and the array, no fallback.
-    with pytest.raises(checkpoint.CheckpointDamagedError) as info:
-        checkpoint.restore_inference(step_dir, config)
+    with pytest.raises(store.CheckpointDamagedError) as info:
+        store.restore_inference(step_dir, config)
     assert re.match(
         rf"{step_dir}: checkpoint step 20 is damaged: array params/\S+", str(info.value)
     )
@@ -256,21 +257,21 @@ def test_values_that_differ_from_their_checksum_name_the_array(tmp_path, monkeyp
     that still decompresses): recorded here by hashing other values than those saved."""
     config = tiny_config()
     variables = random_variables(config)
-    hash_of = checkpoint.integrity.checksums
+    hash_of = store.integrity.checksums
 
     def altered_checksums(arrays, json_items):
         changed = jax.tree.map(np.copy, arrays)
         changed["params"]["bbox_head"]["conv_cls"]["bias"][3] += 1e-3
         return hash_of(changed, json_items)
 
-    monkeypatch.setattr(checkpoint.integrity, "checksums", altered_checksums)
-    meta = checkpoint.make_meta(config, "test")
-    checkpoint.save_converted(tmp_path, variables["params"], variables["batch_stats"], meta)
+    monkeypatch.setattr(store.integrity, "checksums", altered_checksums)
+    meta = store.make_meta(config, "test")
+    store.save_converted(tmp_path, variables["params"], variables["batch_stats"], meta)
     with pytest.raises(
-        checkpoint.CheckpointDamagedError,
+        store.CheckpointDamagedError,
         match=r"step 0 is damaged: array params/bbox_head/conv_cls/bias differs from its checksum",
     ):
-        checkpoint.restore_weights(tmp_path)
+        store.restore_weights(tmp_path)
 
 
 @pytest.mark.parametrize("file", ["meta/metadata", "params/_METADATA", "checksums/metadata"])
@@ -279,11 +280,11 @@ def test_garbage_in_a_json_file_of_a_step_names_the_file(damaged_copy, file, cap
     step_dir = workdir / "checkpoints" / "20"
     write_garbage(step_dir / file)
     with caplog.at_level(logging.WARNING):
-        restored, _ = checkpoint.restore_inference(workdir, config)
+        restored, _ = store.restore_inference(workdir, config)
     assert_trees_equal(restored, states[10][0])
     assert f"{step_dir / file}: not valid JSON" in caplog.text
-    with pytest.raises(checkpoint.CheckpointDamagedError, match=f"{step_dir / file}: not valid"):
-        checkpoint.restore_weights(step_dir)
+    with pytest.raises(store.CheckpointDamagedError, match=f"{step_dir / file}: not valid"):
+        store.restore_weights(step_dir)
 
 
 def test_an_edited_meta_differs_from_its_checksum(damaged_copy):
@@ -291,17 +292,17 @@ def test_an_edited_meta_differs_from_its_checksum(damaged_copy):
     path = workdir / "checkpoints" / "20" / "meta" / "metadata"
     meta = json.loads(path.read_text())
     path.write_text(json.dumps(dict(meta, config_name="edited")))
-    with pytest.raises(checkpoint.CheckpointDamagedError, match="meta differs from its checksum"):
-        checkpoint.restore_weights(workdir, 20)
+    with pytest.raises(store.CheckpointDamagedError, match="meta differs from its checksum"):
+        store.restore_weights(workdir, 20)
 
 
 def test_a_training_restore_skips_damaged_steps_and_reports_them(damaged_copy):
     workdir, config, states = damaged_copy
     truncate(largest_array_file(workdir / "checkpoints" / "20"))
-    shapes = checkpoint.abstract_variables(config.model)
+    shapes = store.abstract_variables(config.model)
     opt_shapes = jax.eval_shape(optax.sgd(0.1, momentum=0.9).init, shapes["params"])
-    manager = checkpoint.checkpoint_manager(workdir, create=False)
-    step, restored, damaged = checkpoint.restore_training(
+    manager = store.checkpoint_manager(workdir, create=False)
+    step, restored, damaged = store.restore_training(
         manager, shapes["params"], shapes["batch_stats"], opt_shapes
     )
     assert step == 10 and [s for s, _ in damaged] == [20]
@@ -309,9 +310,9 @@ def test_a_training_restore_skips_damaged_steps_and_reports_them(damaged_copy):
     assert_trees_equal(restored["opt_state"], states[10][1])
     truncate(largest_array_file(workdir / "checkpoints" / "10", "params"))
     with pytest.raises(
-        checkpoint.CheckpointDamagedError, match=r"every checkpoint step is damaged \(20, 10\)"
+        store.CheckpointDamagedError, match=r"every checkpoint step is damaged \(20, 10\)"
     ):
-        checkpoint.restore_training(manager, shapes["params"], shapes["batch_stats"], opt_shapes)
+        store.restore_training(manager, shapes["params"], shapes["batch_stats"], opt_shapes)
 
 
 def test_a_step_written_before_checksums_loads_with_a_warning(tmp_path, caplog):
@@ -319,7 +320,7 @@ def test_a_step_written_before_checksums_loads_with_a_warning(tmp_path, caplog):
     values as stored. A format-2 step without its checksums is damaged."""
     config = tiny_config()
     variables = random_variables(config, seed=9)
-    meta = dict(checkpoint.make_meta(config, "before checksums"), format_version=1)
+    meta = dict(store.make_meta(config, "before checksums"), format_version=1)
     handlers = {
         "params": ocp.StandardCheckpointHandler(),
         "batch_stats": ocp.StandardCheckpointHandler(),
@@ -338,16 +339,16 @@ def test_a_step_written_before_checksums_loads_with_a_warning(tmp_path, caplog):
     manager.wait_until_finished()
     manager.close()
     with caplog.at_level(logging.WARNING):
-        restored, _ = checkpoint.restore_inference(tmp_path / "old", config)
+        restored, _ = store.restore_inference(tmp_path / "old", config)
     assert_trees_equal(restored, variables)
     assert f"{root / '3'}: written before checkpoints carried checksums" in caplog.text
     current = tmp_path / "current"
-    checkpoint.save_converted(
-        current, variables["params"], variables["batch_stats"], checkpoint.make_meta(config, "x")
+    store.save_converted(
+        current, variables["params"], variables["batch_stats"], store.make_meta(config, "x")
     )
     shutil.rmtree(current / "checkpoints" / "0" / "checksums")
-    with pytest.raises(checkpoint.CheckpointDamagedError, match="checksums item is missing"):
-        checkpoint.restore_inference(current, config)
+    with pytest.raises(store.CheckpointDamagedError, match="checksums item is missing"):
+        store.restore_inference(current, config)
 
 
 # --- a checkpoint of another config -------------------------------------------------------------
@@ -357,15 +358,15 @@ def test_a_checkpoint_of_another_config_name_is_refused_unless_allowed(converted
     directory, variables = converted_dir
     renamed = tiny_config()
     renamed.name = "renamed"
-    with pytest.raises(checkpoint.CheckpointError) as info:
-        checkpoint.restore_inference(directory, renamed)
+    with pytest.raises(store.CheckpointError) as info:
+        store.restore_inference(directory, renamed)
     message = str(info.value)
     assert "holds a checkpoint of config 'tiny', not 'renamed'" in message
     assert "allow_other_config_name" in message and "\n" not in message
-    restored, meta = checkpoint.restore_inference(directory, renamed, allow_other_config_name=True)
+    restored, meta = store.restore_inference(directory, renamed, allow_other_config_name=True)
     assert_trees_equal(restored, variables)
     assert meta["config_name"] == "tiny"
     # Another architecture is refused whatever the name.
     other = tiny_config(feat_channels=8)
-    with pytest.raises(checkpoint.CheckpointError, match="does not fit the model"):
-        checkpoint.restore_inference(directory, other, allow_other_config_name=True)
+    with pytest.raises(store.CheckpointError, match="does not fit the model"):
+        store.restore_inference(directory, other, allow_other_config_name=True)

@@ -1,11 +1,11 @@
-"""fcos_jax.checkpoint_integrity: digests, what a comparison reports, TensorStore's read errors."""
+"""fcos_jax.checkpoint.integrity: digests, what a comparison reports, TensorStore's read errors."""
 
 import hashlib
 
 import numpy as np
 import optax
 
-from fcos_jax import checkpoint_integrity as integrity
+from fcos_jax.checkpoint import integrity
 
 
 def test_array_digest_is_sha256_of_dtype_shape_and_c_order_bytes():

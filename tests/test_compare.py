@@ -1,7 +1,8 @@
 """`python -m fcos_jax.compare --format mmdet`: random mmdet checkpoints (tests/mmdet_random.py)
-through the mmdet reference (fcos_jax/mmdet_reference.py, pinned in test_mmdet_reference.py) and
-our converted model, per level and end to end; a perturbed tensor fails naming its level; bad
-input exits 2 with one line. The torchvision mode's CLI is tested in test_torchvision_parity.py.
+through the mmdet reference (fcos_jax/compare/mmdet_reference.py, pinned in
+test_mmdet_reference.py) and our converted model, per level and end to end; a perturbed tensor
+fails naming its level; bad input exits 2 with one line. The torchvision mode's CLI is tested in
+test_torchvision_parity.py.
 
 Images are 97 x 130 at scale (160, 128) (X-101: (96, 64)), so each model compiles in seconds.
 """
@@ -16,7 +17,7 @@ from mmdet_random import COMPARE_SCALE, mmdet_checkpoint, mmdet_fcos_shapes
 from subprocess_cli import REPO, run_module
 
 from fcos_jax import compare
-from fcos_jax.config_io import load_config
+from fcos_jax.config import load_config
 
 CONFIGS = REPO / "configs"
 R50_NO_GN = CONFIGS / "fcos_r50_caffe_fpn_1x.py"

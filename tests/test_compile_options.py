@@ -11,8 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from fcos_jax import compile_options, eval_lib, inference, postprocess, sharding, train_lib
-from fcos_jax.config_io import load_config
+from fcos_jax import inference
+from fcos_jax.config import load_config
+from fcos_jax.detection import postprocess
+from fcos_jax.evaluation import evaluator
+from fcos_jax.parallel import sharding
+from fcos_jax.training import train_step
+from fcos_jax.utils import compile_options
 
 CPU = jax.devices("cpu")[0]  # the options are XLA:CPU's; every JAX install has this backend
 CPU_OPTIONS = compile_options.compiler_options("cpu")
@@ -107,7 +112,7 @@ def test_train_eval_and_inference_programs_are_compiled_with_the_options(bogus_o
     n = jax.device_count()
     image = jax.ShapeDtypeStruct((n, 64, 64, 3), jnp.float32)
 
-    step = train_lib.jit_train_step(lambda state, batch: (state, {"loss": batch.sum()}), mesh)
+    step = train_step.jit_train_step(lambda state, batch: (state, {"loss": batch.sum()}), mesh)
     assert compiles_with_the_options(step, {"w": jnp.ones(2)}, jnp.ones((n, 2)))
 
     model_json = config.model.to_json(sort_keys=True)
@@ -124,4 +129,4 @@ def test_train_eval_and_inference_programs_are_compiled_with_the_options(bogus_o
     batch = dict(image=image, image_hw=pair, scale=pair, original_hw=pair)
     batch.update(image_id=jax.ShapeDtypeStruct((n,), jnp.int32))
     batch.update(example_valid=jax.ShapeDtypeStruct((n,), jnp.bool_))
-    assert compiles_with_the_options(eval_lib.make_predict_step(config, mesh), variables, batch)
+    assert compiles_with_the_options(evaluator.make_predict_step(config, mesh), variables, batch)

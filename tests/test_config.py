@@ -1,6 +1,7 @@
-"""The configs and their one check (fcos_jax/config_check.py): every row loads through both
-loaders and passes; old `train.*` names, typos and disagreeing conventions are refused in one
-line, in a config file and on the command line (exit 2)."""
+"""The configs and their one check (fcos_jax/config/check.py): every row loads through both
+loaders and passes; unknown fields and disagreeing conventions are refused in one line, in a
+config file and on the command line (exit 2). Modules are built from their config groups
+(fcos_jax/config/groups.py)."""
 
 import subprocess
 import sys
@@ -10,8 +11,13 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from fcos_jax import config_base, config_check, inference, modes
-from fcos_jax.config_io import load_config
+from fcos_jax import inference
+from fcos_jax.config import base as config_base
+from fcos_jax.config import check as config_check
+from fcos_jax.config import load_config, modes
+from fcos_jax.config.groups import kwargs_for
+from fcos_jax.models import build_model
+from fcos_jax.models.resnet import ResNet
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
@@ -30,25 +36,11 @@ def test_every_config_loads_and_passes_the_check_through_both_loaders(path):
     assert config.legacy_plus_one == modes.LEGACY_PLUS_ONE[config.test.postprocess]
 
 
-def test_moved_fields_name_their_new_place_and_exist_only_there():
-    fields = set(config_check._leaf_paths(config_base.get_base_config()))
-    assert len(config_check.MOVED) == 29  # of the 40 train fields, 11 stay (the loop)
-    for old, new in config_check.MOVED.items():
-        assert old not in fields and new in fields
-        assert config_check.moved_message(old) == f"config.{old} moved to config.{new}"
-    assert len([f for f in fields if f.startswith("train.")]) == 11
-
-
 def _base():
     return config_base.get_base_config()
 
 
-def test_old_names_and_typos_are_refused_naming_the_field():
-    config = _base()
-    config.train.base_lr = 0.02
-    moved = r"^config\.train\.base_lr moved to config\.optim\.base_lr$"
-    with pytest.raises(ValueError, match=moved):
-        config_check.check(config)
+def test_typos_are_refused_naming_the_field():
     config = _base()
     config.loss.bbox_los = "giou"
     with pytest.raises(ValueError, match=r"^config\.loss\.bbox_los: no such field$"):
@@ -105,13 +97,13 @@ def test_the_detector_refuses_a_disagreeing_config():
         inference.Detector(config, {})
 
 
-def test_a_config_file_setting_an_old_name_is_refused_with_its_path(tmp_path):
+def test_a_config_file_setting_an_unknown_field_is_refused_with_its_path(tmp_path):
     path = tmp_path / "old.py"
     path.write_text(
-        "from fcos_jax import config_base\n\n\ndef get_config():\n"
-        "    c = config_base.get_base_config()\n    c.train.flip_ratio = 0.0\n    return c\n"
+        "from fcos_jax.config import base\n\n\ndef get_config():\n"
+        "    c = base.get_base_config()\n    c.train.flip_ratio = 0.0\n    return c\n"
     )
-    with pytest.raises(ValueError, match=f"^{path}: config.train.flip_ratio moved to config."):
+    with pytest.raises(ValueError, match=f"^{path}: config.train.flip_ratio: no such field$"):
         load_config(path)
 
 
@@ -121,27 +113,17 @@ def _run(*args):
     )
 
 
-@pytest.mark.parametrize("tool", ["train.py", "eval.py"])
-def test_an_old_name_on_the_command_line_fails_in_one_line_with_exit_2(tool):
-    where = "--workdir=/nonexistent" if tool == "train.py" else "--checkpoint=/nonexistent"
-    run = _run(tool, "--config=configs/shapes.py", where, "--config.train.base_lr=0.02")
-    assert run.returncode == 2
-    assert run.stderr.strip().splitlines() == [
-        "error: config.train.base_lr moved to config.optim.base_lr (--config.train.base_lr)"
-    ]
-
-
-def test_a_config_file_with_an_old_name_fails_in_one_line_with_exit_2(tmp_path):
+def test_a_config_file_with_an_unknown_field_fails_in_one_line_with_exit_2(tmp_path):
     path = tmp_path / "old.py"
     path.write_text(
-        "from fcos_jax import config_base\n\n\ndef get_config():\n"
-        "    c = config_base.get_base_config()\n"
+        "from fcos_jax.config import base\n\n\ndef get_config():\n"
+        "    c = base.get_base_config()\n"
         "    c.train.assigner = 'torchvision'\n    return c\n"
     )
     run = _run("eval.py", f"--config={path}", "--checkpoint=/nonexistent")
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
-        f"error: {path}: config.train.assigner moved to config.targets.assigner"
+        f"error: {path}: config.train.assigner: no such field"
     ]
 
 
@@ -159,3 +141,23 @@ def test_a_missing_field_and_a_mismatch_on_the_command_line_fail_in_one_line():
     assert mismatch.returncode == 2
     (line,) = mismatch.stderr.strip().splitlines()
     assert "config.legacy_plus_one=True" in line and "config.test.postprocess='mmdet_v3'" in line
+
+
+def test_each_model_part_takes_every_field_its_config_group_names():
+    config = _base()
+    config.model.backbone.depth, config.model.fpn.out_channels = 101, 128
+    config.model.head.strides = [8, 16, 32, 64, 128]  # as a config read back from JSON
+    model = build_model(config.model)
+    parts = (("backbone", model.backbone), ("fpn", model.neck), ("head", model.bbox_head))
+    for group, module in parts:
+        for name, value in config.model[group].items():
+            if name != "norm_trainable":  # the optimizer's field, not the backbone's
+                expected = tuple(value) if isinstance(value, list | tuple) else value
+                assert getattr(module, name) == expected, f"model.{group}.{name}"
+    assert model.bbox_head.strides == (8, 16, 32, 64, 128)
+
+
+def test_a_field_two_config_groups_set_must_be_given():
+    config = _base()
+    with pytest.raises(ValueError, match="ResNet.norm: set by two config groups"):
+        kwargs_for(ResNet, config.model.backbone, config.model.head)

@@ -14,8 +14,8 @@ import torchvision
 from mmdet_random import mmdet_fcos_shapes, random_state_dict, resnet_shapes
 from subprocess_cli import REPO, run_module
 
-from fcos_jax import checkpoint
-from fcos_jax.config_io import load_config
+from fcos_jax.checkpoint import store
+from fcos_jax.config import load_config
 from fcos_jax.convert import ConversionError, convert_state_dict, describe, read_state_dict
 
 CONFIGS = REPO / "configs"
@@ -48,7 +48,7 @@ def test_cli_converts_mmdet_v1_file_keeping_its_bn_counters(mmdet_r50_gn_v1):
 
 
 def test_converted_meta_holds_coco_class_list_in_channel_order(mmdet_r50_gn_v1):
-    _, meta = checkpoint.restore_inference(mmdet_r50_gn_v1["output"], load_config(R50_GN))
+    _, meta = store.restore_inference(mmdet_r50_gn_v1["output"], load_config(R50_GN))
     assert meta["config_name"] == "fcos_r50_caffe_fpn_gn_1x"
     assert "fcos_r50_caffe_fpn_gn_1x_4gpu.pth" in meta["source"]
     assert len(meta["classes"]) == 80
@@ -66,7 +66,7 @@ def test_converted_meta_holds_coco_class_list_in_channel_order(mmdet_r50_gn_v1):
 
 def test_classifier_bias_is_not_rotated(mmdet_r50_gn_v1):
     # mmdet's upgrade_model_version rotates the cls bias by one; we must not (docs/modes.md §2.11).
-    variables, _ = checkpoint.restore_inference(mmdet_r50_gn_v1["output"], load_config(R50_GN))
+    variables, _ = store.restore_inference(mmdet_r50_gn_v1["output"], load_config(R50_GN))
     bias = np.asarray(variables["params"]["bbox_head"]["conv_cls"]["bias"])
     np.testing.assert_array_equal(bias, mmdet_r50_gn_v1["sd"]["bbox_head.fcos_cls.bias"].numpy())
 
@@ -89,7 +89,7 @@ def test_mmdet_v3_names_and_x101_grouped_convs_convert():
 # --- torchvision -------------------------------------------------------------------------------
 
 
-def randomised(state_dict):
+def randomized(state_dict):
     """Each float tensor replaced by distinct random values (so spot checks can tell them apart)."""
     gen = torch.Generator().manual_seed(0)
     return {
@@ -109,7 +109,7 @@ def torchvision_state_dicts():
     body = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
     backbone = _resnet_fpn_extractor(body, 3, [2, 3, 4], LastLevelP6P7(256, 256))
     frozen = torchvision.models.detection.FCOS(backbone, num_classes=91)
-    return randomised(built.state_dict()), randomised(frozen.state_dict())
+    return randomized(built.state_dict()), randomized(frozen.state_dict())
 
 
 def check_torchvision_spots(converted, sd):
@@ -180,7 +180,7 @@ def test_caffe_resnet50_backbone_converts_and_reports_untouched_parts():
 
 
 def test_torchvision_resnet50_backbone_converts_ignoring_fc():
-    sd = randomised(torchvision.models.resnet50().state_dict())
+    sd = randomized(torchvision.models.resnet50().state_dict())
     converted = convert_state_dict(sd, "backbone", load_config(TORCHVISION))
     assert converted.ignored == ("fc.bias", "fc.weight")
     np.testing.assert_array_equal(

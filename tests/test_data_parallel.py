@@ -8,8 +8,8 @@
     suppresses its own images; the detections stay split over the devices.
   * Detector: a batch split over the local devices, each running its own images.
 Each program is compiled as XLA:CPU compiles it and as an accelerator would
-(`layers.accelerator_kernels`: XLA's own convolutions only). Compiling is enough: nothing runs but
-the Detector.
+(`cpu_kernels.accelerator_kernels`: XLA's own convolutions only). Compiling is enough: nothing
+runs but the Detector.
 
 Run as a script (`XLA_FLAGS=--xla_force_host_platform_device_count=8 python
 tests/test_data_parallel.py OUT.json`) it writes what the tests assert on; the test process keeps
@@ -34,9 +34,11 @@ for path in (REPO, TESTS):  # when run as a script
 
 from test_predict import firing_variables, tiny_config  # noqa: E402
 
-from fcos_jax import collectives, communication, inference, sharding  # noqa: E402
-from fcos_jax.config_io import load_config  # noqa: E402
+from fcos_jax import inference  # noqa: E402
+from fcos_jax.config import load_config  # noqa: E402
+from fcos_jax.parallel import collectives, sharding  # noqa: E402
 from fcos_jax.testing.images import natural_image  # noqa: E402
+from fcos_jax.training import communication  # noqa: E402
 
 DEVICES = 8
 R50_GN = REPO / "configs" / "fcos_r50_caffe_fpn_gn_1x.py"

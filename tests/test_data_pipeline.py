@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from data_helpers import encode, folder_config, natural_image, random_dataset, write_coco_folder
 
-from fcos_jax import preprocess
-from fcos_jax.data import epoch_plan, pipeline
+from fcos_jax.data import epoch_plan, pipeline, preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +81,7 @@ PLANNING = ("examples", "geometry", "epoch_plan", "eval_plan")
 def test_the_planning_modules_import_no_tensorflow():
     """The plans and the test-time preprocessing they share are NumPy: importing them loads no
     TensorFlow (only the tf.data pipelines and the training pixel transforms do)."""
-    modules = ", ".join([*(f"fcos_jax.data.{name}" for name in PLANNING), "fcos_jax.preprocess"])
+    modules = ", ".join(f"fcos_jax.data.{name}" for name in (*PLANNING, "preprocess"))
     code = f"import sys; sys.path.insert(0, {str(REPO)!r}); import {modules}; "
     code += "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))"
     run = subprocess.run(

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from fcos_jax import classes
+from fcos_jax.config import classes
 from fcos_jax.data import annotations, shapes
 
 
@@ -84,7 +84,7 @@ def _isolated(boxes, k):
     return True
 
 
-def test_box_is_the_tight_extent_of_the_shape_colour():
+def test_box_is_the_tight_extent_of_the_shape_color():
     """In rendered pixels (before JPEG), the shape's colour (read at the box centre) reaches every
     side of its box and hardly appears in the 2 px ring outside it."""
     checked = 0
@@ -96,8 +96,8 @@ def test_box_is_the_tight_extent_of_the_shape_colour():
             if not _isolated(boxes, k):
                 continue
             cx, cy = x + w // 2, y + h // 2
-            colour = np.median(image[cy - 1 : cy + 2, cx - 1 : cx + 2].reshape(-1, 3), axis=0)
-            close = np.abs(image - colour).sum(-1) < 45
+            color = np.median(image[cy - 1 : cy + 2, cx - 1 : cx + 2].reshape(-1, 3), axis=0)
+            close = np.abs(image - color).sum(-1) < 45
             inside = close[y : y + h, x : x + w]
             assert inside[0].any() and inside[-1].any(), (seed, boxes[k])
             assert inside[:, 0].any() and inside[:, -1].any(), (seed, boxes[k])

@@ -5,7 +5,8 @@ import pytest
 import tensorflow_datasets as tfds
 from data_helpers import encode, folder_config, natural_image, random_dataset
 
-from fcos_jax import classes, config_base
+from fcos_jax.config import base as config_base
+from fcos_jax.config import classes
 from fcos_jax.data import coco_folder, sources, tfrecord_access
 
 # Three fake coco/2017 examples: (image id, h, w, [(label, is_crowd, (ymin, xmin, ymax, xmax))]).
@@ -42,7 +43,7 @@ def _fake_coco_source(builder, split, decoders=None, **kwargs):
     return examples
 
 
-def test_coco_2017_source_maps_labels_to_ids_and_normalised_boxes_to_pixels(tmp_path):
+def test_coco_2017_source_maps_labels_to_ids_and_normalized_boxes_to_pixels(tmp_path):
     with tfds.testing.mock_data(num_examples=3, as_data_source_fn=_fake_coco_source):
         source = sources.TfdsCocoSource("coco/2017", "train", tmp_path, tmp_path / "cache")
         assert source.classes == classes.coco_classes()

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from data_helpers import encode, natural_image
 
-from fcos_jax import preprocess
-from fcos_jax.data import epoch_plan, examples, geometry, transforms
+from fcos_jax.data import epoch_plan, examples, geometry, preprocess, transforms
 
 CAFFE_MEAN = (102.9801, 115.9465, 122.7717)
 TV_MEAN, TV_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -54,7 +53,8 @@ def test_torchvision_resized_size_floors():
 
 
 def _cv2_train_image(data, resized_hw, flip, canvas_hw, mean, std, to_rgb):
-    """Spec 7 with cv2: imread (BGR), resize INTER_LINEAR uint8, normalise, flip, zero pad."""
+    """docs/modes.md §2.7 with cv2: imread (BGR), resize INTER_LINEAR uint8, normalise, flip, zero
+    pad."""
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     img = cv2.resize(img, resized_hw[::-1], interpolation=cv2.INTER_LINEAR)
     if to_rgb:
@@ -94,7 +94,7 @@ def test_mmdet_train_image_is_within_one_level_of_cv2(hw, scale, flip):
     assert not got[nh:].any() and not got[:, nw:].any()  # zero padding bottom/right
 
 
-def test_mmdet_rgb_imagenet_normalisation_matches_cv2():
+def test_mmdet_rgb_imagenet_normalization_matches_cv2():
     mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
     data = encode(natural_image(64, 80, 3), "PNG")
     pre = _pre(mean=mean, std=std, to_rgb=True)
@@ -126,13 +126,13 @@ def test_decoded_image_size_must_match_the_index():
         _tf_train_image(data, (30, 20), (20, 30), False, (32, 32), _pre())
 
 
-@pytest.mark.parametrize("kind", ["jpeg", "jpeg444", "grey_jpeg", "png"])
+@pytest.mark.parametrize("kind", ["jpeg", "jpeg444", "gray_jpeg", "png"])
 def test_decode_image_equals_cv2_imdecode(kind):
     rgb = natural_image(48, 64, 9)
     data = {
         "jpeg": encode(rgb, "JPEG", quality=85),
         "jpeg444": encode(rgb, "JPEG", quality=95, subsampling=0),
-        "grey_jpeg": encode(rgb[..., 1], "JPEG"),
+        "gray_jpeg": encode(rgb[..., 1], "JPEG"),
         "png": encode(rgb, "PNG"),
     }[kind]
     got = transforms.decode_image(tf.constant(data)).numpy()

@@ -28,11 +28,13 @@ import jax
 import numpy as np
 import pytest
 
-from fcos_jax import compare, compile_options, eval_lib, evaluation, export, inference
-from fcos_jax.config_io import load_config
+from fcos_jax import compare, export, inference
+from fcos_jax.compare.torchvision_random import random_fcos
+from fcos_jax.config import load_config
 from fcos_jax.convert import convert_state_dict
+from fcos_jax.evaluation import coco, evaluator
 from fcos_jax.testing.images import natural_image
-from fcos_jax.testing.torchvision_random import random_fcos
+from fcos_jax.utils import compile_options
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENT = REPO / "tests" / "export_client.py"
@@ -41,9 +43,8 @@ TV_SCALE = (512, 320)
 TV_IMAGES = ((333, 500, 11), (340, 497, 12))  # resize to 320x480 and 320x467: canvas 320x512
 TINY_STEPS = 40
 # StableHLO and Detector run one XLA, but the symbolic-batch module is compiled apart from
-# Detector's jit (with the same compile options: tests/export_client.py): bit-equal on AMD EPYC
-# (Zen 3/4) and, with the options, on the Intel Xeon of 2026-12-03 (without them, YNNPACK's
-# convolutions in the client moved a box by 7.1e-4 px). Same detections in the same order.
+# Detector's jit (with the same compile options: tests/export_client.py), so the two may differ
+# by rounding on some CPUs (docs/benchmarks.md#behind-the-code). Same detections in the same order.
 STABLEHLO_RTOL = STABLEHLO_ATOL = 1e-5  # boxes in pixels, scores
 
 
@@ -249,16 +250,16 @@ def test_eval_ap_of_artifact_detections_equals_eval_on_the_checkpoint(
     for row, (image_id, _) in enumerate(tiny_model["images"]):
         found = _artifact_detections(outputs, row)
         channels = np.asarray([channel_of[int(cid)] for cid in found["labels"]], np.int32)
-        results += evaluation.detections_to_coco(
+        results += coco.detections_to_coco(
             image_id, found["boxes"], found["scores"], channels, detector.classes, False
         )
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
-    expected = eval_lib.evaluate_results_file(config, tiny_model["results"])
+    expected = evaluator.evaluate_results_file(config, tiny_model["results"])
     # The table eval.py printed for the checkpoint is these stats, rounded.
     np.testing.assert_allclose(_stats(tiny_model["table"]), list(expected.values()), atol=5e-4)
     assert list(expected.values())[1] > 0  # the checkpoint detects something (AP50)
-    found = eval_lib.evaluate_results_file(config, path)
+    found = evaluator.evaluate_results_file(config, path)
     assert found.keys() == expected.keys()
     np.testing.assert_allclose(list(found.values()), list(expected.values()), atol=1e-3)
 
@@ -356,10 +357,10 @@ def test_each_platform_of_an_artifact_holds_its_own_program(monkeypatch, tmp_pat
     cpu,cuda artifact both, behind the platform index."""
     from test_predict import firing_variables, tiny_config
 
-    from fcos_jax.models import layers
+    from fcos_jax.models import cpu_kernels
 
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 256)  # stages 3 and 4 of the R-18
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_POSITIONS", 1)
+    monkeypatch.setattr(cpu_kernels, "WINOGRAD_MIN_CHANNELS", 256)  # stages 3 and 4 of the R-18
+    monkeypatch.setattr(cpu_kernels, "WINOGRAD_MIN_POSITIONS", 1)
     config = tiny_config()
     detector = inference.Detector(config, firing_variables(config))
     canvas = (96, 160)
@@ -372,7 +373,7 @@ def test_each_platform_of_an_artifact_holds_its_own_program(monkeypatch, tmp_pat
         assert exported.platforms == platforms
         return exported.mlir_module()
 
-    with layers.accelerator_kernels():
+    with cpu_kernels.accelerator_kernels():
         accelerator = _op_counts(module(("cpu",), "accelerator_trace"))
     cpu = _op_counts(module(("cpu",), "cpu"))
     assert _op_counts(module(("cuda",), "cuda")) == accelerator

@@ -48,7 +48,7 @@ from damage_helpers import (
 )
 from subprocess_cli import REPO, cli_env, config_overrides, run_command
 
-from fcos_jax import checkpoint
+from fcos_jax.checkpoint import store
 
 TINY = "configs/tiny.py"
 
@@ -83,7 +83,7 @@ def trained(tmp_path_factory, data_dir, train_command, folder):
     workdir = tmp_path_factory.mktemp("trained")
     run = run_command(train_command(workdir, data_dir, "--config.train.num_steps=4"))
     assert run.returncode == 0, run.stderr[-3000:]
-    assert checkpoint.checkpoint_manager(workdir, create=False).all_steps() == [2, 4]
+    assert store.checkpoint_manager(workdir, create=False).all_steps() == [2, 4]
     return workdir
 
 
@@ -140,8 +140,8 @@ def contested_workdir(tmp_path_factory, trained, data_dir, train_command, folder
     named = re.search(r"finite state and loss is step (\d+)", c.stderr)
     assert named, c.stderr[-3000:]
     kept = int(named.group(1))
-    steps_after_c = checkpoint.checkpoint_manager(workdir, create=False).all_steps()
-    variables, _ = checkpoint.restore_weights(workdir, kept)
+    steps_after_c = store.checkpoint_manager(workdir, create=False).all_steps()
+    variables, _ = store.restore_weights(workdir, kept)
     d = run_command(train_command(workdir, data_dir, f"--config.train.num_steps={kept + 2}"))
     return dict(
         workdir=workdir,

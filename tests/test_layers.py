@@ -1,4 +1,4 @@
-"""layers.Conv and layers.max_pool: values and gradients against torch.nn.functional (NCHW)."""
+"""layers.Conv and cpu_kernels.max_pool: values and gradients against torch.nn.functional (NCHW)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from fcos_jax.models import layers
-from fcos_jax.models.layers import Conv, max_pool
+from fcos_jax.models import cpu_kernels
+from fcos_jax.models.cpu_kernels import max_pool
+from fcos_jax.models.layers import Conv
 
 # (height, width, in channels, out channels, kernel, stride, padding, groups): odd sizes so strided
-# outputs drop border rows; 1x1 takes `layers.pointwise` (one 2-D matrix product), larger ungrouped
-# kernels XLA's convolution and its gradients (per-tap ones inside a loop: the loop test below);
+# outputs drop border rows; 1x1 takes `cpu_kernels.pointwise` (one 2-D matrix product), larger
+# ungrouped kernels XLA's convolution and its gradients (per-tap ones inside a loop: the loop test
+# below);
 # grouped cases have ResNeXt's 3x3 shape at group widths 4, 8 and 2 -> 3 (output width unequal to
 # input width, so a transposed group layout would show): 4 and 2 -> 3 take the tap-sum path, 8 and
 # 16 XLA's convolution; grouped kernel gradients are always per tap.
@@ -32,7 +34,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_conv_value_and_gradients_match_torch(case):
     h, w, cin, cout, k, stride, padding, groups = case
-    assert layers._uses_tap_kernel_gradient(groups) == (groups > 1)
+    assert cpu_kernels._uses_tap_kernel_gradient(groups) == (groups > 1)
     check_conv_against_torch(*case)
 
 
@@ -56,7 +58,7 @@ def _lowered_gradients(case, platforms: tuple[str, ...]) -> str:
 def test_accelerator_kernels_are_xlas_own_and_match_torch(case):
     """Traced as for a GPU or TPU (`accelerator_kernels`): no per-tap kernel gradient and no tap
     sum, only XLA's convolution and its own gradients, with the same values."""
-    with layers.accelerator_kernels():
+    with cpu_kernels.accelerator_kernels():
         check_conv_against_torch(*case)
         module = _lowered_gradients(case, ("cpu",))
     assert "stablehlo.while" not in module  # no per-tap loop
@@ -83,10 +85,10 @@ def test_conv_gradients_traced_for_a_loop_match_torch(case):
     the per-tap one and ungrouped input gradients are per-tap products added into their windows:
     the same values as torch's."""
     h, w, cin, cout, k, stride, padding, groups = case
-    with layers.inside_a_loop():
-        assert layers._uses_tap_kernel_gradient(groups)
+    with cpu_kernels.inside_a_loop():
+        assert cpu_kernels._uses_tap_kernel_gradient(groups)
         check_conv_against_torch(*case)
-    assert not layers._uses_tap_kernel_gradient(1)  # the context ended
+    assert not cpu_kernels._uses_tap_kernel_gradient(1)  # the context ended
 
 
 def check_conv_against_torch(h, w, cin, cout, k, stride, padding, groups):

@@ -15,7 +15,7 @@ import torchvision
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.image_list import ImageList
 
-from fcos_jax import losses, targets
+from fcos_jax.detection import losses, targets
 
 # --- element-wise terms -------------------------------------------------------------------------
 
@@ -213,14 +213,22 @@ def encode_batch(boxes, labels, valid, features, strides, ranges, **kwargs):
     return jax.vmap(fn)(jnp.asarray(boxes), jnp.asarray(labels), jnp.asarray(valid))
 
 
-@pytest.mark.parametrize("normalizer", ["v1", "global"])
-def test_mmdet_loss_matches_a_pytorch_transcription_of_spec_5(normalizer):
-    rng = np.random.default_rng(3)
-    boxes, labels, valid = small_ground_truth()
+def small_case(seed, valid=None, **encode_kwargs):
+    """(head outputs, targets) of the loss tests: random outputs for 2 images drawn from `seed`,
+    and `small_ground_truth`'s targets (its boxes marked `valid`, default its own mask) encoded
+    with `encode_kwargs`."""
+    rng = np.random.default_rng(seed)
+    boxes, labels, own_valid = small_ground_truth()
     head_outputs = random_head_outputs(rng, 2, FEATURES, NUM_CLASSES)
-    batch_targets = encode_batch(
-        boxes, labels, valid, FEATURES, STRIDES, RANGES, legacy_plus_one=True
-    )
+    valid = own_valid if valid is None else valid
+    batch_targets = encode_batch(boxes, labels, valid, FEATURES, STRIDES, RANGES, **encode_kwargs)
+    return head_outputs, batch_targets
+
+
+@pytest.mark.parametrize("normalizer", ["v1", "global"])
+def test_mmdet_v1_losses_match_a_pytorch_transcription_of_mmdetection(normalizer):
+    head_outputs, batch_targets = small_case(3, legacy_plus_one=True)
+    boxes, labels, valid = small_ground_truth()
     ours = losses.fcos_loss(
         head_outputs,
         batch_targets,
@@ -242,13 +250,8 @@ def test_mmdet_loss_matches_a_pytorch_transcription_of_spec_5(normalizer):
     np.testing.assert_allclose(float(ours["loss"]), total, rtol=1e-5)
 
 
-def test_v1_and_global_normalisers_differ_only_where_spec_5_says():
-    rng = np.random.default_rng(4)
-    boxes, labels, valid = small_ground_truth()
-    head_outputs = random_head_outputs(rng, 2, FEATURES, NUM_CLASSES)
-    batch_targets = encode_batch(
-        boxes, labels, valid, FEATURES, STRIDES, RANGES, legacy_plus_one=True
-    )
+def test_v1_normalizer_differs_from_global_in_the_classification_loss_only():
+    head_outputs, batch_targets = small_case(4, legacy_plus_one=True)
     kwargs = dict(strides=STRIDES, legacy_plus_one=True)
     v1 = losses.fcos_loss(head_outputs, batch_targets, normalizer="v1", **kwargs)
     v2 = losses.fcos_loss(head_outputs, batch_targets, normalizer="global", **kwargs)
@@ -263,22 +266,10 @@ def test_v1_and_global_normalisers_differ_only_where_spec_5_says():
 
 
 def test_norm_on_bbox_leaves_the_scale_invariant_box_losses_unchanged():
-    rng = np.random.default_rng(5)
-    boxes, labels, valid = small_ground_truth()
-    head_outputs = random_head_outputs(rng, 2, FEATURES, NUM_CLASSES)
     for bbox_loss in ("iou", "giou"):
         results = []
         for norm in (False, True):
-            batch_targets = encode_batch(
-                boxes,
-                labels,
-                valid,
-                FEATURES,
-                STRIDES,
-                RANGES,
-                legacy_plus_one=False,
-                norm_on_bbox=norm,
-            )
+            head_outputs, batch_targets = small_case(5, legacy_plus_one=False, norm_on_bbox=norm)
             results.append(
                 losses.fcos_loss(
                     head_outputs,
@@ -297,12 +288,7 @@ def test_norm_on_bbox_leaves_the_scale_invariant_box_losses_unchanged():
 
 @pytest.mark.parametrize("normalizer", losses.NORMALIZERS)
 def test_micro_batches_with_whole_batch_normalizers_sum_to_the_whole_batch_loss(normalizer):
-    rng = np.random.default_rng(10)
-    boxes, labels, valid = small_ground_truth()
-    head_outputs = random_head_outputs(rng, 2, FEATURES, NUM_CLASSES)
-    batch_targets = encode_batch(
-        boxes, labels, valid, FEATURES, STRIDES, RANGES, legacy_plus_one=True
-    )
+    head_outputs, batch_targets = small_case(10, legacy_plus_one=True)
     kwargs = dict(strides=STRIDES, legacy_plus_one=True, normalizer=normalizer)
     whole = losses.fcos_loss(head_outputs, batch_targets, **kwargs)
     assert set(whole) == set(losses.LOSS_TERMS)
@@ -443,12 +429,7 @@ SETTINGS = [
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: "-".join(map(str, s.values())))
 def test_batch_without_positives_gives_finite_values_and_gradients(setting):
-    rng = np.random.default_rng(7)
-    boxes, labels, valid = small_ground_truth()
-    head_outputs = random_head_outputs(rng, 2, FEATURES, NUM_CLASSES)
-    batch_targets = encode_batch(
-        boxes, labels, np.zeros_like(valid), FEATURES, STRIDES, RANGES, legacy_plus_one=True
-    )
+    head_outputs, batch_targets = small_case(7, valid=np.zeros((2, 4), bool), legacy_plus_one=True)
     result, grads = loss_and_grads(head_outputs, batch_targets, **setting)
     assert_all_finite(result, grads)
     assert float(result["num_pos"]) == 0
@@ -510,12 +491,7 @@ def test_focal_and_centerness_gradients_are_finite_at_extreme_logits():
 
 
 def test_fcos_loss_rejects_unknown_modes_and_mismatched_targets():
-    rng = np.random.default_rng(9)
-    boxes, labels, valid = small_ground_truth()
-    head_outputs = random_head_outputs(rng, 2, FEATURES, NUM_CLASSES)
-    batch_targets = encode_batch(
-        boxes, labels, valid, FEATURES, STRIDES, RANGES, legacy_plus_one=True
-    )
+    head_outputs, batch_targets = small_case(9, legacy_plus_one=True)
     kwargs = dict(strides=STRIDES, legacy_plus_one=True)
     with pytest.raises(ValueError, match="bbox_loss"):
         losses.fcos_loss(head_outputs, batch_targets, bbox_loss="l1", **kwargs)

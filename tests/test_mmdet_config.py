@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from subprocess_cli import REPO
 
-from fcos_jax import compare, mmdet_reference
-from fcos_jax.classes import coco_classes, shapes_classes
-from fcos_jax.config_io import load_config
+from fcos_jax import compare
+from fcos_jax.compare import mmdet_reference
+from fcos_jax.config import load_config
+from fcos_jax.config.classes import coco_classes, shapes_classes
 from fcos_jax.convert import ConversionError
 from fcos_jax.convert.mmdet_config import mmdet_config, read_mmdet_config, render
 

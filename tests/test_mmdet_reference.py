@@ -1,4 +1,4 @@
-"""fcos_jax.mmdet_reference pinned to references no one here wrote.
+"""fcos_jax.compare.mmdet_reference pinned to references no one here wrote.
 
 - torchvision's FCOS, for the subset the two share (pytorch-style R-50, GN head with conv bias,
   P6 from the P5 output, centerness on the regression branch, relu(x) * stride regression): a
@@ -25,9 +25,9 @@ from detect_reference import (
     reference_detect,
 )
 
-from fcos_jax import mmdet_reference as ref
+from fcos_jax.compare import mmdet_reference as ref
+from fcos_jax.compare.torchvision_random import calibrate_batch_norms, random_fcos
 from fcos_jax.testing.images import natural_image
-from fcos_jax.testing.torchvision_random import calibrate_batch_norms, random_fcos
 
 IMAGENET_MEAN_01 = torch.tensor([0.485, 0.456, 0.406])
 IMAGENET_STD_01 = torch.tensor([0.229, 0.224, 0.225])
@@ -218,7 +218,7 @@ def test_v1_suppresses_by_the_iou_with_plus_one_pixels():
 # --- preprocessing ----------------------------------------------------------------------------
 
 
-def test_prepare_follows_mmcv_sizes_normalises_then_pads(tmp_path):
+def test_prepare_follows_mmcv_sizes_normalizes_then_pads(tmp_path):
     # 333 x 501 at (1333, 800): s = min(1333/501, 800/333) = 2.4024; int(501 s + 0.5) = 1204.
     bgr = np.zeros((333, 501, 3), np.uint8)
     bgr[...] = (10, 20, 30)  # a constant image stays constant under resizing

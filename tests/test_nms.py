@@ -8,7 +8,7 @@ import torch
 import torchvision
 from detect_reference import F32, greedy_nms_reference
 
-from fcos_jax.nms import class_aware_nms
+from fcos_jax.detection.nms import class_aware_nms
 
 _nms = jax.jit(
     class_aware_nms,

@@ -1,4 +1,5 @@
-"""optim.py against torch.optim.SGD / AdamW param groups driven by a plain-Python mmcv schedule."""
+"""training/optim.py against torch.optim.SGD / AdamW param groups driven by a plain-Python mmcv
+schedule."""
 
 import jax
 import numpy as np
@@ -6,7 +7,8 @@ import optax
 import pytest
 import torch
 
-from fcos_jax import config_base, optim
+from fcos_jax.config import base as config_base
+from fcos_jax.training import optim
 
 # Leaf path -> (shape, label for the caffe R-50 setting, label for X-101 with the v1 quirk).
 # The labels are written by hand from docs/modes.md §2.2 and §2.10, independently of
@@ -294,9 +296,9 @@ def test_torchvision_row_trains_like_torchvisions_reference_recipe():
     torchvision trains (requires_grad), MultiStepLR per epoch and a LinearLR warm-up of
     min(1000, len(data_loader) - 1) iterations in epoch 0; 3 epochs of 4 steps, decays after 1, 2.
     """
-    from fcos_jax.config_io import load_config
+    from fcos_jax.compare.torchvision_random import pretrained_layout_fcos
+    from fcos_jax.config import load_config
     from fcos_jax.convert import core as convert_core
-    from fcos_jax.testing.torchvision_random import pretrained_layout_fcos
 
     steps_per_epoch, epochs = 4, 3
     config = load_config("configs/torchvision_fcos_r50_fpn.py")

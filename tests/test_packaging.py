@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "fcos_jax"
 EXTRAS = ("convert", "dev", "export")
 # Top-level files that take part in a setuptools build (those present are copied).
-BUILD_INPUTS = ("pyproject.toml", "README.md", "setup.py", "setup.cfg", "MANIFEST.in")
+BUILD_INPUTS = ("pyproject.toml", "README.md", "LICENSE", "setup.py", "setup.cfg", "MANIFEST.in")
 # requirements-export.txt entries the `export` extra does not list: jax2onnx declares an
 # orbax-checkpoint cap below our pin, so it is installed with --no-deps (pyproject.toml says so);
 # sympy and mpmath come with onnxruntime.

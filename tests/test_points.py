@@ -7,7 +7,7 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-from fcos_jax.points import all_level_points
+from fcos_jax.detection.points import all_level_points
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -17,14 +17,14 @@ def _feature_sizes(height, width):
 
 
 @pytest.mark.parametrize("height,width", [(800, 1344), (800, 1216), (1088, 800), (96, 160)])
-def test_torchvision_points_are_the_anchor_generator_centres(height, width):
+def test_torchvision_points_are_the_anchor_generator_centers(height, width):
     sizes = _feature_sizes(height, width)
     generator = AnchorGenerator(tuple((s,) for s in STRIDES), ((1.0,),) * len(STRIDES))
     features = [torch.zeros(1, 1, h, w) for h, w in sizes]
     anchors = generator(ImageList(torch.zeros(1, 3, height, width), [(height, width)]), features)
-    centres = ((anchors[0][:, :2] + anchors[0][:, 2:]) / 2).numpy()
+    centers = ((anchors[0][:, :2] + anchors[0][:, 2:]) / 2).numpy()
     ours = np.concatenate(all_level_points(sizes, STRIDES, "torchvision"))
-    np.testing.assert_array_equal(ours, centres)
+    np.testing.assert_array_equal(ours, centers)
 
 
 def test_torchvision_p6_p7_step_by_padded_size_over_feature_size():

@@ -24,7 +24,7 @@ from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import resize_boxes
 
-from fcos_jax.postprocess import detect
+from fcos_jax.detection.postprocess import detect
 
 
 @pytest.mark.parametrize(

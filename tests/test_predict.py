@@ -21,9 +21,13 @@ import numpy as np
 import pytest
 import torch
 
-from fcos_jax import classes, config_base, draw, inference, postprocess, predict, preprocess
-from fcos_jax.config_io import load_config
+from fcos_jax import inference, predict
+from fcos_jax.config import base as config_base
+from fcos_jax.config import classes, load_config
+from fcos_jax.data import preprocess
+from fcos_jax.detection import postprocess
 from fcos_jax.models import build_model
+from fcos_jax.predict import draw
 from fcos_jax.testing.images import natural_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -402,7 +406,7 @@ def test_cli_usage_errors_exit_2_with_one_line():
 
 
 def test_drawing_keeps_scores_above_the_threshold_and_puts_the_best_label_on_top():
-    from fcos_jax.draw import draw_detections, label_colour
+    from fcos_jax.predict.draw import draw_detections, label_color
 
     image = np.zeros((60, 80, 3), np.uint8)
     box = [20.0, 30.0, 60.0, 55.0]  # one object, one box per class, as class-aware NMS leaves it
@@ -414,7 +418,7 @@ def test_drawing_keeps_scores_above_the_threshold_and_puts_the_best_label_on_top
     }
     drawn = draw_detections(image, dets, score_thr=0.3)
     label_pixel = drawn[29, 21]  # inside the label box above the object's top-left corner
-    assert tuple(int(c) for c in label_pixel) == label_colour(0)  # the 0.9 detection, drawn last
+    assert tuple(int(c) for c in label_pixel) == label_color(0)  # the 0.9 detection, drawn last
     assert not drawn[:15, :15].any()  # the 0.1 detection is below the threshold
     assert draw_detections(image, dets, score_thr=0.0)[:15, :15].any()
 

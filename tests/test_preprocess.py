@@ -9,7 +9,8 @@ import pytest
 import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from fcos_jax import config_base, preprocess
+from fcos_jax.config import base as config_base
+from fcos_jax.data import preprocess
 from fcos_jax.testing.images import natural_image
 
 CAFFE_MEAN = (102.9801, 115.9465, 122.7717)
@@ -125,7 +126,7 @@ def _write_png(path, array):
 
 
 @pytest.mark.parametrize("kind", ["gray", "rgba", "gray16", "rgb16"])
-def test_grey_alpha_and_16bit_files_decode_to_8bit_colour_like_cv2(tmp_path, kind):
+def test_gray_alpha_and_16bit_files_decode_to_8bit_color_like_cv2(tmp_path, kind):
     rgb = natural_image(61, 90, seed=11)
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     arrays = {
@@ -145,7 +146,7 @@ def test_grey_alpha_and_16bit_files_decode_to_8bit_colour_like_cv2(tmp_path, kin
     )
 
 
-def test_grey_and_rgba_arrays_become_three_channel_rgb():
+def test_gray_and_rgba_arrays_become_three_channel_rgb():
     rgb = natural_image(40, 50, seed=5)
     gray = rgb[:, :, 0]
     np.testing.assert_array_equal(preprocess.load_rgb(gray), np.dstack([gray] * 3))

@@ -17,7 +17,7 @@ SCRIPT = """
 import json, sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
-from fcos_jax import sharding
+from fcos_jax.parallel import sharding
 
 pid, port, root = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 sharding.initialize_distributed(f"127.0.0.1:{{port}}", 2, pid)
@@ -81,7 +81,7 @@ DISCOVERY = """
 import json, sys
 sys.path.insert(0, {repo!r})
 import jax
-from fcos_jax import sharding
+from fcos_jax.parallel import sharding
 
 sharding.initialize_distributed()  # no flags, no FCOS_* variables
 print(json.dumps({{

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.image_list import ImageList
 
-from fcos_jax import targets
+from fcos_jax.detection import targets
 
 FEATURES = ((8, 8), (4, 4), (2, 2))
 STRIDES = (8, 16, 32)
@@ -210,7 +210,7 @@ def test_padding_rows_are_never_assigned(assigner):
     assert out["positive"].any()
 
 
-def test_mmdet_center_sampling_keeps_points_within_radius_of_the_centre():
+def test_mmdet_center_sampling_keeps_points_within_radius_of_the_center():
     # One level, range unlimited. Box [0, 0, 64, 64], centre 32, radius 1.5*8 = 12: sub-box
     # (20, 44) strictly contains the points 28 and 36 on each axis (of 4, 12, ..., 60).
     kwargs = dict(strides=(8,), regress_ranges=((-1, 1e8),), legacy_plus_one=True)
@@ -476,10 +476,10 @@ def test_torchvision_assignment_matches_fcos_compute_loss():
         expected_labels = np.where(m >= 0, labels[np.clip(m, 0, None)], -1)
         np.testing.assert_array_equal(np.asarray(out["labels"]), expected_labels)
         pos = m >= 0
-        centre = (a[:, :2] + a[:, 2:]) / 2
+        center = (a[:, :2] + a[:, 2:]) / 2
         matched_boxes = b[m[pos]] if len(b) else np.zeros((0, 4), np.float32)
         expected_ltrb = np.concatenate(
-            [centre[pos] - matched_boxes[:, :2], matched_boxes[:, 2:] - centre[pos]], axis=1
+            [center[pos] - matched_boxes[:, :2], matched_boxes[:, 2:] - center[pos]], axis=1
         )
         np.testing.assert_array_equal(np.asarray(out["bbox_targets"])[pos], expected_ltrb)
     assert sum(int((m >= 0).sum()) for m in matched) > 50

@@ -22,9 +22,10 @@ from flax import traverse_util
 from mmdet_random import COMPARE_SCALE, mmdet_fcos_shapes, random_state_dict
 from subprocess_cli import REPO, run_module
 
-from fcos_jax import checkpoint, compare
-from fcos_jax.classes import coco_classes
-from fcos_jax.config_io import load_config
+from fcos_jax import compare
+from fcos_jax.checkpoint import store
+from fcos_jax.config import load_config
+from fcos_jax.config.classes import coco_classes
 from fcos_jax.convert import (
     ConversionError,
     convert_file,
@@ -169,7 +170,7 @@ def test_shapes_model_with_batch_statistics_detects_as_ours(trained, exported, c
     initial 0 / 1) and a `num_batches_tracked` of the ten steps go to mmdetection's `BN`, in
     training mode there (norm_eval False)."""
     sd = load_torch(exported["shapes"])["state_dict"]
-    variables, _ = checkpoint.restore_weights(trained["root"] / "shapes")
+    variables, _ = store.restore_weights(trained["root"] / "shapes")
     stats = flat(variables["batch_stats"])
     np.testing.assert_array_equal(
         sd["backbone.layer2.0.downsample.1.running_var"].numpy(),
@@ -195,7 +196,7 @@ def test_trained_model_comes_back_from_pytorch_bit_exact(trained, exported, name
     """ours -> mmdetection 3 file -> ours: every variable, and the class list."""
     config = load_config(CONFIGS / "tiny.py") if name == "tiny" else shapes_scratch_config()
     converted = convert_file(exported[name], "mmdet", config)
-    variables, meta = checkpoint.restore_weights(trained["root"] / name)
+    variables, meta = store.restore_weights(trained["root"] / name)
     for collection in ("params", "batch_stats"):
         back = flat(getattr(converted, collection))
         worst = worst_difference(back, flat(variables[collection]))
@@ -279,7 +280,7 @@ def test_torchvision_file_comes_back_bit_exact_and_loads_strictly():
 def random_variables(config, seed: int) -> dict:
     """Our variables of `config.model`, every one distinct random values (BN variances > 0)."""
     rng = np.random.default_rng(seed)
-    abstract = checkpoint.abstract_variables(config.model)
+    abstract = store.abstract_variables(config.model)
     out = {}
     for collection in ("params", "batch_stats"):
         leaves = {}

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from fcos_jax import compare, inference
-from fcos_jax.classes import coco91_classes
-from fcos_jax.config_io import load_config
+from fcos_jax.compare.torchvision_random import random_fcos
+from fcos_jax.config import load_config
+from fcos_jax.config.classes import coco91_classes
 from fcos_jax.testing.images import natural_image
-from fcos_jax.testing.torchvision_random import random_fcos
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "torchvision_fcos_r50_fpn.py")

@@ -1,4 +1,4 @@
-"""fcos_jax.train_checkpoints: the state a run starts from (init_from merge, resume) and saves.
+"""fcos_jax.training.checkpoints: the state a run starts from (init_from merge, resume) and saves.
 
 The expected values are the stored arrays themselves and a fresh initialisation from the same
 seed, built with `model.init` outside the class under test.
@@ -16,9 +16,10 @@ from damage_helpers import largest_array_file, overwrite_middle
 from flax import traverse_util
 from test_checkpoint import random_variables, tiny_config
 
-from fcos_jax import checkpoint, sharding
+from fcos_jax.checkpoint import store
 from fcos_jax.models import build_model
-from fcos_jax.train_checkpoints import TrainCheckpoints
+from fcos_jax.parallel import sharding
+from fcos_jax.training.checkpoints import TrainCheckpoints
 
 IMAGE_HW = (64, 64)
 
@@ -55,7 +56,7 @@ def start(config, workdir):
     optimizer = optax.sgd(0.01, momentum=0.9)
     checkpoints = TrainCheckpoints(workdir, config, CLASSES)
     try:
-        return checkpoints.restore_or_initialise(
+        return checkpoints.restore_or_initialize(
             model, optimizer, sharding.make_mesh(), IMAGE_HW
         ), optimizer
     finally:
@@ -68,8 +69,8 @@ def five_class_source(tmp_path_factory):
     config = tiny_config(num_classes=5)
     variables = random_variables(config, seed=3)
     directory = tmp_path_factory.mktemp("init_source")
-    meta = checkpoint.make_meta(config, "test: 5 classes", classes=class_list(5))
-    checkpoint.save_converted(directory, variables["params"], variables["batch_stats"], meta)
+    meta = store.make_meta(config, "test: 5 classes", classes=class_list(5))
+    store.save_converted(directory, variables["params"], variables["batch_stats"], meta)
     return directory, variables
 
 
@@ -86,28 +87,28 @@ def test_init_from_takes_every_leaf_of_the_same_shape_and_keeps_the_others_fresh
         got, want_stored = flat(getattr(state, collection)), flat(stored[collection])
         want_fresh = flat(fresh[collection])
         assert set(got) == set(want_fresh)
-        reinitialised = []
+        reinitialized = []
         for key, value in got.items():
             if want_stored[key].shape == value.shape:
                 np.testing.assert_array_equal(value, want_stored[key], err_msg=key)
             else:
                 np.testing.assert_array_equal(value, want_fresh[key], err_msg=key)
-                reinitialised.append(key)
+                reinitialized.append(key)
         if collection == "params":
             # 3 vs 5 classes: only the classification conv differs in shape.
-            assert reinitialised and all("conv_cls" in k for k in reinitialised), reinitialised
+            assert reinitialized and all("conv_cls" in k for k in reinitialized), reinitialized
     # The optimizer starts from zero momentum on the merged parameters.
     for leaf in jax.tree.leaves(state.opt_state):
         np.testing.assert_array_equal(np.asarray(leaf), 0)
 
 
-def test_init_from_a_backbone_only_source_keeps_neck_and_head_initialised(tmp_path):
+def test_init_from_a_backbone_only_source_keeps_neck_and_head_initialized(tmp_path):
     config = run_config()
     stored = random_variables(config, seed=4)
     backbone_only = {k: {"backbone": v["backbone"]} for k, v in stored.items()}
     source = tmp_path / "backbone"
-    meta = checkpoint.make_meta(config, "backbone: random", parts=("backbone",), classes=CLASSES)
-    checkpoint.save_converted(source, backbone_only["params"], backbone_only["batch_stats"], meta)
+    meta = store.make_meta(config, "backbone: random", parts=("backbone",), classes=CLASSES)
+    store.save_converted(source, backbone_only["params"], backbone_only["batch_stats"], meta)
     config.init_from = str(source)
     (_, state, _), _ = start(config, tmp_path / "run")
     fresh = flat(fresh_variables()["params"])
@@ -122,8 +123,8 @@ def test_init_from_a_source_with_leaves_this_model_lacks_is_refused(tmp_path):
     stored = random_variables(config, seed=5)
     stored["params"]["extra_head"] = {"kernel": np.ones((3, 3), np.float32)}
     source = tmp_path / "other_model"
-    meta = checkpoint.make_meta(config, "test: extra leaf", classes=CLASSES)
-    checkpoint.save_converted(source, stored["params"], stored["batch_stats"], meta)
+    meta = store.make_meta(config, "test: extra leaf", classes=CLASSES)
+    store.save_converted(source, stored["params"], stored["batch_stats"], meta)
     config.init_from = str(source)
     with pytest.raises(ValueError, match=r"config.init_from=.*other_model.*extra_head/kernel"):
         start(config, tmp_path / "run")
@@ -164,7 +165,7 @@ def test_another_configs_workdir_is_refused_naming_both(tmp_path):
     checkpoints.close()
     other = run_config()
     other.name = "another"
-    with pytest.raises(checkpoint.CheckpointError, match="'tiny', not 'another'"):
+    with pytest.raises(store.CheckpointError, match="'tiny', not 'another'"):
         start(other, workdir)
 
 

@@ -27,7 +27,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from subprocess_cli import cli_env, config_overrides, run_command
 
-from fcos_jax import checkpoint
+from fcos_jax.checkpoint import store
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny.py"
@@ -37,7 +37,7 @@ EVAL_EVERY = 4
 
 def _params_at(workdir, step):
     """Flat {path: array} of the params saved at `step` in a workdir."""
-    variables, _ = checkpoint.restore_weights(workdir, step)
+    variables, _ = store.restore_weights(workdir, step)
     return traverse_util.flatten_dict(dict(variables["params"]), sep="/")
 
 
@@ -84,7 +84,7 @@ def reference_run(tmp_path_factory, data_dir, train_command):
 
 def test_training_writes_checkpoints_events_and_logs(reference_run):
     workdir, result = reference_run
-    manager = checkpoint.checkpoint_manager(workdir, create=False)
+    manager = store.checkpoint_manager(workdir, create=False)
     assert manager.all_steps() == [6, 7, 8, 9, 10]  # keep_checkpoints = 5
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert f"step {NUM_STEPS}/{NUM_STEPS}" in result.stderr and "img/s" in result.stderr
@@ -196,7 +196,7 @@ def test_sigkill_at_a_random_step_then_restart_equals_the_uninterrupted_run(
     process.send_signal(signal.SIGKILL)
     process.wait()
     # Whatever the kill interrupted, the latest checkpoint is readable.
-    checkpoint.restore_weights(workdir)
+    store.restore_weights(workdir)
     resumed = run_command(train_command(workdir, data_dir, "--config.train.checkpoint_every=1"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed" in resumed.stderr
@@ -220,8 +220,8 @@ def test_a_kill_while_writing_a_checkpoint_leaves_a_readable_latest(reference_ru
     partial = workdir / "checkpoints" / "9.orbax-checkpoint-tmp-1234"
     (partial / "params").mkdir(parents=True)
     (partial / "params" / "garbage").write_bytes(b"\0" * 100)
-    variables, _ = checkpoint.restore_weights(workdir)
-    assert checkpoint.checkpoint_manager(workdir, create=False).latest_step() == 8
+    variables, _ = store.restore_weights(workdir)
+    assert store.checkpoint_manager(workdir, create=False).latest_step() == 8
     expected = _params_at(reference_workdir, 8)
     restored = traverse_util.flatten_dict(variables["params"], sep="/")
     _assert_params_close(restored, expected, rtol=0)

@@ -1,5 +1,5 @@
 """models.winograd: F(2x2, 3x3) and F(4x4, 3x3) against torch.nn.functional.conv2d, and where
-`layers.conv2d` uses it."""
+`cpu_kernels.conv2d` uses it."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fcos_jax.models import layers, winograd
+from fcos_jax.models import cpu_kernels, layers, winograd
 
 
 def torch_conv3x3(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -41,12 +41,12 @@ def test_winograd_equals_torch_conv(transforms, tolerance, h, w):
 def test_conv2d_takes_winograd_for_wide_large_float32_3x3_only(monkeypatch):
     """The forward of a wide 3x3 convolution is F(4, 3) on XLA:CPU (float32, stride 1, padding 1,
     ungrouped, enough positions), its value torch's and its gradients XLA's exact ones."""
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 8)
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_POSITIONS", 12 * 11)
+    monkeypatch.setattr(cpu_kernels, "WINOGRAD_MIN_CHANNELS", 8)
+    monkeypatch.setattr(cpu_kernels, "WINOGRAD_MIN_POSITIONS", 12 * 11)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 12, 11, 8)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 8, 8)), jnp.float32)
-    uses = layers._uses_winograd
+    uses = cpu_kernels._uses_winograd
     assert uses(x, kernel.shape, 1, 1, 1)
     assert not uses(x[:, :-1], kernel.shape, 1, 1, 1)  # fewer positions
     assert uses(x[:1], kernel.shape, 1, 1, 1)  # per image: the batch does not decide
@@ -55,12 +55,12 @@ def test_conv2d_takes_winograd_for_wide_large_float32_3x3_only(monkeypatch):
     assert not uses(x, (3, 3, 4, 8), 1, 1, 2)  # grouped
     assert not uses(x.astype(jnp.bfloat16), kernel.shape, 1, 1, 1)
 
-    forward = jax.jit(lambda x_, k_: layers.conv2d(x_, k_, 1, 1))
+    forward = jax.jit(lambda x_, k_: cpu_kernels.conv2d(x_, k_, 1, 1))
     assert "convolution" not in forward.lower(x, kernel).as_text()  # Winograd: matrix products
     # Lowered for an accelerator (here on the CPU host), or traced as one: XLA's convolution.
     for_cuda = jax.export.export(forward, platforms=("cuda",))(x, kernel).mlir_module()
     assert "stablehlo.convolution" in for_cuda and "dot_general" not in for_cuda
-    with layers.accelerator_kernels():
+    with cpu_kernels.accelerator_kernels():
         portable = jax.jit(
             lambda x_, k_: layers.Conv(8, 3, 1, 1).apply({"params": {"kernel": k_}}, x_)
         )
@@ -68,7 +68,7 @@ def test_conv2d_takes_winograd_for_wide_large_float32_3x3_only(monkeypatch):
 
     weights = jnp.asarray(rng.standard_normal((2, 12, 11, 8)), jnp.float32)
     y, (dx, dk) = jax.value_and_grad(
-        lambda x_, k_: jnp.sum(layers.conv2d(x_, k_, 1, 1) * weights), argnums=(0, 1)
+        lambda x_, k_: jnp.sum(cpu_kernels.conv2d(x_, k_, 1, 1) * weights), argnums=(0, 1)
     )(x, kernel)
     xt = torch.from_numpy(np.array(x)).double().permute(0, 3, 1, 2).requires_grad_()
     kt = torch.from_numpy(np.array(kernel)).double().permute(3, 2, 0, 1).requires_grad_()
@@ -91,15 +91,15 @@ def test_conv2d_with_a_symbolic_batch_decides_as_with_a_concrete_one(
     """`jax.export` with a symbolic batch (the serving artifacts) traces the forward a concrete
     batch takes: the choice reads the image size only (a threshold above one image's positions
     once made `batch * positions >= threshold` an undecidable comparison)."""
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 8)
-    monkeypatch.setattr(layers, "WINOGRAD_MIN_POSITIONS", min_positions)
+    monkeypatch.setattr(cpu_kernels, "WINOGRAD_MIN_CHANNELS", 8)
+    monkeypatch.setattr(cpu_kernels, "WINOGRAD_MIN_POSITIONS", min_positions)
     kernel = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 8, 8)), jnp.float32)
     (batch,) = jax.export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((batch, 12, 11, 8), jnp.float32)
-    exported = jax.export.export(jax.jit(lambda x_: layers.conv2d(x_, kernel, 1, 1)))(spec)
+    exported = jax.export.export(jax.jit(lambda x_: cpu_kernels.conv2d(x_, kernel, 1, 1)))(spec)
     assert ("convolution" not in exported.mlir_module()) == winograd_expected
     x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 12, 11, 8)), jnp.float32)
-    assert layers._uses_winograd(x, kernel.shape, 1, 1, 1) == winograd_expected
+    assert cpu_kernels._uses_winograd(x, kernel.shape, 1, 1, 1) == winograd_expected
     np.testing.assert_allclose(
         exported.call(x), torch_conv3x3(np.asarray(x), np.asarray(kernel)), rtol=0, atol=1e-4
     )

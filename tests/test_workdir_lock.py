@@ -1,4 +1,4 @@
-"""fcos_jax.workdir_lock: one holder per workdir; a lock left by a dead run is taken over.
+"""fcos_jax.training.workdir_lock: one holder per workdir; a lock left by a dead run is taken over.
 
 Holders are real processes (this one, a child that is SIGKILLed) or records written by hand for
 the cases a test cannot stage (a reused pid, another host).
@@ -15,11 +15,11 @@ import time
 
 import pytest
 
-from fcos_jax import workdir_lock
-from fcos_jax.workdir_lock import WorkdirBusyError, WorkdirLock
+from fcos_jax.training import workdir_lock
+from fcos_jax.training.workdir_lock import WorkdirBusyError, WorkdirLock
 
 HOLD = (
-    "import sys, time; from fcos_jax.workdir_lock import WorkdirLock; "
+    "import sys, time; from fcos_jax.training.workdir_lock import WorkdirLock; "
     "WorkdirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"
 )
 

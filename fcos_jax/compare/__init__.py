@@ -5,6 +5,12 @@
   references.py  the mmdet and torchvision references on one image (`ReferenceRun`)
   core.py        `compare` (a checkpoint file through both sides) and `report` (prints, judges)
 
+The torch oracles, which compare and the tests use (imported only where used, so this package
+brings no torch):
+  mmdet_reference.py     mmdetection's FCOS test path written in torch
+  torchvision_random.py  torchvision's FCOS with seeded random weights in which nothing is an
+                         identity (parity inputs of the tests and benchmarks)
+
 Command line: `python -m fcos_jax.compare --format {mmdet,torchvision} --config C --input FILE.pth
 [--checkpoint DIR] IMAGE` (flags in `__main__.py`). Importing this package defines no flags and
 imports neither torch nor TensorFlow.

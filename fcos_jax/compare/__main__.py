@@ -27,7 +27,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from fcos_jax import cli, compare
+from fcos_jax import compare
+from fcos_jax.utils import cli
 
 _FORMAT = flags.DEFINE_enum("format", None, ["mmdet", "torchvision"], "Reference to compare with.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config of our model.")

@@ -93,13 +93,13 @@ def compare(
         raise FileNotFoundError(f"checkpoint file not found: {checkpoint}")
     if fmt == "mmdet":
         mmdet_settings(config)  # a config with no mmdetection counterpart fails first
-    from fcos_jax import checkpoint as checkpoint_lib
     from fcos_jax import inference
+    from fcos_jax.checkpoint import store
     from fcos_jax.convert import convert_state_dict, file_classes, fit_classes, read_checkpoint
 
     state_dict, file_meta = read_checkpoint(checkpoint)
     if converted_dir:
-        variables, meta = checkpoint_lib.restore_inference(
+        variables, meta = store.restore_inference(
             converted_dir, config, allow_other_config_name=allow_other_config_name
         )
         classes = [(int(cid), str(name)) for cid, name in meta.get("classes", [])] or None
@@ -130,7 +130,7 @@ def compare(
 def _settings_of(written_config: Path, state_dict: dict):
     """The mmdet reference's settings (`mmdet_reference.MmdetFcos`) as the mmdetection 3 config
     file states them, its widths checked against `state_dict`."""
-    from fcos_jax import mmdet_reference
+    from fcos_jax.compare import mmdet_reference
     from fcos_jax.convert.mmdet_config import read_mmdet_config
 
     try:

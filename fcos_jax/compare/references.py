@@ -1,6 +1,6 @@
 """The PyTorch references a comparison runs on one image, and what they return (`ReferenceRun`).
 
-  mmdet        `fcos_jax.mmdet_reference`: mmdetection's FCOS test path written in torch from
+  mmdet        `mmdet_reference.py`: mmdetection's FCOS test path written in torch from
                mmdetection's semantics (no mmdetection needed), on the file's tensors, with the
                architecture, preprocessing and post-processing (`test.postprocess` mmdet_v1 or
                mmdet_v3) the config states.
@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from fcos_jax.compare.errors import CompareError, ReferenceWeightsError
+from fcos_jax.config.groups import kwargs_for
 from fcos_jax.convert.expressible import mmdet_problems
 
 OUTPUT_KEYS = ("cls_logits", "bbox_reg", "centerness")
@@ -46,7 +47,7 @@ def _torchvision_reference(config, state_dict, image_path: str) -> ReferenceRun:
     except ImportError as error:
         raise CompareError(f"torchvision is not importable: {error}") from None
 
-    from fcos_jax import preprocess
+    from fcos_jax.data import preprocess
 
     image_rgb = preprocess.load_rgb(image_path, image_path)
     long_side, short_side = max(config.preprocess.scale), min(config.preprocess.scale)
@@ -116,39 +117,31 @@ def mmdet_settings(config: ml_collections.ConfigDict):
     """The mmdet config fields (`mmdet_reference.MmdetFcos`) our config stands for.
 
     Raises CompareError for a config with no mmdetection counterpart."""
-    from fcos_jax import mmdet_reference
+    from fcos_jax.compare import mmdet_reference
 
     problems = mmdet_problems(config)
     if problems:
         raise CompareError(f"--format mmdet: {'; '.join(problems)}")
     b, h, p, t = config.model.backbone, config.model.head, config.preprocess, config.test
-    return mmdet_reference.MmdetFcos(
-        depth=b.depth,
-        style=b.style,
-        groups=b.groups,
+    # The fields named alike in mmdetection and our groups are read by name; these four differ.
+    settings = kwargs_for(
+        mmdet_reference.MmdetFcos,
+        b,
+        h,
+        p,
+        t,
         head_norm=h.norm,
-        gn_groups=h.gn_groups,
-        stacked_convs=h.stacked_convs,
-        centerness_on_reg=h.centerness_on_reg,
         norm_on_bbox=h.regression == "scale_relu_stride",
-        strides=tuple(h.strides),
         img_scale=tuple(p.scale),
-        mean=tuple(p.mean),
-        std=tuple(p.std),
-        to_rgb=p.to_rgb,
-        size_divisor=p.size_divisor,
         postprocess=t.postprocess.removeprefix("mmdet_"),
-        nms_pre=t.nms_pre,
-        score_thr=t.score_thr,
-        nms_iou=t.nms_iou,
-        max_per_img=t.max_per_img,
     )
+    return mmdet_reference.MmdetFcos(**settings)
 
 
 def _mmdet_reference(config, state_dict, image_path: str, settings=None) -> ReferenceRun:
-    """`fcos_jax.mmdet_reference` on one image file, with `settings` (`MmdetFcos`, e.g. from a
-    written mmdetection 3 config) or those `config` stands for."""
-    from fcos_jax import mmdet_reference
+    """`mmdet_reference.run` on one image file, with `settings` (`MmdetFcos`, e.g. from a written
+    mmdetection 3 config) or those `config` stands for."""
+    from fcos_jax.compare import mmdet_reference
 
     settings = settings or mmdet_settings(config)
     try:

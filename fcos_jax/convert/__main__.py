@@ -17,9 +17,10 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from fcos_jax import checkpoint, cli
+from fcos_jax.checkpoint import store
 from fcos_jax.convert import FORMATS, convert_file, describe, write_converted
 from fcos_jax.convert.to_pytorch import TARGETS, export_checkpoint
+from fcos_jax.utils import cli
 
 _FORMAT = flags.DEFINE_enum("format", None, list(FORMATS), "Layout of the --input file.")
 _TO = flags.DEFINE_enum("to", None, list(TARGETS), "Write --checkpoint as this PyTorch layout.")
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> None:
             print(line)
         return
     fmt = _FORMAT.value
-    checkpoint.check_output_free(_OUTPUT.value)  # fail before a long conversion
+    store.check_output_free(_OUTPUT.value)  # fail before a long conversion
     converted = convert_file(_INPUT.value, fmt, config)
     source = f"{fmt}: {Path(_INPUT.value).name}"
     root = write_converted(converted, _OUTPUT.value, config, source)

@@ -13,8 +13,8 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from fcos_jax import checkpoint
-from fcos_jax.classes import ClassList, resolve_num_classes
+from fcos_jax.checkpoint import store
+from fcos_jax.config.classes import ClassList, resolve_num_classes
 from fcos_jax.convert import name_maps
 from fcos_jax.convert.errors import ConversionError
 from fcos_jax.convert.readers import StateDict, file_classes, read_checkpoint
@@ -55,7 +55,7 @@ def convert_state_dict(
     if fmt not in name_maps.FORMATS:
         raise ConversionError(f"--format {fmt!r}: not one of {', '.join(name_maps.FORMATS)}")
     name_map = name_maps.FORMATS[fmt]
-    expected = checkpoint.abstract_variables(config.model)
+    expected = store.abstract_variables(config.model)
     model_parts = tuple(expected["params"])
 
     flat_out: dict[str, dict[tuple[str, ...], np.ndarray]] = {c: {} for c in COLLECTIONS}
@@ -90,7 +90,7 @@ def convert_state_dict(
             flat_out[collection][path] = name_maps.to_ours(kind, leaf, state_dict[key])
 
     unexpected = [k for k in state_dict if k not in used and k not in ignorable]
-    problems = checkpoint.join_problems(
+    problems = store.join_problems(
         [
             (f"{len(missing)} tensors missing:", missing, 4),
             (f"{len(unexpected)} unexpected tensors:", unexpected, 4),
@@ -128,7 +128,7 @@ def describe(converted: Converted) -> list[str]:
             "(written back by --to)"
         )
     if converted.ignored:
-        lines.append(f"ignored on purpose: {checkpoint.listing(list(converted.ignored), 3)}")
+        lines.append(f"ignored on purpose: {store.listing(list(converted.ignored), 3)}")
     if converted.untouched:
         lines.append(
             f"left at their initialisation: {', '.join(converted.untouched)} "
@@ -173,9 +173,9 @@ def write_converted(
     """Saves `converted` as step 0 of `<output_dir>/checkpoints` with its meta (the file's class
     list if it carried one, and its BN counters); returns the root."""
     try:
-        meta = checkpoint.make_meta(config, source, converted.parts, converted.classes)
+        meta = store.make_meta(config, source, converted.parts, converted.classes)
         if converted.counters:
             meta[COUNTERS_META_KEY] = dict(converted.counters)
-        return checkpoint.save_converted(output_dir, converted.params, converted.batch_stats, meta)
-    except checkpoint.CheckpointError as e:
+        return store.save_converted(output_dir, converted.params, converted.batch_stats, meta)
+    except store.CheckpointError as e:
         raise ConversionError(str(e)) from None

@@ -60,8 +60,8 @@ def torchvision_problems(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def mmdet_problems(config: ml_collections.ConfigDict) -> list[str]:
-    """What mmdetection's FCOS (and the mmdet reference, `fcos_jax/mmdet_reference.py`) cannot
-    express of `config`."""
+    """What mmdetection's FCOS (and the mmdet reference, `fcos_jax/compare/mmdet_reference.py`)
+    cannot express of `config`."""
     b, h, p, t = config.model.backbone, config.model.head, config.preprocess, config.test
     unsupported = [
         (p.resize != "mmdet", f"preprocess.resize {p.resize!r} (mmdetection resizes as 'mmdet')"),

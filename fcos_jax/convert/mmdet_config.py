@@ -17,7 +17,7 @@ from typing import Any
 
 import ml_collections
 
-from fcos_jax.classes import ClassList
+from fcos_jax.config.classes import ClassList
 from fcos_jax.convert.errors import ConversionError
 from fcos_jax.models.resnet import ARCHS
 

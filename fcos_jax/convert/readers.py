@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fcos_jax.classes import ClassList
+from fcos_jax.config.classes import ClassList
 from fcos_jax.convert.errors import ConversionError
 
 StateDict = dict[str, np.ndarray]

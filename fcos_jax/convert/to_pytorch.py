@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from fcos_jax import checkpoint
-from fcos_jax.classes import ClassList, from_meta
+from fcos_jax.checkpoint import store
+from fcos_jax.config.classes import ClassList, from_meta
 from fcos_jax.convert import expressible, name_maps
 from fcos_jax.convert.core import COLLECTIONS, COUNTERS_META_KEY, fit_classes
 from fcos_jax.convert.errors import ConversionError
@@ -157,8 +157,10 @@ def _restore(
     """(variables as NumPy, meta, step) of the newest intact step (or the step directory given);
     a checkpoint made for another config is refused (its shapes, or its config name: the file
     written is `config`'s model, so no other name is taken)."""
-    step, variables, meta = checkpoint.restore_inference_step(
-        checkpoint_dir, config, allow_other_config_name=True  # refused below, with our remedy
+    step, variables, meta = store.restore_inference_step(
+        checkpoint_dir,
+        config,
+        allow_other_config_name=True,  # refused below, with our remedy
     )
     made_for = meta.get("config_name")
     if made_for != config.name:

@@ -1,6 +1,11 @@
-"""Input pipelines (docs/architecture.md#data-flow). Of the data and model code, only this folder
-imports TensorFlow (sources, coco_folder, tfrecord_access, transforms, pipeline); annotations,
-shapes and the planning modules (examples, epoch_plan, eval_plan, geometry) are NumPy.
+"""Images and annotations in, batches out (docs/architecture.md#data-flow). Of the data and model
+code, only this folder imports TensorFlow (sources, coco_folder, tfrecord_access, transforms,
+pipeline); the test-time preprocessing, the canvases, annotations, shapes and the planning modules
+(examples, epoch_plan, eval_plan, geometry) are NumPy and cv2.
+
+  preprocess.py   test-time decode, resize, normalize, pad (predict, evaluation, Detector); the
+                  size rules and the normalization training shares
+  canvas.py       the fixed (H, W) canvases images are padded into
 
   annotations.py  COCO instances JSON validation; the annotation index of a split (no pixels)
   coco_folder.py  the TFDS builder that prepares any COCO-format folder (JSON + images)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fcos_jax import jsonio
+from fcos_jax.utils import jsonio
 
 log = logging.getLogger(__name__)
 

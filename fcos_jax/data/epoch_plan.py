@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fcos_jax import preprocess
-from fcos_jax.canvas import assign_canvases, check_canvases, default_canvases
+from fcos_jax.data import preprocess
+from fcos_jax.data.canvas import assign_canvases, check_canvases, default_canvases
 
 MULTISCALE_MODES = ("value", "range")
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from fcos_jax import preprocess
-from fcos_jax.canvas import assign_canvases, round_up
+from fcos_jax.data import preprocess
+from fcos_jax.data.canvas import assign_canvases, round_up
 from fcos_jax.data.examples import Examples
 
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fcos_jax import boxes as box_ops
 from fcos_jax.data import annotations
+from fcos_jax.detection import boxes as box_ops
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fcos_jax import boxes as box_ops
-from fcos_jax import preprocess
+from fcos_jax.data import preprocess
+from fcos_jax.detection import boxes as box_ops
 
 
 @dataclasses.dataclass(frozen=True)

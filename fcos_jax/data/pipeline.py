@@ -13,7 +13,7 @@ processes. Pixels by transforms.train_image. The iterator state is {seed, epoch,
 ...}: a small JSON-able dict; a pipeline built with that state yields exactly the batch the saved
 run would have yielded next.
 
-Evaluation: every image goes through `fcos_jax.preprocess.preprocess`, the very function
+Evaluation: every image goes through `fcos_jax.data.preprocess.preprocess`, the very function
 `predict` calls (cv2 decode and resize for the mmdet modes), so the pixels are identical, padded
 to its planned shape. The last batch of a shape is filled with dummies marked
 `example_valid=False`: no image is dropped or repeated.
@@ -34,10 +34,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from fcos_jax import classes as class_lists
-from fcos_jax import preprocess
-from fcos_jax.canvas import eval_canvases
-from fcos_jax.data import epoch_plan, eval_plan, geometry, sources, transforms
+from fcos_jax.config import classes as class_lists
+from fcos_jax.data import epoch_plan, eval_plan, geometry, preprocess, sources, transforms
+from fcos_jax.data.canvas import eval_canvases
 from fcos_jax.data.examples import Examples, prepare_examples
 
 GROUND_TRUTH = ("boxes", "labels", "box_valid", "image_id")  # the batch keys of the plan

@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fcos_jax import classes
+from fcos_jax.config import classes
 
 SPLITS = {"train": 0, "validation": 1}  # split name -> code mixed into each image's seed
 MIN_SIZE, MAX_SIZE = 20.0, 160.0  # geometric-mean box side, pixels
@@ -113,12 +113,12 @@ def render_image(
         mask = _shape_mask(kind, rng, bw, bh)
         region = image[y0 : y0 + bh, x0 : x0 + bw]
         local = region.reshape(-1, 3).mean(axis=0)
-        colour = rng.uniform(0, 255, size=3)
+        color = rng.uniform(0, 255, size=3)
         for _attempt in range(10):
-            if np.abs(colour - local).sum() > 150:
+            if np.abs(color - local).sum() > 150:
                 break
-            colour = rng.uniform(0, 255, size=3)
-        region[mask] = colour
+            color = rng.uniform(0, 255, size=3)
+        region[mask] = color
         cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
         tight = [
             float(x0 + cols[0]),

@@ -28,9 +28,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from fcos_jax import classes as class_lists
-from fcos_jax import sharding
+from fcos_jax.config import classes as class_lists
 from fcos_jax.data import annotations, coco_folder, shapes, tfrecord_access
+from fcos_jax.parallel import sharding
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ pad bottom/right into the canvas; torchvision normalises before its float resize
 scale and flip are decided by the epoch plan (epoch_plan.py) and the boxes placed in NumPy
 (geometry.py) on the host, so the TF graph only executes them.
 
-The evaluation path does not use this module: it calls `fcos_jax.preprocess.preprocess`, the
+The evaluation path does not use this module: it calls `fcos_jax.data.preprocess.preprocess`, the
 function `predict` uses (pixel-exact cv2 for the mmdet modes). Here the mmdet mode decodes JPEGs
 with the accurate integer IDCT (the same pixels as cv2.imdecode) and resizes with
 `tf.image.resize` bilinear (half-pixel centres, no antialiasing), within 1 grey level of cv2
@@ -21,7 +21,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from fcos_jax import preprocess
+from fcos_jax.data import preprocess
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
@@ -61,9 +61,9 @@ def train_image(
     if p.resize == "mmdet":
         # cv2 resizes uint8 to uint8: round (a convex combination of 0..255 needs no clipping).
         pixels = tf.round(tf.image.resize(image, resized_hw, method="bilinear", antialias=False))
-        pixels = preprocess.normalise(pixels, p.mean, p.std, p.unit_range)
+        pixels = preprocess.normalize(pixels, p.mean, p.std, p.unit_range)
     else:  # torchvision: normalise, then resize the float image
-        pixels = preprocess.normalise(tf.cast(image, tf.float32), p.mean, p.std, p.unit_range)
+        pixels = preprocess.normalize(tf.cast(image, tf.float32), p.mean, p.std, p.unit_range)
         pixels = tf.image.resize(pixels, resized_hw, method="bilinear", antialias=False)
     pad = canvas_hw - resized_hw
     return tf.pad(pixels, [[0, pad[0]], [0, pad[1]], [0, 0]])

@@ -18,7 +18,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from fcos_jax import cli
+from fcos_jax.utils import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file (configs/*.py).")
 _CHECKPOINT = flags.DEFINE_string(

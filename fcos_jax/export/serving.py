@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fcos_jax import canvas, postprocess, preprocess
+from fcos_jax.data import canvas, preprocess
+from fcos_jax.detection import postprocess
 from fcos_jax.inference import Detector
 
 INPUT_NAMES = ("images", "image_hw", "original_hw", "scale")

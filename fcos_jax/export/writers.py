@@ -15,7 +15,7 @@
 Each platform gets its own program whatever host exports it: the model's XLA:CPU-tuned
 convolutions (Winograd, tap sums) are the `cpu` branch of `lax.platform_dependent`, so the CUDA
 or TPU part of an artifact holds XLA's own convolutions, as a `Detector` on that accelerator
-compiles. ONNX is traced with XLA's own convolutions only (`layers.accelerator_kernels`):
+compiles. ONNX is traced with XLA's own convolutions only (`cpu_kernels.accelerator_kernels`):
 ONNX Runtime runs its own convolution kernels on every device.
 
 The batch dimension is symbolic (`batch`) unless a batch size is given. TensorFlow and jax2onnx
@@ -35,7 +35,7 @@ from fcos_jax.export.serving import (
     serving_function,
 )
 from fcos_jax.inference import Detector
-from fcos_jax.models import layers
+from fcos_jax.models import cpu_kernels
 
 FORMATS = ("stablehlo", "savedmodel", "onnx")
 PLATFORMS = ("cpu", "cuda", "tpu")  # what an artifact may be exported for
@@ -116,7 +116,7 @@ def write_onnx(
         jax.ShapeDtypeStruct((BATCH_DIM if batch is None else batch, *spec.shape[1:]), spec.dtype)
         for spec in input_specs(detector.config, canvas_hw, 1)
     ]
-    with layers.max_pool_as_taps(), layers.accelerator_kernels():
+    with cpu_kernels.max_pool_as_taps(), cpu_kernels.accelerator_kernels():
         model = to_onnx(
             serving_function(detector, weights_barrier=False),
             specs,

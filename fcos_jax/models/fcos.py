@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fcos_jax.config.groups import kwargs_for
 from fcos_jax.models.fpn import FPN
 from fcos_jax.models.head import FCOSHead
 from fcos_jax.models.resnet import ResNet
@@ -31,33 +32,13 @@ class FCOS(nn.Module):
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> FCOS:
-    """FCOS from `config.model` (see fcos_jax/config_base.py)."""
+    """FCOS from `config.model` (see fcos_jax/config/base.py): each part from its group, whose
+    field names are the module's (`config.groups`)."""
     if model_config.dtype not in DTYPES:
         raise ValueError(f"model.dtype: {model_config.dtype!r} not in {sorted(DTYPES)}")
     dtype = DTYPES[model_config.dtype]
-    b, h = model_config.backbone, model_config.head
-    backbone = ResNet(
-        depth=b.depth,
-        style=b.style,
-        groups=b.groups,
-        base_width=b.base_width,
-        stem_width=b.stem_width,
-        norm=b.norm,
-        frozen_stages=b.frozen_stages,
-        dtype=dtype,
+    return FCOS(
+        backbone=ResNet(**kwargs_for(ResNet, model_config.backbone, dtype=dtype)),
+        neck=FPN(**kwargs_for(FPN, model_config.fpn, dtype=dtype)),
+        bbox_head=FCOSHead(**kwargs_for(FCOSHead, model_config.head, dtype=dtype)),
     )
-    neck = FPN(out_channels=model_config.fpn.out_channels, dtype=dtype)
-    head = FCOSHead(
-        num_classes=h.num_classes,
-        feat_channels=h.feat_channels,
-        stacked_convs=h.stacked_convs,
-        norm=h.norm,
-        gn_groups=h.gn_groups,
-        conv_bias=h.conv_bias,
-        centerness_on_reg=h.centerness_on_reg,
-        regression=h.regression,
-        strides=tuple(h.strides),
-        prior_prob=h.prior_prob,
-        dtype=dtype,
-    )
-    return FCOS(backbone=backbone, neck=neck, bbox_head=head)

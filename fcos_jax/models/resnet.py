@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fcos_jax.models.layers import Conv, Dtype, make_batch_norm, max_pool
+from fcos_jax.models.cpu_kernels import max_pool
+from fcos_jax.models.layers import Conv, Dtype, make_batch_norm
 
 # depth -> (block type, blocks per stage), as mmdetection's and torchvision's ResNets define them
 ARCHS = {

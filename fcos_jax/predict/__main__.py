@@ -27,7 +27,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from fcos_jax import cli, predict
+from fcos_jax import predict
+from fcos_jax.utils import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file (configs/*.py).")
 _CHECKPOINT = flags.DEFINE_string(

@@ -11,7 +11,8 @@ import cv2
 import ml_collections
 import numpy as np
 
-from fcos_jax import draw, preprocess
+from fcos_jax.data import preprocess
+from fcos_jax.predict import draw
 
 log = logging.getLogger(__name__)
 

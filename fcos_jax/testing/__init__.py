@@ -1,7 +1,6 @@
 """Seeded inputs for parity checks, shared by the tests and the benchmarks.
 
-`images.natural_image` draws natural-looking synthetic images (NumPy + cv2);
-`torchvision_random` builds torchvision's FCOS with seeded random weights in which nothing is
-an identity. Nothing on the training or inference path imports this package; the second module
-needs torch and torchvision (the `convert` or `dev` extra). docs/architecture.md#imports.
+`images.natural_image` draws natural-looking synthetic images (NumPy + cv2). The torch
+references they are compared with live beside `compare` (`compare/torchvision_random.py`,
+`compare/mmdet_reference.py`). Nothing on the training or inference path imports this package.
 """

@@ -14,8 +14,8 @@ def natural_image(h: int, w: int, seed: int) -> np.ndarray:
     )
     for _ in range(4):
         x0, y0 = rng.integers(0, w), rng.integers(0, h)
-        colour = [int(c) for c in rng.integers(0, 256, 3)]
-        cv2.rectangle(img, (int(x0), int(y0)), (int(x0 + w // 4), int(y0 + h // 5)), colour, -1)
-        cv2.circle(img, (int(rng.integers(0, w)), int(rng.integers(0, h))), h // 6 + 1, colour, -1)
+        color = [int(c) for c in rng.integers(0, 256, 3)]
+        cv2.rectangle(img, (int(x0), int(y0)), (int(x0 + w // 4), int(y0 + h // 5)), color, -1)
+        cv2.circle(img, (int(rng.integers(0, w)), int(rng.integers(0, h))), h // 6 + 1, color, -1)
     img += rng.normal(0, 8, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)

@@ -26,8 +26,11 @@ import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, PartitionSpec
 
-from fcos_jax import compile_options, losses, optim, points, sharding, targets
-from fcos_jax.models import layers
+from fcos_jax.detection import losses, points, targets
+from fcos_jax.models import cpu_kernels
+from fcos_jax.parallel import sharding
+from fcos_jax.training import optim
+from fcos_jax.utils import compile_options
 
 PyTree = Any
 Batch = dict[str, jax.Array]
@@ -202,7 +205,8 @@ def make_train_step(
             def body(carry, micro_batch):
                 grads_sum, terms_sum, stats_sum = carry
                 micro_targets = encode_batch(config, micro_batch)
-                with layers.inside_a_loop():  # the conv kernel gradients XLA:CPU runs fast here
+                # The convolution kernel gradients XLA:CPU runs fast inside a loop.
+                with cpu_kernels.inside_a_loop():
                     g, (t, stats) = grad_fn(
                         trainable, frozen, batch_stats, micro_batch, micro_targets, normalizers
                     )

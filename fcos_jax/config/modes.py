@@ -3,8 +3,8 @@
 A mode (`test.postprocess`, docs/modes.md §1) decides how boxes are rounded and rescaled, and
 the data, targets, losses and COCO results must follow it: `legacy_plus_one` (the +1 pixel
 convention, §2.6) and `preprocess.scale_factor` (one resize factor for both axes, or one per
-axis, §2.3/§3.3/§4.3). This table is their one definition; `postprocess.py` applies it and
-`config_check.py` refuses a config that disagrees with it. No dependencies: the config check
+axis, §2.3/§3.3/§4.3). This table is their one definition; `detection/postprocess.py` applies it and
+`config/check.py` refuses a config that disagrees with it. No dependencies: the config check
 imports it without JAX.
 """
 

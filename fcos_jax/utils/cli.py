@@ -8,7 +8,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from fcos_jax import config_check
+from fcos_jax.config import check as config_check
 
 # `--config.a.b=v` / `--noconfig.a.b`: an override of a config file flag's field.
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([\w.]+)")
@@ -32,15 +32,6 @@ def config_from_flag(name: str = "config") -> ml_collections.ConfigDict:
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     return config
-
-
-def check_overrides(argv: list[str]) -> None:
-    """ValueError for a `--config.<field>` override of a field that moved (its new place)."""
-    for arg in argv[1:]:
-        match = _OVERRIDE.match(arg)
-        message = match and config_check.moved_message(match.group(1))
-        if message:
-            raise ValueError(f"{message} ({arg.split('=', 1)[0]})")
 
 
 def _unknown_override(argv: list[str], error: BaseException) -> str:
@@ -81,7 +72,7 @@ def start_jax(parsed_flags: flags.FlagValues) -> None:
     import jax
     from absl import logging
 
-    from fcos_jax import sharding
+    from fcos_jax.parallel import sharding
 
     quiet_library_logs()
     try:
@@ -136,7 +127,7 @@ def run(main, errors: tuple[type[BaseException], ...] = ()) -> None:
 
     from absl import app
 
-    from fcos_jax.sharding import LeaderFailedError
+    from fcos_jax.parallel.sharding import LeaderFailedError
 
     expected = (
         app.UsageError,
@@ -156,7 +147,6 @@ def run(main, errors: tuple[type[BaseException], ...] = ()) -> None:
 
     def parse_flags(argv: list[str]) -> list[str]:
         try:
-            check_overrides(argv)
             return flags.FLAGS(argv)
         except (flags.Error, ValueError) as error:
             fail(error)

@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fcos_jax import boxes as box_ops
-from fcos_jax import modes, nms
-from fcos_jax.points import all_level_points
+from fcos_jax.config import modes
+from fcos_jax.detection import boxes as box_ops
+from fcos_jax.detection import nms
+from fcos_jax.detection.points import all_level_points
 
 MODES = modes.POSTPROCESS_MODES
 _LEVEL_KEYS = ("cls_logits", "bbox_reg", "centerness")

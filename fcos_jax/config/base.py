@@ -3,21 +3,21 @@
 Field groups, each read by the modules named:
   model       architecture (backbone, FPN, head) and compute dtype: models/.
   preprocess  decoding, resizing, normalisation, padding and the scale-factor convention of
-              input images: preprocess.py, data/.
+              input images: data/preprocess.py, data/.
   legacy_plus_one  the +1 pixel convention of the data, targets, losses and COCO results.
-  test        post-processing mode, its thresholds, the evaluation batch: postprocess.py,
-              eval_lib.py, inference.py.
+  test        post-processing mode, its thresholds, the evaluation batch: detection/postprocess.py,
+              evaluation/evaluator.py, inference.py.
   data        dataset source, class list, canvases and ground-truth padding: data/.
-  targets     assignment of points to boxes (assigner, ranges, centre sampling): targets.py.
-  loss        box loss, normalisers and focal loss: losses.py.
-  optim       optimizer, parameter groups, learning-rate schedule and clipping: optim.py.
+  targets     assignment of points to boxes (assigner, ranges, centre sampling):
+              detection/targets.py.
+  loss        box loss, normalisers and focal loss: detection/losses.py.
+  optim       optimizer, parameter groups, learning-rate schedule and clipping: training/optim.py.
   augment     training scales and flips: data/epoch_plan.py.
   train       the loop: batch, run length, cadence of logs, checkpoints and evaluations:
-              trainer.py.
+              training/trainer.py.
   init_from, seed, name
 
-`fcos_jax/config_check.py` refuses unknown fields, a field that moved out of `train` (naming its
-new place), and conventions that disagree (`check`).
+`fcos_jax/config/check.py` refuses unknown fields and conventions that disagree (`check`).
 """
 
 import ml_collections
@@ -82,7 +82,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     )
     # mmdet v1 pixel convention (docs/modes.md §2.6): widths are x2 - x1 + 1 in the data, the
     # targets, the losses and the COCO results; test.postprocess mmdet_v1 needs True, the other
-    # modes and targets.assigner torchvision False (fcos_jax/config_check.py).
+    # modes and targets.assigner torchvision False (fcos_jax/config/check.py).
     c.legacy_plus_one = True
 
     c.test = ml_collections.ConfigDict(

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcos_jax import boxes as box_ops
+from fcos_jax.detection import boxes as box_ops
 
 BBOX_LOSSES = ("iou", "giou")
 NORMALIZERS = ("global", "v1", "torchvision")

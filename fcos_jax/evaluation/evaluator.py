@@ -21,9 +21,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from fcos_jax import classes as class_lists
-from fcos_jax import compile_cache, compile_options, evaluation, jsonio, postprocess, sharding
+from fcos_jax.config import classes as class_lists
+from fcos_jax.detection import postprocess
+from fcos_jax.evaluation import coco
 from fcos_jax.models import build_model
+from fcos_jax.parallel import sharding
+from fcos_jax.utils import compile_cache, compile_options, jsonio
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -57,7 +60,7 @@ def make_predict_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Callable
 
 
 # COCO results travel between processes as rows of this many float64 values (exact for the ids
-# and for the rounded Python floats of `evaluation.detections_to_coco`).
+# and for the rounded Python floats of `coco.detections_to_coco`).
 _RESULT_COLUMNS = ("image_id", "category_id", "x", "y", "w", "h", "score")
 
 
@@ -102,7 +105,7 @@ def predict_dataset(
             image_ids.append(int(dets["image_id"][row]))
             keep = dets["valid"][row]
             results.extend(
-                evaluation.detections_to_coco(
+                coco.detections_to_coco(
                     image_ids[-1],
                     dets["boxes"][row][keep],
                     dets["scores"][row][keep],
@@ -195,13 +198,13 @@ def evaluate(
         Path(results_path).parent.mkdir(parents=True, exist_ok=True)
         Path(results_path).write_text(json.dumps(results))
     if annotations:
-        ground_truth = evaluation.load_ground_truth(annotations)
+        ground_truth = coco.load_ground_truth(annotations)
     else:
-        ground_truth = evaluation.load_ground_truth(
-            evaluation.ground_truth_from_index(pipeline.source.index(), class_list)
+        ground_truth = coco.load_ground_truth(
+            coco.ground_truth_from_index(pipeline.source.index(), class_list)
         )
     image_ids = [int(i) for i in pipeline.examples.image_ids]
-    return evaluation.coco_evaluate(ground_truth, results, image_ids, per_class=per_class)
+    return coco.coco_evaluate(ground_truth, results, image_ids, per_class=per_class)
 
 
 def _short(classes: list[tuple[int, str]], limit: int = 5) -> str:
@@ -223,13 +226,13 @@ def evaluate_checkpoint(
     prints the AP table. The class list (and, with `model.head.num_classes = 0`, the head's
     size) comes from the checkpoint's meta; a checkpoint of another config name is refused
     unless `allow_other_config_name`. Returns the stats."""
-    from fcos_jax import checkpoint
+    from fcos_jax.checkpoint import store
     from fcos_jax.data import sources
 
     compile_cache.enable_from_config(config)
     mesh = sharding.make_mesh()
     # The checkpoint first: a damaged or mismatched one stops before any data is prepared.
-    step, variables, meta = checkpoint.restore_inference_step(
+    step, variables, meta = store.restore_inference_step(
         checkpoint_path,
         config,
         sharding.replicated(mesh),
@@ -271,16 +274,14 @@ def evaluate_results_file(
     if not isinstance(results, list):
         raise ValueError(f"{path}: a COCO results file is a list of detections")
     if annotations:
-        ground_truth = evaluation.load_ground_truth(annotations)
+        ground_truth = coco.load_ground_truth(annotations)
     else:
         from fcos_jax.data import sources
 
         sources.prepare_splits(config, [config.data.val_split])
         source = sources.open_source(config, config.data.val_split)
         classes = sources.resolve_classes(config, source)
-        ground_truth = evaluation.load_ground_truth(
-            evaluation.ground_truth_from_index(source.index(), classes)
-        )
-    stats, report = evaluation.coco_evaluate(ground_truth, results, per_class=per_class)
+        ground_truth = coco.load_ground_truth(coco.ground_truth_from_index(source.index(), classes))
+    stats, report = coco.coco_evaluate(ground_truth, results, per_class=per_class)
     print(f"{path}:\n{report}", flush=True)
     return stats

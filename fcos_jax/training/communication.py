@@ -2,8 +2,8 @@
 
 Each program is compiled for abstract inputs (no weights, no data: compiling is enough) exactly as
 `train.py` and `eval.py` build it, and its collectives are read from the compiled HLO
-(`fcos_jax.collectives`). `accelerator=True` traces XLA's own convolutions only
-(`layers.accelerator_kernels`), the program a GPU or TPU would compile, while compiling here.
+(`fcos_jax.parallel.collectives`). `accelerator=True` traces XLA's own convolutions only
+(`cpu_kernels.accelerator_kernels`), the program a GPU or TPU would compile, while compiling here.
 Used by the tests of the data-parallel contract and by `benchmarks/accelerator_check.py`.
 """
 
@@ -16,12 +16,14 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from fcos_jax import collectives, eval_lib, optim, sharding, train_lib
-from fcos_jax.models import build_model, layers
+from fcos_jax.evaluation import evaluator
+from fcos_jax.models import build_model, cpu_kernels
+from fcos_jax.parallel import collectives, sharding
+from fcos_jax.training import optim, train_step
 
 
 def _traced_as(accelerator: bool):
-    return layers.accelerator_kernels() if accelerator else contextlib.nullcontext()
+    return cpu_kernels.accelerator_kernels() if accelerator else contextlib.nullcontext()
 
 
 def _abstract(tree: Any, spec: jax.sharding.Sharding) -> Any:
@@ -55,7 +57,7 @@ def train_step_hlo(
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3)))
         optimizer, schedule = optim.build_optimizer(config, shapes["params"], 1000)
         state = jax.eval_shape(
-            lambda: train_lib.create_train_state(
+            lambda: train_step.create_train_state(
                 config, model, optimizer, jax.random.PRNGKey(0), image_hw
             )
         )
@@ -65,8 +67,8 @@ def train_step_hlo(
             "labels": jax.ShapeDtypeStruct((batch_size, max_boxes), jnp.int32),
             "box_valid": jax.ShapeDtypeStruct((batch_size, max_boxes), jnp.bool_),
         }
-        step = train_lib.jit_train_step(
-            train_lib.make_train_step(config, model, optimizer, schedule, mesh), mesh
+        step = train_step.jit_train_step(
+            train_step.make_train_step(config, model, optimizer, schedule, mesh), mesh
         )
         lowered = step.lower(
             _abstract(state, sharding.replicated(mesh)),
@@ -82,10 +84,10 @@ def predict_step_hlo(
     *,
     accelerator: bool = False,
 ) -> str:
-    """Compiled HLO of the evaluation's predict step (`eval_lib.make_predict_step`) for a global
+    """Compiled HLO of the evaluation's predict step (`evaluator.make_predict_step`) for a global
     batch of `test.batch_size` rounded up to the mesh, images of `image_hw`."""
     model = build_model(config.model)
-    batch_size = eval_lib.eval_batch_size(config, mesh)
+    batch_size = evaluator.eval_batch_size(config, mesh)
     with _traced_as(accelerator):
         variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3)))
         batch = {
@@ -96,7 +98,7 @@ def predict_step_hlo(
             "image_id": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
             "example_valid": jax.ShapeDtypeStruct((batch_size,), jnp.bool_),
         }
-        lowered = eval_lib.make_predict_step(config, mesh).lower(
+        lowered = evaluator.make_predict_step(config, mesh).lower(
             _abstract(variables, sharding.replicated(mesh)),
             _abstract(batch, sharding.batch_sharding(mesh)),
         )

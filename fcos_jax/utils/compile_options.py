@@ -1,11 +1,10 @@
 """XLA compile options of the model's programs (train step, evaluation, inference).
 
 On XLA:CPU (jaxlib 0.10) convolutions and matrix products are handed to YNNPACK by default. Its
-grouped convolution (ResNeXt's 64 groups of 4 to 32 channels) runs at 4 to 11 GFLOP/s on the
-2-core Intel Xeon this project is measured on, 2 to 5.6 times slower than XLA's own convolution
-of the same operands, while its dense convolutions and matrix products are on par with XLA's
-(README, Benchmarks: the X-101 per-operation profile). The model's programs are therefore
-compiled with XLA's defaults less one: convolutions stay with XLA; other backends get none.
+grouped convolution (ResNeXt's 64 groups) is several times slower than XLA's own convolution of
+the same operands, while its dense convolutions and matrix products are no faster than XLA's
+(docs/benchmarks.md#behind-the-code). The model's programs are therefore compiled with XLA's
+defaults less one: convolutions stay with XLA; other backends get none.
 
 The option is per program (`jax.jit(..., compiler_options=...)`), so nothing process-wide
 (`XLA_FLAGS`) is touched and programs of the user's own are unaffected.

@@ -4,8 +4,7 @@ Every entry point runs `check` on the config it was given (`config_io.load_confi
 `cli.config_from_flag` for train, eval, predict, compare, convert and export, and
 `inference.Detector`); it raises ValueError with one line naming the fields:
 
-  * a field the base config (`config_base.get_base_config`) does not have: a typo, or a field
-    that moved out of the `train` group, named with its new place (`MOVED`);
+  * a field the base config (`config_base.get_base_config`) does not have;
   * `legacy_plus_one` against `test.postprocess` (`modes.LEGACY_PLUS_ONE`) and against
     `targets.assigner` (torchvision's assigner has no +1), so the data, targets, losses,
     post-processing and COCO results all follow one convention;
@@ -18,29 +17,8 @@ from typing import Any
 
 import ml_collections
 
-from fcos_jax import config_base, modes
-
-# The fields that moved out of `train`, by their group now. MOVED: old name -> new name; the old
-# name is refused with its new place, never read.
-_NEW_GROUP = {
-    "targets": ("assigner", "regress_ranges", "center_sampling", "center_sample_radius")
-    + ("norm_on_bbox",),
-    "loss": ("bbox_loss", "normalizer", "focal_alpha", "focal_gamma"),
-    "optim": ("optimizer", "base_lr", "reference_batch", "lr_steps", "momentum", "adam_betas")
-    + ("adam_eps", "weight_decay", "bias_lr_mult", "bias_decay_mult", "norm_decay_mult")
-    + ("downsample_bn_bias_as_bias", "warmup", "warmup_iters", "warmup_ratio", "grad_clip_norm"),
-    "augment": ("multiscale", "multiscale_mode", "flip_ratio"),
-    "data": ("max_boxes",),
-}
-MOVED = {
-    f"train.{name}": f"{group}.{name}" for group, names in _NEW_GROUP.items() for name in names
-}
-
-
-def moved_message(path: str) -> str | None:
-    """'config.train.x moved to config.g.x' when `path` ('train.x') is an old name, else None."""
-    new = MOVED.get(path)
-    return None if new is None else f"config.{path} moved to config.{new}"
+from fcos_jax.config import base as config_base
+from fcos_jax.config import modes
 
 
 def _leaf_paths(config: Any, prefix: str = "") -> Iterator[str]:
@@ -59,7 +37,7 @@ def check_fields(config: Any, known: Sequence[str] | None = None) -> None:
     for path in _leaf_paths(config):
         if path in known or path in groups:
             continue
-        raise ValueError(moved_message(path) or f"config.{path}: no such field")
+        raise ValueError(f"config.{path}: no such field")
 
 
 def check_conventions(config: Any) -> None:

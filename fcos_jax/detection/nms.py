@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from fcos_jax import boxes as box_ops
+from fcos_jax.detection import boxes as box_ops
 
 # torchvision.ops.batched_nms runs one NMS over boxes shifted by label * (max coordinate + 1)
 # when it has at most this many boxes (4000 coordinates on CPU, 100000 on CUDA), else an exact
@@ -59,7 +59,7 @@ def top_k_indices(key: jax.Array, k: int, sort_top_k: bool) -> jax.Array:
 
     The optimization barrier keeps XLA from folding later slices of the result into the sort
     that top_k is written as; when that happens XLA:CPU no longer recognises the top-k and runs
-    a full sort (about 30x slower for 270k entries). `sort_top_k`: take the same indices from a
+    a full sort, many times slower. `sort_top_k`: take the same indices from a
     full stable sort instead of `lax.top_k`, for runtimes that cannot read `chlo.top_k` (TF
     2.21's reader of the StableHLO that jax 0.10 writes)."""
     if sort_top_k:

@@ -10,7 +10,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from fcos_jax import evaluation
+from fcos_jax.evaluation import coco
 
 CLASSES = [(3, "car"), (7, "train"), (11, "hydrant")]
 
@@ -54,17 +54,15 @@ def test_coco_evaluate_equals_pycocotools_on_the_same_files(tmp_path):
         reference.evaluate()
         reference.accumulate()
         reference.summarize()
-    stats, report = evaluation.coco_evaluate(
-        evaluation.load_ground_truth(tmp_path / "gt.json"), results
-    )
-    np.testing.assert_array_equal([stats[k] for k in evaluation.STAT_NAMES], reference.stats)
+    stats, report = coco.coco_evaluate(coco.load_ground_truth(tmp_path / "gt.json"), results)
+    np.testing.assert_array_equal([stats[k] for k in coco.STAT_NAMES], reference.stats)
     assert report.count("Average Precision") == 6 and report.count("Average Recall") == 6
     assert 0.2 < stats["AP50"] < 1.0
 
 
 def test_per_class_table_lists_each_category_with_its_ap():
     gt, results = _ground_truth_and_results(seed=1)
-    _, report = evaluation.coco_evaluate(evaluation.load_ground_truth(gt), results, per_class=True)
+    _, report = coco.coco_evaluate(coco.load_ground_truth(gt), results, per_class=True)
     lines = report.strip().splitlines()[-3:]
     assert [line.split()[0] for line in lines] == ["car", "train", "hydrant"]
     assert all(0.0 <= float(line.split()[-1]) <= 1.0 for line in lines)
@@ -72,8 +70,8 @@ def test_per_class_table_lists_each_category_with_its_ap():
 
 def test_detections_to_coco_adds_one_pixel_in_legacy_mode_and_maps_channels_to_ids():
     boxes = np.array([[10.0, 20.0, 29.0, 59.0]])
-    legacy = evaluation.detections_to_coco(4, boxes, np.array([0.9]), np.array([2]), CLASSES, True)
-    modern = evaluation.detections_to_coco(4, boxes, np.array([0.9]), np.array([2]), CLASSES, False)
+    legacy = coco.detections_to_coco(4, boxes, np.array([0.9]), np.array([2]), CLASSES, True)
+    modern = coco.detections_to_coco(4, boxes, np.array([0.9]), np.array([2]), CLASSES, False)
     assert legacy == [{"image_id": 4, "category_id": 11, "bbox": [10.0, 20.0, 20.0, 40.0],
                        "score": 0.9}]  # fmt: skip
     assert modern[0]["bbox"] == [10.0, 20.0, 19.0, 39.0]
@@ -81,7 +79,7 @@ def test_detections_to_coco_adds_one_pixel_in_legacy_mode_and_maps_channels_to_i
 
 def test_a_label_outside_the_class_list_is_an_error():
     with pytest.raises(ValueError, match="label channel"):
-        evaluation.detections_to_coco(1, np.zeros((1, 4)), np.ones(1), np.array([3]), CLASSES, 0)
+        coco.detections_to_coco(1, np.zeros((1, 4)), np.ones(1), np.array([3]), CLASSES, 0)
 
 
 def test_ground_truth_from_index_keeps_coco_boxes_and_crowd_regions():
@@ -95,25 +93,25 @@ def test_ground_truth_from_index_keeps_coco_boxes_and_crowd_regions():
         areas=np.array([200.0, 12.0], np.float32),
         ann_ids=np.array([41, 42]),
     )
-    gt = evaluation.ground_truth_from_index(index, CLASSES)
+    gt = coco.ground_truth_from_index(index, CLASSES)
     assert gt["images"] == [{"id": 3, "height": 50, "width": 60}, {"id": 8, "height": 70,
                             "width": 80}]  # fmt: skip
     assert [a["bbox"] for a in gt["annotations"]] == [[1.0, 2.0, 10.0, 20.0], [5.0, 5.0, 3.0, 4.0]]
     assert [a["iscrowd"] for a in gt["annotations"]] == [0, 1]
     assert [a["id"] for a in gt["annotations"]] == [41, 42]
-    evaluation.load_ground_truth(gt)  # pycocotools accepts it
+    coco.load_ground_truth(gt)  # pycocotools accepts it
 
 
 def test_no_detections_give_zero_ap_and_unknown_images_are_refused():
     gt, _ = _ground_truth_and_results()
-    coco = evaluation.load_ground_truth(gt)
-    stats, _ = evaluation.coco_evaluate(coco, [])
+    ground_truth = coco.load_ground_truth(gt)
+    stats, _ = coco.coco_evaluate(ground_truth, [])
     assert stats["AP"] == 0.0
     bad = [{"image_id": 999, "category_id": 3, "bbox": [0, 0, 5, 5], "score": 0.5}]
     with pytest.raises(ValueError, match="999"):
-        evaluation.coco_evaluate(coco, bad)
+        coco.coco_evaluate(ground_truth, bad)
 
 
 def test_missing_annotation_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
-        evaluation.load_ground_truth(tmp_path / "nope.json")
+        coco.load_ground_truth(tmp_path / "nope.json")

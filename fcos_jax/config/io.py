@@ -10,7 +10,7 @@ from pathlib import Path
 
 import ml_collections
 
-from fcos_jax import config_check
+from fcos_jax.config import check as config_check
 
 
 def load_config(path: str | Path, arg: str | None = None) -> ml_collections.ConfigDict:

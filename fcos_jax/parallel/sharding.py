@@ -90,15 +90,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-    """This process's share of a global batch; raises when the devices do not divide it."""
-    if global_batch_size % mesh.size:
-        raise ValueError(
-            f"batch size {global_batch_size} is not divisible by the {mesh.size} devices"
-        )
-    return global_batch_size // jax.process_count()
-
-
 def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This process's slice of a batch (leading axis) -> global arrays sharded over `data`."""
     sharding = batch_sharding(mesh)

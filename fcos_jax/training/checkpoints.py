@@ -1,7 +1,7 @@
 """A training workdir's checkpoints: the state a run starts from and the states it saves.
 
 `TrainCheckpoints(workdir, config, classes)` holds the workdir's orbax manager and the meta
-(config name, class list) written with every step (the layout is `checkpoint.py`'s):
+(config name, class list) written with every step (the layout is `checkpoint/store.py`'s):
   * `restore_or_initialise` gives the run's first train state, replicated on the mesh: the
     workdir's newest intact checkpoint (newer damaged steps are moved aside, with a warning)
     with everything (params, BN statistics, optimizer, data iterator), restored onto this run's
@@ -27,9 +27,11 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from fcos_jax import checkpoint, sharding, train_lib
-from fcos_jax import classes as class_lists
-from fcos_jax.classes import ClassList
+from fcos_jax.checkpoint import store
+from fcos_jax.config import classes as class_lists
+from fcos_jax.config.classes import ClassList
+from fcos_jax.parallel import sharding
+from fcos_jax.training import train_step
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -45,27 +47,27 @@ class TrainCheckpoints:
         self.workdir = Path(workdir).absolute()
         self.config = config
         self.classes = list(classes)
-        self.meta = checkpoint.make_meta(config, source=TRAIN_SOURCE, classes=classes)
+        self.meta = store.make_meta(config, source=TRAIN_SOURCE, classes=classes)
         keep = int(config.train.keep_checkpoints)
         if keep < 2:
             raise ValueError(
                 f"train.keep_checkpoints: expected >= 2, got {keep} (the checkpoint before the "
                 "newest is kept until a step on the newest has had a finite loss)"
             )
-        self.manager = checkpoint.checkpoint_manager(self.workdir, max_to_keep=keep)
+        self.manager = store.checkpoint_manager(self.workdir, max_to_keep=keep)
 
     @property
     def latest_step(self) -> int | None:
         """The latest finished step in the workdir, or None."""
         return self.manager.latest_step()
 
-    def restore_or_initialise(
+    def restore_or_initialize(
         self,
         model: nn.Module,
         optimizer: optax.GradientTransformation,
         mesh: Mesh,
         image_hw: tuple[int, int],
-    ) -> tuple[int, train_lib.TrainState, dict[str, Any] | None]:
+    ) -> tuple[int, train_step.TrainState, dict[str, Any] | None]:
         """(first step, state replicated on `mesh`, data iterator state to restore or None).
 
         image_hw: an input size for the model's initialisation (its parameters do not depend
@@ -73,7 +75,7 @@ class TrainCheckpoints:
         """
         create = jax.jit(
             functools.partial(
-                train_lib.create_train_state, self.config, model, optimizer, image_hw=image_hw
+                train_step.create_train_state, self.config, model, optimizer, image_hw=image_hw
             )
         )
         rng = jax.random.PRNGKey(int(self.config.seed))
@@ -86,7 +88,7 @@ class TrainCheckpoints:
         state = create(rng)
         source = self.config.init_from
         if source:
-            loaded, loaded_meta = checkpoint.restore_weights(source)
+            loaded, loaded_meta = store.restore_weights(source)
             variables = {"params": state.params, "batch_stats": state.batch_stats}
             variables, report = merge_init_weights(variables, loaded, source)
             state = state.replace(
@@ -100,10 +102,10 @@ class TrainCheckpoints:
                     log.info("  %s", line)
         return 0, sharding.replicate(state, mesh), None
 
-    def save(self, step: int, state: train_lib.TrainState, data_state: dict[str, Any]) -> None:
+    def save(self, step: int, state: train_step.TrainState, data_state: dict[str, Any]) -> None:
         """Starts an asynchronous save of `state` at `step`, after the previous one finished."""
         self.manager.wait_until_finished()
-        checkpoint.save(
+        store.save(
             self.manager,
             step,
             state.params,
@@ -141,8 +143,8 @@ class TrainCheckpoints:
         self.manager.close()
 
     def _resume(
-        self, abstract: train_lib.TrainState, mesh: Mesh
-    ) -> tuple[int, train_lib.TrainState, dict[str, Any]]:
+        self, abstract: train_step.TrainState, mesh: Mesh
+    ) -> tuple[int, train_step.TrainState, dict[str, Any]]:
         """(step, state, data state) of the newest intact checkpoint, restored with the shardings
         of this run's mesh (replicated); refused when another config or class list wrote it.
         Newer damaged steps are moved aside (`<step>.damaged`), out of the way of this run's
@@ -151,7 +153,7 @@ class TrainCheckpoints:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
         )
-        step, items, damaged = checkpoint.restore_training(
+        step, items, damaged = store.restore_training(
             self.manager,
             abstract.params,
             abstract.batch_stats,
@@ -162,7 +164,7 @@ class TrainCheckpoints:
             moved = self.set_aside(bad_step, "damaged")
             if jax.process_index() == 0:
                 log.warning("damaged checkpoint step %d moved aside to %s", bad_step, moved)
-        state = train_lib.TrainState(
+        state = train_step.TrainState(
             step=np.asarray(step, np.int32),
             params=items["params"],
             batch_stats=items["batch_stats"] or {},
@@ -172,11 +174,11 @@ class TrainCheckpoints:
 
     def _check_meta(self, meta: dict[str, Any], step_dir: Path) -> None:
         """Refuses a checkpoint of another config or class list."""
-        checkpoint.check_config_name(
+        store.check_config_name(
             meta, self.config.name, step_dir, "use another --workdir (or the same config) to go on"
         )
         if "classes" in meta and class_lists.from_meta(meta, str(step_dir)) != self.classes:
-            raise checkpoint.CheckpointError(
+            raise store.CheckpointError(
                 f"{step_dir}: the workdir was trained on other classes than the data has now "
                 f"({len(meta['classes'])} vs {len(self.classes)}: channel -> category id, name); "
                 "use another --workdir for this data"

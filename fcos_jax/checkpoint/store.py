@@ -9,7 +9,7 @@ One layout for trained and converted weights (docs/architecture.md#checkpoints):
   meta         JSON: format version, config name, source, parts held, class list
                `[[category_id, name], ...]` in class-channel order.
   checksums    JSON: SHA-256 of every array and JSON item as handed to the save
-               (`checkpoint_integrity`); written by orbax with the step, so a finished step
+               (`integrity`); written by orbax with the step, so a finished step
                always has it. Format version 1 steps (before checksums) are read unverified,
                with a warning.
 The converter writes step 0 without `opt_state`/`data_state`. Inference restores only `params`,
@@ -36,11 +36,11 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from fcos_jax import checkpoint_integrity as integrity
-from fcos_jax import jsonio
-from fcos_jax import sharding as mesh_lib
-from fcos_jax.classes import ClassList, class_list, from_meta, resolve_num_classes
+from fcos_jax.checkpoint import integrity
+from fcos_jax.config.classes import ClassList, class_list, from_meta, resolve_num_classes
 from fcos_jax.models import build_model
+from fcos_jax.parallel import sharding as mesh_lib
+from fcos_jax.utils import jsonio
 
 # 2: every step holds a `checksums` item; 1: written before checksums (read unverified).
 FORMAT_VERSION = 2

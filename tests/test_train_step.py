@@ -1,15 +1,15 @@
-"""train_lib: one compiled step, learning, gradient accumulation and device-count invariance.
+"""training/train_step.py: one compiled step, learning, gradient accumulation and device-count
+invariance.
 
-Every backward pass costs 20-60 s to compile here, so the tests share one tiny model
+Every backward pass takes tens of seconds to compile on a CPU, so the tests share one tiny model
 (ResNet-18 at stem width 16, 32-channel FPN and head, 3 classes) at 96x96 with a global batch
 of 4, and one jitted step per (norm, accumulation, device count) cached for the whole module.
 The 4-device side runs this file as a script in a subprocess: XLA's simulated device count must
 be set before JAX starts, and the test process already has one device.
 
 Run as a script (`XLA_FLAGS=--xla_force_host_platform_device_count=4 python
-tests/test_train_lib.py OUT_DIR`) it writes one 4-device step per norm to OUT_DIR/<norm>.npz: the
-4-device side of the invariance test. Runtime here: about 1.5 minutes on a quiet 2-core machine
-and 5 under load, almost all of it compiling.
+tests/test_train_step.py OUT_DIR`) it writes one 4-device step per norm to OUT_DIR/<norm>.npz: the
+4-device side of the invariance test; almost all of its runtime is compiling.
 """
 
 import contextlib
@@ -32,8 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # when run as a script
     sys.path.insert(0, str(REPO))
 
-from fcos_jax import config_base, optim, postprocess, sharding, train_lib  # noqa: E402
+from fcos_jax.config import base as config_base  # noqa: E402
+from fcos_jax.detection import postprocess  # noqa: E402
 from fcos_jax.models import build_model  # noqa: E402
+from fcos_jax.parallel import sharding  # noqa: E402
+from fcos_jax.training import optim, train_step  # noqa: E402
 
 IMAGE_HW = (96, 96)
 GLOBAL_BATCH = 4
@@ -45,7 +48,7 @@ NORMS = ("frozen_bn", "batch_stats_bn")
 # ~0.14) and AP50 is 1.0 from step 150 on at base_lr 0.004..0.006 with either conv gradient.
 STEPS_PER_EPOCH = 50
 # Class channel -> colour of its filled rectangles in the synthetic images.
-CLASS_COLOURS = ((230.0, 40.0, 40.0), (40.0, 220.0, 40.0), (50.0, 60.0, 235.0))
+CLASS_COLORS = ((230.0, 40.0, 40.0), (40.0, 220.0, 40.0), (50.0, 60.0, 235.0))
 # Objects per synthetic image: (class channel, x1, y1, x2, y2) in pixels. Sizes from 14 to 80 px,
 # so positives land on the stride-8 and stride-16 levels. Image 3 has no object.
 OBJECTS = (
@@ -93,7 +96,7 @@ def synthetic_batch(image_order: tuple[int, ...]) -> dict[str, np.ndarray]:
     for row, index in enumerate(image_order):
         canvas = backgrounds[index].copy()
         for j, (label, x1, y1, x2, y2) in enumerate(OBJECTS[index]):
-            canvas[y1:y2, x1:x2] = CLASS_COLOURS[label]
+            canvas[y1:y2, x1:x2] = CLASS_COLORS[label]
             boxes[row, j] = (x1, y1, x2, y2)
             labels[row, j] = label
             valid[row, j] = True
@@ -109,7 +112,7 @@ class Trainer:
     step_fn: object  # the un-jitted step
     step: object  # jitted on `mesh`
 
-    def fresh_state(self) -> train_lib.TrainState:
+    def fresh_state(self) -> train_step.TrainState:
         """The shared step-0 state, replicated on the mesh."""
         return sharding.replicate(initial_state(), self.mesh)
 
@@ -128,8 +131,8 @@ def _trainer(norm: str, accumulate_steps: int, num_devices: int) -> Trainer:
     model = build_model(config.model)
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
     optimizer, schedule = optim.build_optimizer(config, _param_shapes(), STEPS_PER_EPOCH)
-    step_fn = train_lib.make_train_step(config, model, optimizer, schedule, mesh)
-    return Trainer(config, model, mesh, step_fn, train_lib.jit_train_step(step_fn, mesh))
+    step_fn = train_step.make_train_step(config, model, optimizer, schedule, mesh)
+    return Trainer(config, model, mesh, step_fn, train_step.jit_train_step(step_fn, mesh))
 
 
 def _param_shapes():
@@ -139,7 +142,7 @@ def _param_shapes():
 
 
 @functools.cache
-def initial_state() -> train_lib.TrainState:
+def initial_state() -> train_step.TrainState:
     """Step-0 state as NumPy, shared by every setting: FrozenBatchNorm and nn.BatchNorm hold the
     same variables (scale, bias; mean, var) and every setting has the same parameter groups, so
     one init (one compile) serves all. NumPy, because each step donates its device state.
@@ -149,7 +152,7 @@ def initial_state() -> train_lib.TrainState:
     model = build_model(config.model)
     optimizer, _ = optim.build_optimizer(config, _param_shapes(), STEPS_PER_EPOCH)
     create = jax.jit(
-        functools.partial(train_lib.create_train_state, config, model, optimizer),
+        functools.partial(train_step.create_train_state, config, model, optimizer),
         static_argnums=1,
     )
     return jax.device_get(create(jax.random.key(0, impl="rbg"), IMAGE_HW))
@@ -325,7 +328,7 @@ def test_accumulation_shrinks_the_compiled_steps_working_memory():
 # Learning
 
 
-def detections(t: Trainer, state: train_lib.TrainState, batch: dict[str, np.ndarray]):
+def detections(t: Trainer, state: train_step.TrainState, batch: dict[str, np.ndarray]):
     """postprocess.detect on the model's eval-mode outputs: boxes [B, D, 4] xyxy px, scores,
     labels, valid [B, D], as NumPy."""
     test = t.config.test
@@ -463,11 +466,11 @@ def test_step_is_one_compiled_program_without_host_round_trips(accumulate_steps)
 
 def test_all_finite_looks_at_every_floating_point_leaf():
     tree = {"a": np.ones((2, 3), np.float32), "b": (np.zeros(4, np.float32), np.int32(7))}
-    assert bool(train_lib.all_finite(tree))
+    assert bool(train_step.all_finite(tree))
     for bad in (np.nan, np.inf, -np.inf):
         leaf = np.array([0.0, 0.0, bad, 0.0], np.float32)
-        assert not bool(train_lib.all_finite({"a": tree["a"], "b": (leaf, np.int32(7))}))
-    assert bool(train_lib.all_finite({"count": np.int32(2**31 - 1), "empty": {}}))
+        assert not bool(train_step.all_finite({"a": tree["a"], "b": (leaf, np.int32(7))}))
+    assert bool(train_step.all_finite({"count": np.int32(2**31 - 1), "empty": {}}))
 
 
 def test_state_finite_is_false_when_the_update_blows_up_behind_a_finite_loss():

@@ -16,8 +16,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from fcos_jax import boxes as box_ops
-from fcos_jax import jsonio
+from fcos_jax.detection import boxes as box_ops
+from fcos_jax.utils import jsonio
 
 ClassList = Sequence[tuple[int, str]]
 

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcos_jax import boxes as box_ops
-from fcos_jax import points as point_grid
+from fcos_jax.detection import boxes as box_ops
+from fcos_jax.detection import points as point_grid
 
 ASSIGNERS = ("mmdet", "torchvision")
 # torchvision: `pairwise_match * (1e8 - area)`, unmatched when the maximum is below 1e-5.
@@ -128,18 +128,18 @@ def encode(
     max_dist = ltrb.max(-1)
     lo, hi = ranges[:, 0:1], ranges[:, 1:2]
     radius = point_strides[:, None] * np.float32(center_sample_radius)  # [P, 1]
-    centre_x = (boxes[:, 0] + boxes[:, 2]) / 2  # [M]
-    centre_y = (boxes[:, 1] + boxes[:, 3]) / 2
+    center_x = (boxes[:, 0] + boxes[:, 2]) / 2  # [M]
+    center_y = (boxes[:, 1] + boxes[:, 3]) / 2
 
     if assigner == "mmdet":
         if center_sampling:
             # the sub-box of half-size radius around the gt centre, clipped to the gt
             sub_box = jnp.stack(
                 [
-                    jnp.maximum(centre_x - radius, boxes[:, 0]),
-                    jnp.maximum(centre_y - radius, boxes[:, 1]),
-                    jnp.minimum(centre_x + radius, boxes[:, 2]),
-                    jnp.minimum(centre_y + radius, boxes[:, 3]),
+                    jnp.maximum(center_x - radius, boxes[:, 0]),
+                    jnp.maximum(center_y - radius, boxes[:, 1]),
+                    jnp.minimum(center_x + radius, boxes[:, 2]),
+                    jnp.minimum(center_y + radius, boxes[:, 3]),
                 ],
                 axis=-1,
             )  # [P, M, 4]
@@ -154,8 +154,8 @@ def encode(
         eligible = (ltrb.min(-1) > 0) & (max_dist > lo) & (max_dist < hi) & valid[None, :]
         if center_sampling:
             offset = jnp.maximum(
-                jnp.abs(points[:, 0:1] - centre_x[None, :]),
-                jnp.abs(points[:, 1:2] - centre_y[None, :]),
+                jnp.abs(points[:, 0:1] - center_x[None, :]),
+                jnp.abs(points[:, 1:2] - center_y[None, :]),
             )
             eligible &= offset < radius
         areas = box_ops.area(boxes, legacy_plus_one)

@@ -21,7 +21,7 @@ Files (paths) and encoded bytes are decoded with `cv2.imdecode(..., IMREAD_COLOR
 which also maps grey, alpha and 16-bit files to 8-bit BGR, as mmcv does.
 
 The `scale` field is what post-processing divides resized-image boxes by, per axis (y, x), as
-`preprocess.scale_factor` says (`fcos_jax/modes.py` pairs it with `test.postprocess`):
+`preprocess.scale_factor` says (`fcos_jax/config/modes.py` pairs it with `test.postprocess`):
   single       (s, s): mmdet v1 divides by the single float scale factor (mmdet resize only).
   per_axis     (new_h / h, new_w / w): mmdet v2/v3 rescale each axis by its own factor;
                torchvision's `postprocess.detect` then rescales with float32(original / resized),
@@ -34,7 +34,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fcos_jax.modes import SCALE_FACTORS
+from fcos_jax.config.modes import SCALE_FACTORS
 
 RESIZE_MODES = ("mmdet", "torchvision")
 
@@ -135,7 +135,7 @@ def single_scale(preprocess_config: Any) -> bool:
     return factor == "single"
 
 
-def normalise(pixels: Any, mean: Any, std: Any, unit_range: bool) -> Any:
+def normalize(pixels: Any, mean: Any, std: Any, unit_range: bool) -> Any:
     """(pixels [/ 255] - mean) / std in float32, in that order (mmcv `imnormalize`, torchvision
     `normalize`): the one normalisation of both modes, at test time here and in the training
     transforms (data/transforms.py). pixels: [..., 3] float32, a NumPy array or a TF tensor
@@ -236,9 +236,9 @@ def preprocess_mmdet(
     new_h, new_w = resized.shape[:2]
     if to_rgb:
         resized = resized[:, :, ::-1]
-    normalised = normalise(resized.astype(np.float32), mean, std, unit_range)
+    normalized = normalize(resized.astype(np.float32), mean, std, unit_range)
     factors = scale_yx((h, w), (new_h, new_w), factor, single_scale)
-    return _output(pad_to_multiple(normalised, size_divisor), (new_h, new_w), factors, (h, w))
+    return _output(pad_to_multiple(normalized, size_divisor), (new_h, new_w), factors, (h, w))
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,8 +271,8 @@ def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, n
     ratio = np.float32(in_size) / np.float32(out_size)
     # torch evaluates ratio * (i + 0.5) - 0.5 as one fused multiply-add in float32: exact in
     # float64 here, then rounded once (a float32 product would be off by up to 1.5e-5 at 256).
-    centres = np.arange(out_size, dtype=np.float64) + 0.5
-    source = np.maximum((np.float64(ratio) * centres - 0.5).astype(np.float32), np.float32(0))
+    centers = np.arange(out_size, dtype=np.float64) + 0.5
+    source = np.maximum((np.float64(ratio) * centers - 0.5).astype(np.float32), np.float32(0))
     index0 = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
     weight1 = np.clip(source - index0.astype(np.float32), 0, 1).astype(np.float32)
     index1 = index0 + (index0 < in_size - 1)
@@ -312,8 +312,8 @@ def preprocess_torchvision(
     h, w = image_rgb.shape[:2]
     new_h, new_w, factor = torchvision_resize_size(h, w, scale)
     check_resized_size((h, w), (new_h, new_w), scale, name)
-    normalised = normalise(image_rgb.astype(np.float32), mean, std, unit_range)
-    resized = resize_bilinear(normalised, (new_h, new_w))
+    normalized = normalize(image_rgb.astype(np.float32), mean, std, unit_range)
+    resized = resize_bilinear(normalized, (new_h, new_w))
     factors = scale_yx((h, w), (new_h, new_w), factor, False)
     return _output(pad_to_multiple(resized, size_divisor), (new_h, new_w), factors, (h, w))
 

@@ -6,10 +6,10 @@
   * takes its first state from `TrainCheckpoints.restore_or_initialise`: the workdir's newest
     intact checkpoint, or the initialisation with `config.init_from`'s weights, or the
     initialisation;
-  * runs the jitted data-parallel step (`train_lib`) on every device of every process;
+  * runs the jitted data-parallel step (`train_step`) on every device of every process;
   * puts the next batches on the devices while a step runs, and reads the metrics of step s
     while step s + 1 runs, so the step never waits for the host;
-  * reports loss components, lr, images/s and ETA (`train_log`), saves a checkpoint every
+  * reports loss components, lr, images/s and ETA (`log.TrainLog`), saves a checkpoint every
     `train.checkpoint_every` steps and at the end, evaluates every `train.eval_every` steps and
     at the end;
   * stops on a non-finite loss or state with one line naming the step and the newest good
@@ -28,14 +28,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fcos_jax import classes as class_lists
-from fcos_jax import compile_cache, eval_lib, optim, sharding, train_lib, workdir_lock
+from fcos_jax.config import classes as class_lists
 from fcos_jax.data import pipeline as data_pipeline
 from fcos_jax.data import sources as data_sources
+from fcos_jax.evaluation import evaluator
 from fcos_jax.models import build_model
-from fcos_jax.train_checkpoints import TrainCheckpoints
-from fcos_jax.train_errors import NonFiniteStepError
-from fcos_jax.train_log import TrainLog
+from fcos_jax.parallel import sharding
+from fcos_jax.training import optim, train_step, workdir_lock
+from fcos_jax.training.checkpoints import TrainCheckpoints
+from fcos_jax.training.errors import NonFiniteStepError
+from fcos_jax.training.log import TrainLog
+from fcos_jax.utils import compile_cache
 
 TRAIN_INPUTS = ("image", "boxes", "labels", "box_valid")
 # Global batches put on the devices ahead of the step that takes them.
@@ -92,7 +95,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     compile_cache.enable_from_config(config)
     mesh = sharding.make_mesh()
     t = config.train
-    sharding.local_batch_size(int(t.batch_size), mesh)  # validates divisibility
     if int(t.batch_size) % (int(t.accumulate_steps) * mesh.size):
         raise ValueError(
             f"train.batch_size {t.batch_size} must divide into train.accumulate_steps "
@@ -118,21 +120,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *canvas, 3)))
     optimizer, schedule = optim.build_optimizer(config, shapes["params"], steps_per_epoch)
     checkpoints = TrainCheckpoints(workdir, config, pipeline.classes)
-    start_step, state, data_state = checkpoints.restore_or_initialise(
+    start_step, state, data_state = checkpoints.restore_or_initialize(
         model, optimizer, mesh, canvas
     )
     if data_state is not None:
         pipeline.restore(data_state)
-    step_fn = train_lib.jit_train_step(
-        train_lib.make_train_step(config, model, optimizer, schedule, mesh), mesh
+    step_fn = train_step.jit_train_step(
+        train_step.make_train_step(config, model, optimizer, schedule, mesh), mesh
     )
     predict_step = None
 
-    def evaluate(state: train_lib.TrainState, step: int) -> dict[str, float]:
+    def evaluate(state: train_step.TrainState, step: int) -> dict[str, float]:
         nonlocal predict_step
-        predict_step = predict_step or eval_lib.make_predict_step(config, mesh)
+        predict_step = predict_step or evaluator.make_predict_step(config, mesh)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        stats, text = eval_lib.evaluate(
+        stats, text = evaluator.evaluate(
             config, variables, mesh, classes=pipeline.classes, predict_step=predict_step
         )
         train_log.evaluation(step, stats, text)
