@@ -452,3 +452,18 @@ def test_a_canvas_other_than_detectors_is_named_in_a_warning():
     assert "--config.preprocess.scale" in note
     config.preprocess.scale = (1024, 640)  # the way to serve another resolution
     assert export.canvas_note(config, (640, 1024)) is None
+
+
+def test_the_command_warns_about_such_a_canvas_before_it_restores(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "fcos_jax.export", "--config=configs/tiny.py", "--format=onnx"]
+        + [f"--checkpoint={empty}", f"--output={tmp_path / 'a.onnx'}", "--height=96"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr  # the empty checkpoint directory
+    assert "canvas 96x128 is not a canvas of preprocess.scale (128, 128)" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
