@@ -1,7 +1,8 @@
 """The README's serving client, run as written, so that the README and the artifacts cannot drift.
 
 The fenced blocks marked `<!-- readme-test: NAME -->` in README.md (the client, one block per
-runtime, the outputs) and docs/export.md (the torchvision resize) are extracted and run:
+runtime, the outputs) and docs/export.md (the torchvision resize, StableHLO compiled as Detector
+compiles it) are extracted and run:
 
   * against artifacts of a small random model with the README's settings (mmdet_v1 semantics,
     `preprocess.scale` (1333, 800), the landscape and portrait canvases, the README's file
@@ -25,13 +26,14 @@ import numpy as np
 import pytest
 from test_predict import firing_variables, tiny_config
 
-from fcos_jax import canvas, compare, export, inference
+from fcos_jax import canvas, compare, compile_options, export, inference
 from fcos_jax.config_io import load_config
 from fcos_jax.testing.images import natural_image
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = re.compile(r"<!-- readme-test: ([\w-]+) -->\n```python\n(.*?)```", re.S)
 RUNTIMES = ("stablehlo", "savedmodel", "onnx")
+AS_DETECTOR = "stablehlo-as-detector"  # docs/export.md's StableHLO runner
 # The README's settings: its SCALE, canvases and artifact names.
 SCALE = (1333, 800)
 LANDSCAPE, PORTRAIT = (800, 1344), (1344, 800)
@@ -39,7 +41,9 @@ LANDSCAPE, PORTRAIT = (800, 1344), (1344, 800)
 IMAGES = {"landscape.jpg": (300, 400, 1), "portrait.jpg": (400, 300, 2)}
 # The portrait artifact only as StableHLO: the README's name for it is the same expression in
 # every runtime, and each other format costs an export and a compile.
-RUNS = {"landscape.jpg": RUNTIMES, "portrait.jpg": ("stablehlo",)}
+RUNS = {"landscape.jpg": (*RUNTIMES, AS_DETECTOR), "portrait.jpg": ("stablehlo", AS_DETECTOR)}
+# docs/export.md §5, StableHLO compiled with Detector's options: its detections in its order.
+AS_DETECTOR_BOX_ATOL, AS_DETECTOR_SCORE_ATOL = 1e-3, 1e-5
 HARNESS = """
 import json, shutil, sys
 import numpy as np
@@ -55,6 +59,8 @@ for image, runtimes in json.load(open("runs.json")).items():
         key = f"{image}:{runtime}"
         results.update({f"{key}:canvas": np.asarray(ns["canvas"])})
         results.update({f"{key}:{k}": np.asarray(ns[k]) for k in ("boxes", "scores", "classes")})
+        if "options" in ns:
+            results[f"{key}:options"] = np.asarray(json.dumps(ns.pop("options")))
 np.savez("results.npz", **results)
 if "fcos_jax" in sys.modules:
     sys.exit("fcos_jax was imported")
@@ -84,7 +90,7 @@ def small_v1_config():
 @pytest.fixture(scope="module")
 def blocks():
     found = readme_blocks()
-    expected = {"client", "outputs", "torchvision-resize", *RUNTIMES}
+    expected = {"client", "outputs", "torchvision-resize", AS_DETECTOR, *RUNTIMES}
     assert set(found) == expected, sorted(found)
     return found
 
@@ -140,6 +146,12 @@ def test_readme_client_detects_what_detector_detects(client_run, detector_run, i
     # docs/export.md §5: every runtime of the README's client, StableHLO through plain
     # `exported.call` included, meets compare's rule.
     assert compare.match_detections(found, reference) == [], key
+    if runtime == AS_DETECTOR:  # the same order, closer
+        options = json.loads(str(results[f"{key}:options"]))
+        assert options == compile_options.compiler_options("cpu")
+        np.testing.assert_array_equal(found["labels"], reference["labels"])
+        for name, atol in (("boxes", AS_DETECTOR_BOX_ATOL), ("scores", AS_DETECTOR_SCORE_ATOL)):
+            np.testing.assert_allclose(found[name], reference[name], rtol=0, atol=atol)
     same = found["labels"] == reference["labels"]
     box = float(np.max(np.abs(found["boxes"] - reference["boxes"])[same], initial=0.0))
     score = float(np.max(np.abs(found["scores"] - reference["scores"]), initial=0.0))
