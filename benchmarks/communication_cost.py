@@ -7,7 +7,7 @@ For each config: the parameter bytes, the trainable parameters' bytes, and the a
 of its train step compiled on the 8 simulated devices (as an accelerator would compile it:
 `cpu_kernels.accelerator_kernels`; read from the HLO by `fcos_jax.training.communication`). Then
 the time of that all-reduce at 8, 64 and 256 devices on the interconnects of `LINKS` (nominal
-rates, as the vendors state them), against the step's compute at the seed recipe's 2 images per
+rates, as the vendors state them), against the step's compute at the model-zoo recipe's 2 images per
 device (3 x `FORWARD_TFLOP` x 2 at `UTILISATION` of the chip's bfloat16 peak). Prints a Markdown
 table; docs/architecture.md#communication holds its output and reads it.
 

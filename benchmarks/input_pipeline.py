@@ -1,4 +1,4 @@
-"""Throughput of the input pipelines at the seed scale 1333x800.
+"""Throughput of the input pipelines at the model-zoo scale 1333x800.
 
   .venv/bin/python benchmarks/input_pipeline.py                # 1333x800, global batch 16
   .venv/bin/python benchmarks/input_pipeline.py --scale 320,320 --images 256

@@ -1,4 +1,4 @@
-"""mmdet v1 FCOS R-101 caffe FPN GN, multi-scale 640/800, 2x: 40.8 box AP (seed model zoo).
+"""mmdet v1 FCOS R-101 caffe FPN GN, multi-scale 640/800, 2x: 40.8 box AP (mmdetection v1 model zoo).
 
 python -m fcos_jax.convert --format mmdet --config configs/fcos_mstrain_640_800_r101_caffe_fpn_gn_2x.py --input fcos_mstrain_640_800_r101_caffe_fpn_gn_2x_4gpu_20190516-42e6f62d.pth --output ckpt/fcos_mstrain_640_800_r101_caffe_fpn_gn_2x
 python -m fcos_jax.predict --config configs/fcos_mstrain_640_800_r101_caffe_fpn_gn_2x.py --checkpoint ckpt/fcos_mstrain_640_800_r101_caffe_fpn_gn_2x image.jpg

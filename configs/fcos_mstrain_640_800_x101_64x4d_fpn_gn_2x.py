@@ -1,4 +1,4 @@
-"""mmdet v1 FCOS X-101-64x4d (pytorch style) FPN GN, multi-scale 640/800, 2x: 42.8 box AP (seed model zoo).
+"""mmdet v1 FCOS X-101-64x4d (pytorch style) FPN GN, multi-scale 640/800, 2x: 42.8 box AP (mmdetection v1 model zoo).
 
 python -m fcos_jax.convert --format mmdet --config configs/fcos_mstrain_640_800_x101_64x4d_fpn_gn_2x.py --input fcos_mstrain_640_800_x101_64x4d_fpn_gn_2x_20190516-a36c0872.pth --output ckpt/fcos_mstrain_640_800_x101_64x4d_fpn_gn_2x
 python -m fcos_jax.predict --config configs/fcos_mstrain_640_800_x101_64x4d_fpn_gn_2x.py --checkpoint ckpt/fcos_mstrain_640_800_x101_64x4d_fpn_gn_2x image.jpg

@@ -1,4 +1,4 @@
-"""mmdet v1 FCOS R-101 caffe FPN GN, 2x: 39.1 box AP (seed model zoo).
+"""mmdet v1 FCOS R-101 caffe FPN GN, 2x: 39.1 box AP (mmdetection v1 model zoo).
 
 python -m fcos_jax.convert --format mmdet --config configs/fcos_r101_caffe_fpn_gn_2x.py --input fcos_r101_caffe_fpn_gn_2x_4gpu_20190516-c03af97b.pth --output ckpt/fcos_r101_caffe_fpn_gn_2x
 python -m fcos_jax.predict --config configs/fcos_r101_caffe_fpn_gn_2x.py --checkpoint ckpt/fcos_r101_caffe_fpn_gn_2x image.jpg

@@ -11,7 +11,7 @@ px, resized to at most 256), so the whole run takes minutes on a CPU. It uses th
 recipe of later mmdetection (centre sampling, GIoU, norm_on_bbox, centerness on the reg branch,
 gradient clipping) and `mmdet_v3` post-processing.
 
-The optimizer is AdamW (lr 2e-3 per 8 images, weight decay 0.05), not the seed recipe's SGD:
+The optimizer is AdamW (lr 2e-3 per 8 images, weight decay 0.05), not the model-zoo recipe's SGD:
 from scratch and in under 1000 steps, SGD and a smaller AdamW lr left the classifier unsure
 between shapes. Inputs of at most 256 px cost a little AP against 320 px for about two thirds of
 the step time; `--config.preprocess.scale='(320, 320)' --config.augment.multiscale='((320, 320),)'`

@@ -153,12 +153,13 @@ class Detector:
 
     def preprocess(self, image: ImageSource, name: str = "image") -> dict[str, np.ndarray]:
         """One image -> `fcos_jax.data.preprocess.preprocess` output for this detector's config, its
-        image zero padded into its canvas in canvas mode (`data.eval_pad = 'canvas'`)."""
+        image zero padded into its canvas in canvas mode (`data.eval_pad = 'canvas'`): the
+        landscape canvas of `preprocess.scale` whenever the resized image fits it, else the
+        portrait one (`canvas.canvas_for`, the rule the exported artifacts' clients follow)."""
         item = preprocess.preprocess(image, self.config.preprocess, name=name)
         if self.canvases is not None:
-            padded_hw = np.asarray([item["image"].shape[:2]])
-            choice = int(canvas.assign_canvases(padded_hw, self.canvases, [name])[0])
-            item["image"] = canvas.pad_to(item["image"], self.canvases[choice], name)
+            canvas_hw = canvas.canvas_for(item["image_hw"], self.canvases, name)
+            item["image"] = canvas.pad_to(item["image"], canvas_hw, name)
         return item
 
     def _split(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:

@@ -2,7 +2,7 @@
 split (pycocotools), the same checkpoint evaluated both ways.
 
 The detector is the demo's (configs/shapes.py: data, model, recipe), trained for TRAIN_STEPS
-instead of 800 so the suite stays short; the full demo checkpoint's figures are in the README
+instead of 800 so the suite stays short; the full demo checkpoint's figures are in docs/training.md
 (Mixed precision). bfloat16 computes convolutions and norms in bfloat16 with float32
 parameters; head outputs, decoding, NMS and COCOeval are float32 either way.
 """

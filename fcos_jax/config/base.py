@@ -30,7 +30,7 @@ IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
 
 
 def get_base_config() -> ml_collections.ConfigDict:
-    """mmdet v1 FCOS R-50 caffe FPN GN 1x (the seed's `fcos_r50_caffe_fpn_gn_1x_4gpu`)."""
+    """mmdet v1 FCOS R-50 caffe FPN GN 1x (the model zoo's `fcos_r50_caffe_fpn_gn_1x_4gpu`)."""
     c = ml_collections.ConfigDict()
     c.name = "fcos_r50_caffe_fpn_gn_1x"
     c.seed = 0

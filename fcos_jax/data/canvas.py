@@ -4,8 +4,11 @@ Training always pads into canvases (`data.canvases`, default landscape and portr
 training scale); evaluation, prediction and the exported detectors do when `data.eval_pad` is
 'canvas', into landscape and portrait of the test scale (`preprocess.scale`), whatever the
 training canvases are: an exported artifact of either canvas then detects what evaluation and
-`Detector` detect. An image goes to the smallest-area canvas that holds it. NumPy only: used by
-the data pipeline, `inference.Detector` and `fcos_jax.export`.
+`Detector` detect. One rule places an image (`canvas_for`, `assign_canvases`): the smallest-area
+canvas that holds its resized size, the first listed on a tie; of the landscape and portrait
+canvases of one scale (equal areas, landscape listed first) that is the landscape one whenever
+the image fits it, else the portrait one. NumPy only: used by the data pipeline,
+`inference.Detector` and `fcos_jax.export`.
 """
 
 from collections.abc import Sequence
@@ -64,20 +67,37 @@ def assign_canvases(
     return choice
 
 
+def canvas_for(
+    resized_hw: Sequence[int], canvases: Sequence[tuple[int, int]], name: str = "image"
+) -> tuple[int, int]:
+    """The canvas (H, W) one image of resized size (h, w) goes to: `assign_canvases`' rule (the
+    smallest area that holds it, the first listed on a tie), so for `scale_canvases` the landscape
+    canvas whenever h and w fit it, else the portrait one. ValueError naming `name` when none
+    holds it."""
+    hw = np.asarray([[int(resized_hw[0]), int(resized_hw[1])]], np.int64)
+    return tuple(canvases[int(assign_canvases(hw, canvases, [name])[0])])
+
+
+def scale_canvases(config: Any) -> list[tuple[int, int]]:
+    """Landscape and portrait (in that order; one when they coincide) of `preprocess.scale`,
+    rounded up to `preprocess.size_divisor`: the canvases of canvas-mode evaluation, `Detector`
+    and the exported artifacts (800 x 1344 and 1344 x 800 for (1333, 800))."""
+    divisor = int(config.preprocess.size_divisor)
+    scale = tuple(int(v) for v in config.preprocess.scale)
+    return default_canvases([(max(scale), min(scale))], divisor)
+
+
 def eval_canvases(config: Any) -> list[tuple[int, int]] | None:
     """The canvases of evaluation and prediction: None for `data.eval_pad = 'multiple'` (each
-    image padded to the next multiple of `preprocess.size_divisor`), else landscape and portrait
-    of `preprocess.scale` rounded up to the divisor (the training canvases, `data.canvases`,
-    belong to the training scales)."""
+    image padded to the next multiple of `preprocess.size_divisor`), else `scale_canvases` (the
+    training canvases, `data.canvases`, belong to the training scales)."""
     if config.data.eval_pad == "multiple":
         return None
     if config.data.eval_pad != "canvas":
         raise ValueError(
             f"data.eval_pad: expected one of {EVAL_PAD_MODES}, got {config.data.eval_pad!r}"
         )
-    divisor = int(config.preprocess.size_divisor)
-    scale = tuple(int(v) for v in config.preprocess.scale)
-    return default_canvases([(max(scale), min(scale))], divisor)
+    return scale_canvases(config)
 
 
 def pad_to(image: np.ndarray, canvas_hw: tuple[int, int], name: str = "image") -> np.ndarray:

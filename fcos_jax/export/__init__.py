@@ -5,13 +5,15 @@ artifact: StableHLO (`jax.export`), TF SavedModel (`jax2tf`) or ONNX (`jax2onnx`
   writers.py  one writer per format (TensorFlow and jax2onnx are imported there, when used)
 
 Command line: `python -m fcos_jax.export --config C --checkpoint K --format
-stablehlo|savedmodel|onnx --output OUT [--batch N] [--height H --width W]`. Importing this package
+stablehlo|savedmodel|onnx --output OUT [--batch N] [--height H --width W]`. What a client passes
+and gets: `serving.py`'s docstring and docs/export.md. Importing this package
 imports neither TensorFlow nor jax2onnx.
 """
 
 from fcos_jax.export.serving import (
     INPUT_NAMES,
     OUTPUT_NAMES,
+    canvas_note,
     check_canvas,
     default_canvas,
     serving_function,
@@ -24,6 +26,7 @@ __all__ = [
     "FORMATS",
     "INPUT_NAMES",
     "OUTPUT_NAMES",
+    "canvas_note",
     "check_canvas",
     "check_platforms",
     "default_canvas",

@@ -6,7 +6,10 @@
 
 --format stablehlo (a file), savedmodel (a directory) or onnx (a file). The canvas defaults to
 the landscape canvas of `preprocess.scale` (800 x 1344 for (1333, 800)); export a second artifact
-with --height and --width swapped for portrait images. Without --batch the batch is symbolic.
+with --height and --width swapped for the images that do not fit it. Any other canvas is
+exported with a warning: it is not one of Detector's canvases, so its detections differ from
+Detector's (serve another resolution with --config.preprocess.scale, which moves both canvases
+and the client's resize). Without --batch the batch is symbolic.
 --platforms (StableHLO and SavedModel; default cpu,cuda): each platform's program is its own,
 whatever host exports it (XLA:CPU's tuned convolutions appear in the cpu program only).
 The artifact's inputs and outputs: `fcos_jax/export/serving.py`. Errors print one line
@@ -15,7 +18,7 @@ The artifact's inputs and outputs: `fcos_jax/export/serving.py`. Errors print on
 
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fcos_jax.utils import cli
@@ -52,6 +55,9 @@ def main(argv: list[str]) -> None:
     default_h, default_w = export.default_canvas(config)
     canvas_hw = (_HEIGHT.value or default_h, _WIDTH.value or default_w)
     export.check_canvas(config, canvas_hw)  # before the (slow) restore
+    note = export.canvas_note(config, canvas_hw)
+    if note is not None:
+        logging.warning("export: %s", note)
     platforms = export.check_platforms(tuple(_PLATFORMS.value))
     detector = inference.Detector.from_config(  # CheckpointError
         config, _CHECKPOINT.value, allow_other_config_name=_ALLOW_OTHER_CONFIG_NAME.value

@@ -1,14 +1,19 @@
 """The serving function: the whole detector as one pure JAX function of the serving signature.
 
 Inputs (B images on one canvas H x W; B may be symbolic):
-  images       [B, H, W, 3] uint8 RGB, each resized image at the top left, zero padded
-               (`preprocess.serving_image`); float32 already normalised for `torchvision` configs.
+  images       [B, H, W, 3] each resized image at the top left, zero padded
+               (`preprocess.serving_image`): uint8 RGB for `mmdet` resize configs, float32
+               already normalised for `torchvision` ones (their normalisation precedes the resize).
   image_hw     [B, 2] int32 (h, w) of each resized image (the valid area).
   original_hw  [B, 2] int32 (height, width) of each original image.
-  scale        [B, 2] float32 (y, x) factors; original pixels = resized pixels / scale.
+  scale        [B, 2] float32 (y, x) resize factors. Read by `mmdet_v1` configs only (original
+               pixels = resized pixels / scale, scale = (s, s)); `mmdet_v3` and `torchvision`
+               rescale per axis by float32(original_hw / image_hw), as Detector does.
 Outputs (D = test.max_per_img rows, sorted by score, rows past num_detections zero / -1):
   boxes [B, D, 4] float32 xyxy in original pixels, scores [B, D] float32,
-  classes [B, D] int32 dataset category ids (-1 in empty rows), num_detections [B] int32.
+  classes [B, D] int32 dataset category ids (-1 in empty rows), num_detections [B] int32,
+  refused [B] bool: True where image_hw is not within 1..H x 1..W (a client's resize does not
+  match the canvas); such a row has no detections (num_detections 0).
 
 Inside: channel order (BGR for caffe configs), (x [/ 255] - mean) / std, the area outside
 image_hw zeroed after normalising (as the references pad), the model, and `postprocess.detect`
@@ -30,7 +35,7 @@ from fcos_jax.inference import Detector
 
 INPUT_NAMES = ("images", "image_hw", "original_hw", "scale")
 # In the order the outputs flatten (a dict flattens by sorted key).
-OUTPUT_NAMES = ("boxes", "classes", "num_detections", "scores")
+OUTPUT_NAMES = ("boxes", "classes", "num_detections", "refused", "scores")
 
 ServingFunction = Callable[..., dict[str, jax.Array]]
 
@@ -42,10 +47,24 @@ def takes_normalised_images(config: Any) -> bool:
 
 def default_canvas(config: Any) -> tuple[int, int]:
     """The landscape canvas (H, W) of `preprocess.scale` rounded up to `size_divisor`
-    (800 x 1344 for (1333, 800))."""
-    scale = tuple(int(v) for v in config.preprocess.scale)
-    divisor = int(config.preprocess.size_divisor)
-    return canvas.default_canvases([(max(scale), min(scale))], divisor)[0]
+    (800 x 1344 for (1333, 800)): `canvas.scale_canvases`' first."""
+    return canvas.scale_canvases(config)[0]
+
+
+def canvas_note(config: Any, canvas_hw: tuple[int, int]) -> str | None:
+    """None when canvas_hw is one of `Detector`'s canvases for this config (landscape or
+    portrait of `preprocess.scale`), else why the artifact will not detect what Detector
+    detects (export prints it as a warning)."""
+    canvases = canvas.scale_canvases(config)
+    if tuple(int(s) for s in canvas_hw) in canvases:
+        return None
+    named = " and ".join(f"{h}x{w}" for h, w in canvases)
+    return (
+        f"canvas {canvas_hw[0]}x{canvas_hw[1]} is not a canvas of preprocess.scale "
+        f"{tuple(config.preprocess.scale)} ({named}): the artifact's detections differ from "
+        f"Detector's near the padding, and it refuses images resized beyond it; to serve "
+        f"another resolution set --config.preprocess.scale instead"
+    )
 
 
 def check_canvas(config: Any, canvas_hw: tuple[int, int]) -> None:
@@ -83,8 +102,8 @@ def network_input(images: jax.Array, image_hw: jax.Array, preprocess_config: Any
 def serving_function(
     detector: Detector, *, sort_top_k: bool = False, weights_barrier: bool = True
 ) -> ServingFunction:
-    """`serve(images, image_hw, original_hw, scale) -> {boxes, classes, num_detections, scores}`
-    of `detector`'s config, weights and class list (module docstring).
+    """`serve(images, image_hw, original_hw, scale) -> {boxes, classes, num_detections, refused,
+    scores}` of `detector`'s config, weights and class list (module docstring).
 
     sort_top_k: see `postprocess.detect` (for TF's StableHLO reader). weights_barrier: pass the
     baked-in weights through an optimization barrier, so that XLA compiles them as it compiles
@@ -109,12 +128,18 @@ def serving_function(
             sort_top_k=sort_top_k,
             **options,
         )
-        valid = dets["valid"]
+        # A client whose resize disagrees with the canvas would get detections of a cut image
+        # or of padding; the row is answered with none and flagged, in every runtime alike.
+        height, width = images.shape[1:3]
+        refused = jnp.any(image_hw < 1, axis=1) | (image_hw[:, 0] > height)
+        refused = refused | (image_hw[:, 1] > width)
+        valid = dets["valid"] & ~refused[:, None]
         return {
-            "boxes": dets["boxes"],
+            "boxes": jnp.where(valid[..., None], dets["boxes"], jnp.float32(0)),
             "classes": jnp.where(valid, jnp.asarray(category_ids)[dets["labels"]], -1),
             "num_detections": jnp.sum(valid.astype(jnp.int32), axis=1),
-            "scores": dets["scores"],
+            "refused": refused,
+            "scores": jnp.where(valid, dets["scores"], jnp.float32(0)),
         }
 
     return serve

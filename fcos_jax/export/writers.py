@@ -4,7 +4,8 @@
               file; load with
               `jax.export.deserialize(open(f, 'rb').read()).call(images, image_hw, ...)`
               (on CPU, under `jax.jit(..., compiler_options=compile_options.compiler_options())`
-              it is compiled as `Detector` is, and gives its detections to float rounding).
+              it is compiled as `Detector` is, and gives its detections in its order within the
+              absolute tolerances of docs/export.md §5).
   savedmodel  `jax2tf` (StableHLO inside an XlaCallModule op) in a SavedModel directory with a
               `serving_default` signature. Every top-k is written as a full stable sort
               (`postprocess.detect(sort_top_k=True)`): TF 2.21's reader (StableHLO 1.13) cannot
