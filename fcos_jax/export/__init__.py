@@ -18,7 +18,7 @@ from fcos_jax.export.serving import (
     default_canvas,
     serving_function,
     serving_inputs,
-    takes_normalised_images,
+    takes_normalized_images,
 )
 from fcos_jax.export.writers import FORMATS, check_platforms, export_detector
 
@@ -33,5 +33,5 @@ __all__ = [
     "export_detector",
     "serving_function",
     "serving_inputs",
-    "takes_normalised_images",
+    "takes_normalized_images",
 ]

@@ -40,7 +40,7 @@ OUTPUT_NAMES = ("boxes", "classes", "num_detections", "refused", "scores")
 ServingFunction = Callable[..., dict[str, jax.Array]]
 
 
-def takes_normalised_images(config: Any) -> bool:
+def takes_normalized_images(config: Any) -> bool:
     """True when `images` is float32 normalised (torchvision resize), False for uint8 RGB."""
     return config.preprocess.resize == "torchvision"
 
@@ -151,7 +151,7 @@ def input_specs(
     """ShapeDtypeStructs of the inputs, in INPUT_NAMES order, for a batch size (an int or a
     `jax.export` symbolic dimension)."""
     height, width = canvas_hw
-    image_dtype = jnp.float32 if takes_normalised_images(config) else jnp.uint8
+    image_dtype = jnp.float32 if takes_normalized_images(config) else jnp.uint8
     return [
         jax.ShapeDtypeStruct((batch, height, width, 3), image_dtype),
         jax.ShapeDtypeStruct((batch, 2), jnp.int32),
@@ -167,7 +167,7 @@ def serving_inputs(
     `preprocess.serving_image` at the top left of a zero canvas. ValueError naming the image
     when it does not fit the canvas."""
     height, width = canvas_hw
-    dtype = np.float32 if takes_normalised_images(config) else np.uint8
+    dtype = np.float32 if takes_normalized_images(config) else np.uint8
     batch = {
         "images": np.zeros((len(images), height, width, 3), dtype),
         "image_hw": np.zeros((len(images), 2), np.int32),

@@ -2,7 +2,7 @@
 
 `TrainCheckpoints(workdir, config, classes)` holds the workdir's orbax manager and the meta
 (config name, class list) written with every step (the layout is `checkpoint/store.py`'s):
-  * `restore_or_initialise` gives the run's first train state, replicated on the mesh: the
+  * `restore_or_initialize` gives the run's first train state, replicated on the mesh: the
     workdir's newest intact checkpoint (newer damaged steps are moved aside, with a warning)
     with everything (params, BN statistics, optimizer, data iterator), restored onto this run's
     devices whatever process and device count wrote it; else the model's initialisation from

@@ -3,7 +3,7 @@
 `train_and_evaluate(config, workdir)`:
   * builds the training pipeline (this process's share of every global batch), the model and
     the optimizer (`optim`) from the config;
-  * takes its first state from `TrainCheckpoints.restore_or_initialise`: the workdir's newest
+  * takes its first state from `TrainCheckpoints.restore_or_initialize`: the workdir's newest
     intact checkpoint, or the initialisation with `config.init_from`'s weights, or the
     initialisation;
   * runs the jitted data-parallel step (`train_step`) on every device of every process;
