@@ -33,6 +33,8 @@ venv: $(DEV_STAMP) $(EXPORT_STAMP)
 
 demo: $(RUNTIME_STAMP)
 	$(PY) train.py --config configs/shapes.py --workdir $(DEMO_WORKDIR)
+	@# predict never draws over an existing file: the demo's own folder is made anew each run.
+	rm -rf $(DEMO_OUT)
 	$(PY) -m fcos_jax.predict --config configs/shapes.py --checkpoint $(DEMO_WORKDIR) \
 		--output $(DEMO_OUT)/detections.json --draw $(DEMO_OUT) $(DEMO_IMAGES)
 	@echo "drawn detections: $(DEMO_OUT)/*.png"
