@@ -38,7 +38,6 @@ from fcos_jax.training import optim, train_step, workdir_lock
 from fcos_jax.training.checkpoints import TrainCheckpoints
 from fcos_jax.training.errors import NonFiniteStepError
 from fcos_jax.training.log import TrainLog
-from fcos_jax.utils import compile_cache
 
 TRAIN_INPUTS = ("image", "boxes", "labels", "box_valid")
 # Global batches put on the devices ahead of the step that takes them.
@@ -78,7 +77,10 @@ def _check_finite(step: int, metrics: dict[str, float], checkpoints: TrainCheckp
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
     """Trains `config` in `workdir` (module docstring). Returns the final evaluation's stats
-    ({} when `train.eval_at_end` is off, and on processes other than 0)."""
+    ({} when `train.eval_at_end` is off, and on processes other than 0).
+
+    The process is the caller's to set up (`train.py`: `cli.start_jax` starts jax.distributed
+    and turns on the compilation cache of `test.compilation_cache_dir`)."""
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     lock = workdir_lock.WorkdirLock(workdir)
@@ -92,7 +94,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
     lead = jax.process_index() == 0
-    compile_cache.enable_from_config(config)
     mesh = sharding.make_mesh()
     t = config.train
     if int(t.batch_size) % (int(t.accumulate_steps) * mesh.size):
