@@ -92,7 +92,7 @@ def jax_state_and_batch(config, mesh, batch_size: int, height: int, width: int):
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *init_hw, 3)))
     optimizer, schedule = optim.build_optimizer(config, shapes["params"], 1000)
     create = jax.jit(
-        functools.partial(train_step.create_train_state, config, model, optimizer),
+        functools.partial(train_step.create_train_state, model, optimizer),
         static_argnums=1,
     )
     state = sharding.replicate(create(jax.random.key(0, impl="rbg"), init_hw), mesh)

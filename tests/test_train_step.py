@@ -152,7 +152,7 @@ def initial_state() -> train_step.TrainState:
     model = build_model(config.model)
     optimizer, _ = optim.build_optimizer(config, _param_shapes(), STEPS_PER_EPOCH)
     create = jax.jit(
-        functools.partial(train_step.create_train_state, config, model, optimizer),
+        functools.partial(train_step.create_train_state, model, optimizer),
         static_argnums=1,
     )
     return jax.device_get(create(jax.random.key(0, impl="rbg"), IMAGE_HW))

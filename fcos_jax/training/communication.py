@@ -57,9 +57,7 @@ def train_step_hlo(
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3)))
         optimizer, schedule = optim.build_optimizer(config, shapes["params"], 1000)
         state = jax.eval_shape(
-            lambda: train_step.create_train_state(
-                config, model, optimizer, jax.random.PRNGKey(0), image_hw
-            )
+            lambda: train_step.create_train_state(model, optimizer, jax.random.PRNGKey(0), image_hw)
         )
         batch = {
             "image": jax.ShapeDtypeStruct((batch_size, *image_hw, 3), jnp.float32),

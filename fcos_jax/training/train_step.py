@@ -70,7 +70,6 @@ def trains_batch_stats(config: ml_collections.ConfigDict) -> bool:
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict,
     model: nn.Module,
     optimizer: optax.GradientTransformation,
     rng: jax.Array,
