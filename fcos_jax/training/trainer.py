@@ -188,16 +188,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
                 if pending[0] % log_every == 0 or pending[0] == 1:
                     train_log.step(pending[0], previous)
             pending = (done, metrics)
-            save_now = done == num_steps or (checkpoint_every > 0 and done % checkpoint_every == 0)
-            eval_now = eval_every > 0 and done % eval_every == 0 and done != num_steps
-            if save_now or eval_now:
-                read(pending)  # never checkpoint or evaluate a non-finite state
+            last = done == num_steps
+            save_now = last or (checkpoint_every > 0 and done % checkpoint_every == 0)
+            eval_now = eval_every > 0 and done % eval_every == 0 and not last
+            # Never checkpoint or evaluate a non-finite state. The last step has no next step
+            # to overlap its report with: it is reported now.
+            if last:
+                train_log.step(done, read(pending))
+            elif save_now or eval_now:
+                read(pending)
             if save_now:
                 checkpoints.save(done, state, data_state)
             if eval_now:
                 stats = evaluate(state, done)
-        if pending is not None:
-            train_log.step(pending[0], read(pending))
         checkpoints.wait_until_finished()
     finally:
         train_log.close_progress()
