@@ -119,7 +119,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     canvas = pipeline.canvases[0]
     # The optimizer's parameter groups need only the names and shapes of the parameters.
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *canvas, 3)))
-    optimizer, schedule = optim.build_optimizer(config, shapes["params"], steps_per_epoch)
+    optimizer, schedule, labels = optim.build_optimizer(config, shapes["params"], steps_per_epoch)
     checkpoints = TrainCheckpoints(workdir, config, pipeline.classes)
     start_step, state, data_state = checkpoints.restore_or_initialize(
         model, optimizer, mesh, canvas
@@ -127,7 +127,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     if data_state is not None:
         pipeline.restore(data_state)
     step_fn = train_step.jit_train_step(
-        train_step.make_train_step(config, model, optimizer, schedule, mesh), mesh
+        train_step.make_train_step(config, model, optimizer, schedule, labels, mesh), mesh
     )
     predict_step = None
 
