@@ -28,6 +28,7 @@ import numpy as np
 from fcos_jax.config import classes
 
 log = logging.getLogger(__name__)
+
 SPLITS = {"train": 0, "validation": 1}  # split name -> code mixed into each image's seed
 MIN_SIZE, MAX_SIZE = 20.0, 160.0  # geometric-mean box side, pixels
 MAX_OBJECTS = 6
