@@ -32,7 +32,7 @@ def main(argv):
     if bool(FLAGS.checkpoint) == bool(FLAGS.detections):
         raise app.UsageError("give exactly one of --checkpoint and --detections")
     config = cli.config_from_flag()
-    cli.start_jax(FLAGS)
+    cli.start_jax(FLAGS, config)
     from fcos_jax.evaluation import evaluator
 
     if FLAGS.detections:

@@ -29,7 +29,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = cli.config_from_flag()
-    cli.start_jax(FLAGS)
+    cli.start_jax(FLAGS, config)
     from fcos_jax.training import trainer  # after jax.distributed is up
 
     logging.info("config %s, workdir %s", config.name, FLAGS.workdir)

@@ -68,19 +68,13 @@ def jax_train(args) -> dict:
     sys.path.insert(0, str(REPO))
     from fcos_jax.config import load_config
     from fcos_jax.parallel import sharding
-    from fcos_jax.training import train_step
 
     mesh = sharding.make_mesh(jax.local_devices())
     batch_size = args.batch * mesh.size
     config = load_config(R50_GN)
     config.model.dtype = args.dtype
     config.train.batch_size = batch_size
-    model, optimizer, schedule, state, batch = jax_state_and_batch(
-        config, mesh, batch_size, args.height, args.width
-    )
-    step = train_step.jit_train_step(
-        train_step.make_train_step(config, model, optimizer, schedule, mesh), mesh
-    )
+    _, step, state, batch = jax_state_and_batch(config, mesh, batch_size, args.height, args.width)
     start = time.perf_counter()
     step = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start

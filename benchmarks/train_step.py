@@ -74,7 +74,7 @@ def synthetic_inputs(batch: int, height: int, width: int):
 
 
 def jax_state_and_batch(config, mesh, batch_size: int, height: int, width: int):
-    """(model, optimizer, schedule, step-0 state replicated on `mesh`, global batch of
+    """(model, its jitted train step, step-0 state replicated on `mesh`, global batch of
     `synthetic_inputs` normalised as the config normalises, boxes padded to `data.max_boxes`) for
     `config`: what a benchmark of our train step runs (this script and accelerator_check.py)."""
     import functools
@@ -90,9 +90,9 @@ def jax_state_and_batch(config, mesh, batch_size: int, height: int, width: int):
     model = build_model(config.model)
     init_hw = (64, 64)  # parameters do not depend on the image size
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *init_hw, 3)))
-    optimizer, schedule = optim.build_optimizer(config, shapes["params"], 1000)
+    optimizer, schedule, labels = optim.build_optimizer(config, shapes["params"], 1000)
     create = jax.jit(
-        functools.partial(train_step.create_train_state, config, model, optimizer),
+        functools.partial(train_step.create_train_state, model, optimizer),
         static_argnums=1,
     )
     state = sharding.replicate(create(jax.random.key(0, impl="rbg"), init_hw), mesh)
@@ -114,7 +114,10 @@ def jax_state_and_batch(config, mesh, batch_size: int, height: int, width: int):
         ),
         mesh,
     )
-    return model, optimizer, schedule, state, batch
+    step = train_step.jit_train_step(
+        train_step.make_train_step(config, model, optimizer, schedule, labels, mesh), mesh
+    )
+    return model, step, state, batch
 
 
 def jax_worker(args) -> dict:
@@ -135,14 +138,10 @@ def jax_worker(args) -> dict:
     config.train.batch_size = args.batch  # only scales the learning rate
     config.train.accumulate_steps = args.accumulate
     mesh = sharding.make_mesh()
-    model, optimizer, schedule, state, batch = jax_state_and_batch(
+    model, step, state, batch = jax_state_and_batch(
         config, mesh, args.batch, args.height, args.width
     )
     labels = optimizer_labels(config, state.params)
-
-    step = train_step.jit_train_step(
-        train_step.make_train_step(config, model, optimizer, schedule, mesh), mesh
-    )
     loss_kwargs = train_step._loss_kwargs(config)  # the step's own loss settings
 
     @functools.partial(jax.jit, compiler_options=compile_options.compiler_options())

@@ -7,7 +7,7 @@ from data_helpers import encode, folder_config, natural_image, random_dataset
 
 from fcos_jax.config import base as config_base
 from fcos_jax.config import classes
-from fcos_jax.data import coco_folder, sources, tfrecord_access
+from fcos_jax.data import coco_folder, shapes, sources, tfrecord_access
 
 # Three fake coco/2017 examples: (image id, h, w, [(label, is_crowd, (ymin, xmin, ymax, xmax))]).
 FAKE_COCO = [
@@ -155,7 +155,8 @@ def test_shapes_source_writes_once_and_reads_through_the_folder_builder(tmp_path
     source = sources.open_source(config, "validation")
     assert len(source) == 3
     assert sources.resolve_classes(config, source) == classes.shapes_classes() == source.classes
-    json_path = sources.shapes_root(config) / "annotations" / "instances_train.json"
+    root = shapes.dataset_dir(tmp_path, **config.data.shapes)
+    json_path = root / "annotations" / "instances_train.json"
     stamp = json_path.stat().st_mtime_ns
     assert len(sources.open_source(config, "train")) == 6
     assert json_path.stat().st_mtime_ns == stamp

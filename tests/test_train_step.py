@@ -130,8 +130,8 @@ def _trainer(norm: str, accumulate_steps: int, num_devices: int) -> Trainer:
     config = tiny_config(norm, accumulate_steps)
     model = build_model(config.model)
     mesh = sharding.make_mesh(jax.devices()[:num_devices])
-    optimizer, schedule = optim.build_optimizer(config, _param_shapes(), STEPS_PER_EPOCH)
-    step_fn = train_step.make_train_step(config, model, optimizer, schedule, mesh)
+    optimizer, schedule, labels = optim.build_optimizer(config, _param_shapes(), STEPS_PER_EPOCH)
+    step_fn = train_step.make_train_step(config, model, optimizer, schedule, labels, mesh)
     return Trainer(config, model, mesh, step_fn, train_step.jit_train_step(step_fn, mesh))
 
 
@@ -150,9 +150,9 @@ def initial_state() -> train_step.TrainState:
     The rbg key only makes the init compile in seconds instead of a minute (threefry)."""
     config = tiny_config("frozen_bn")
     model = build_model(config.model)
-    optimizer, _ = optim.build_optimizer(config, _param_shapes(), STEPS_PER_EPOCH)
+    optimizer, _, _ = optim.build_optimizer(config, _param_shapes(), STEPS_PER_EPOCH)
     create = jax.jit(
-        functools.partial(train_step.create_train_state, config, model, optimizer),
+        functools.partial(train_step.create_train_state, model, optimizer),
         static_argnums=1,
     )
     return jax.device_get(create(jax.random.key(0, impl="rbg"), IMAGE_HW))

@@ -11,17 +11,23 @@ area the drawn pixel count.
 
 Everything is a pure function of (seed, split, image number), so the same arguments write the same
 bytes. Layout under `root`: `annotations/instances_{split}.json` and `{split}/{id:06d}.jpg`.
+`write_once` keeps one such folder per setting under a data directory (the `shapes` source's).
 """
 
 import concurrent.futures
 import json
+import logging
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from fcos_jax.config import classes
+
+log = logging.getLogger(__name__)
 
 SPLITS = {"train": 0, "validation": 1}  # split name -> code mixed into each image's seed
 MIN_SIZE, MAX_SIZE = 20.0, 160.0  # geometric-mean box side, pixels
@@ -202,3 +208,38 @@ def write_shapes_dataset(
         "train": write_split(root, "train", num_train, seed, min_side, max_side),
         "validation": write_split(root, "validation", num_val, seed, min_side, max_side),
     }
+
+
+def dataset_dir(
+    data_dir: str | Path, *, seed: int, num_train: int, num_val: int, min_side: int, max_side: int
+) -> Path:
+    """`<data_dir>/fcos_shapes/<settings>`: one folder per setting of the dataset."""
+    tag = f"seed{seed}_n{num_train}-{num_val}_side{min_side}-{max_side}"
+    return Path(data_dir) / "fcos_shapes" / tag
+
+
+def write_once(
+    data_dir: str | Path, *, seed: int, num_train: int, num_val: int, min_side: int, max_side: int
+) -> dict[str, tuple[Path, Path]]:
+    """The dataset of these settings in `dataset_dir`, written there on first use.
+
+    Returns {split: (instances JSON path, image directory)}. It is written into a temporary
+    folder and renamed into place, so no reader sees half a dataset; when two hosts write it at
+    once, the first rename wins."""
+    settings = dict(
+        seed=seed, num_train=num_train, num_val=num_val, min_side=min_side, max_side=max_side
+    )
+    root = dataset_dir(data_dir, **settings)
+    splits = {
+        split: (root / "annotations" / f"instances_{split}.json", root / split) for split in SPLITS
+    }
+    if all(j.is_file() for j, _ in splits.values()):
+        return splits
+    tmp = root.with_name(f"{root.name}.tmp-{uuid.uuid4().hex}")  # unique across hosts
+    log.info("writing the shapes dataset to %s", root)
+    write_shapes_dataset(tmp, **settings)
+    if root.exists():  # another process finished first
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(root)
+    return splits

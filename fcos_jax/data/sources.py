@@ -9,7 +9,8 @@ example dict:
 index (annotations.SplitIndex), built by reading every example once and cached as .npz under
 `<data_dir>/fcos_jax_index/`.
 
-COCO folders are prepared as `array_record` (TFDS random access). A `coco/2017` prepared in TFDS's
+COCO folders are prepared as `array_record` (TFDS random access); the shapes dataset is one more
+such folder, written on first use (`shapes.write_once`). A `coco/2017` prepared in TFDS's
 default `tfrecord` format is read by position through `tfrecord_access` (no conversion).
 """
 
@@ -18,8 +19,6 @@ import io
 import logging
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -205,44 +204,23 @@ class TfdsCocoSource(Source):
         }
 
 
-def shapes_root(config: Any) -> Path:
-    """Where the shapes dataset of this config is written (one folder per setting)."""
-    s = config.data.shapes
-    tag = f"seed{s.seed}_n{s.num_train}-{s.num_val}_side{s.min_side}-{s.max_side}"
-    return data_dir_of(config) / "fcos_shapes" / tag
-
-
-def ensure_shapes(config: Any) -> dict[str, tuple[Path, Path]]:
-    """Writes the shapes dataset of this config once; returns {split: (JSON, image dir)}."""
-    root = shapes_root(config)
-    splits = {
-        split: (root / "annotations" / f"instances_{split}.json", root / split)
-        for split in shapes.SPLITS
-    }
-    if all(j.is_file() for j, _ in splits.values()):
-        return splits
-    tmp = root.with_name(f"{root.name}.tmp-{uuid.uuid4().hex}")  # unique across hosts
-    s = config.data.shapes
-    log.info("writing the shapes dataset to %s", root)
-    shapes.write_shapes_dataset(
-        tmp,
-        seed=s.seed,
-        num_train=s.num_train,
-        num_val=s.num_val,
-        min_side=s.min_side,
-        max_side=s.max_side,
-    )
-    if root.exists():  # another process finished first
-        shutil.rmtree(tmp)
-    else:
-        tmp.rename(root)
-    return splits
-
-
-def folder_splits(config: Any) -> dict[str, tuple[Path, Path]]:
-    """{TFDS split: (JSON, image dir)} of a coco_folder config (splits with an empty JSON are
-    left out)."""
-    f, d = config.data.folder, config.data
+def folder_of(config: Any) -> tuple[str, dict[str, tuple[Path, Path]]]:
+    """(dataset name, {TFDS split: (instances JSON, image dir)}) of a COCO-format source: the
+    configured folder (splits with an empty JSON are left out), or the shapes dataset, written on
+    first use."""
+    d = config.data
+    if d.source == "shapes":
+        s = d.shapes
+        written = shapes.write_once(
+            data_dir_of(config),
+            seed=s.seed,
+            num_train=s.num_train,
+            num_val=s.num_val,
+            min_side=s.min_side,
+            max_side=s.max_side,
+        )
+        return "shapes", {d.train_split: written["train"], d.val_split: written["validation"]}
+    f = d.folder
     splits = {}
     for split, json_path, image_dir in (
         (d.train_split, f.train_json, f.train_images),
@@ -254,7 +232,7 @@ def folder_splits(config: Any) -> dict[str, tuple[Path, Path]]:
             splits[split] = (Path(json_path).expanduser(), Path(image_dir).expanduser())
     if not splits:
         raise ValueError("data.folder: set train_json/train_images and/or val_json/val_images")
-    return splits
+    return f.name or next(iter(splits.values()))[0].stem, splits
 
 
 def open_source(config: Any, split: str) -> Source:
@@ -264,17 +242,13 @@ def open_source(config: Any, split: str) -> Source:
     cache_dir = data_dir / "fcos_jax_index"
     if d.source == "coco_tfds":
         return TfdsCocoSource(d.tfds_name, split, data_dir, cache_dir)
-    if d.source == "coco_folder":
-        splits = folder_splits(config)
-        name = d.folder.name or next(iter(splits.values()))[0].stem
-        builder = coco_folder.prepare_coco_folder(name, splits, data_dir)
-        return FolderSource(builder, split, cache_dir)
-    if d.source == "shapes":
-        written = ensure_shapes(config)
-        splits = {d.train_split: written["train"], d.val_split: written["validation"]}
-        builder = coco_folder.prepare_coco_folder("shapes", splits, data_dir)
-        return FolderSource(builder, split, cache_dir)
-    raise ValueError(f"data.source: expected coco_tfds, coco_folder or shapes, got {d.source!r}")
+    if d.source not in ("coco_folder", "shapes"):
+        raise ValueError(
+            f"data.source: expected coco_tfds, coco_folder or shapes, got {d.source!r}"
+        )
+    name, splits = folder_of(config)
+    builder = coco_folder.prepare_coco_folder(name, splits, data_dir)
+    return FolderSource(builder, split, cache_dir)
 
 
 def resolve_classes(config: Any, source: Source) -> list[tuple[int, str]]:

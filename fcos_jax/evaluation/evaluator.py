@@ -26,7 +26,7 @@ from fcos_jax.detection import postprocess
 from fcos_jax.evaluation import coco
 from fcos_jax.models import build_model
 from fcos_jax.parallel import sharding
-from fcos_jax.utils import compile_cache, compile_options, jsonio
+from fcos_jax.utils import compile_options, jsonio
 
 log = logging.getLogger(__name__)
 PyTree = Any
@@ -229,7 +229,6 @@ def evaluate_checkpoint(
     from fcos_jax.checkpoint import store
     from fcos_jax.data import sources
 
-    compile_cache.enable_from_config(config)
     mesh = sharding.make_mesh()
     # The checkpoint first: a damaged or mismatched one stops before any data is prepared.
     step, variables, meta = store.restore_inference_step(

@@ -74,9 +74,7 @@ class TrainCheckpoints:
         on it).
         """
         create = jax.jit(
-            functools.partial(
-                train_step.create_train_state, self.config, model, optimizer, image_hw=image_hw
-            )
+            functools.partial(train_step.create_train_state, model, optimizer, image_hw=image_hw)
         )
         rng = jax.random.PRNGKey(int(self.config.seed))
         lead = jax.process_index() == 0

@@ -55,11 +55,9 @@ def train_step_hlo(
     batch_size, max_boxes = int(config.train.batch_size), int(config.data.max_boxes)
     with _traced_as(accelerator):
         shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3)))
-        optimizer, schedule = optim.build_optimizer(config, shapes["params"], 1000)
+        optimizer, schedule, labels = optim.build_optimizer(config, shapes["params"], 1000)
         state = jax.eval_shape(
-            lambda: train_step.create_train_state(
-                config, model, optimizer, jax.random.PRNGKey(0), image_hw
-            )
+            lambda: train_step.create_train_state(model, optimizer, jax.random.PRNGKey(0), image_hw)
         )
         batch = {
             "image": jax.ShapeDtypeStruct((batch_size, *image_hw, 3), jnp.float32),
@@ -68,7 +66,7 @@ def train_step_hlo(
             "box_valid": jax.ShapeDtypeStruct((batch_size, max_boxes), jnp.bool_),
         }
         step = train_step.jit_train_step(
-            train_step.make_train_step(config, model, optimizer, schedule, mesh), mesh
+            train_step.make_train_step(config, model, optimizer, schedule, labels, mesh), mesh
         )
         lowered = step.lower(
             _abstract(state, sharding.replicated(mesh)),

@@ -295,9 +295,14 @@ def make_optimizer(
     steps_per_epoch: optimizer steps per epoch (after any gradient accumulation).
     Frozen leaves get exactly zero updates and hold no optimizer state.
     """
-    optim = config.optim
     labels = param_labels(params, config)
-    schedule = learning_rate_schedule(config, steps_per_epoch)
+    return _optimizer(config.optim, labels, learning_rate_schedule(config, steps_per_epoch))
+
+
+def _optimizer(
+    optim: ml_collections.ConfigDict, labels: Any, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+    """`make_optimizer`'s chain for parameters labelled `labels` (`param_labels`)."""
     wd = float(optim.weight_decay)
     groups = {
         DEFAULT: _torch_group(optim, schedule, 1.0, wd),
@@ -318,9 +323,10 @@ def make_optimizer(
 
 def build_optimizer(
     config: ml_collections.ConfigDict, params: Mapping[str, Any], steps_per_epoch: int
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optax chain of `make_optimizer` and its learning-rate schedule."""
-    return (
-        make_optimizer(config, params, steps_per_epoch),
-        learning_rate_schedule(config, steps_per_epoch),
-    )
+) -> tuple[optax.GradientTransformation, optax.Schedule, Any]:
+    """(the optax chain of `make_optimizer`, its learning-rate schedule, the parameter labels it
+    partitions by): the train step takes the schedule for its `lr` metric and the labels to
+    leave the frozen parameters out of its gradients."""
+    labels = param_labels(params, config)
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    return _optimizer(config.optim, labels, schedule), schedule, labels

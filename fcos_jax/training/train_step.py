@@ -70,7 +70,6 @@ def trains_batch_stats(config: ml_collections.ConfigDict) -> bool:
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict,
     model: nn.Module,
     optimizer: optax.GradientTransformation,
     rng: jax.Array,
@@ -135,9 +134,13 @@ def make_train_step(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
+    labels: PyTree,
     mesh: Mesh,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The un-jitted step `(state, batch) -> (state, metrics)` on `mesh`; see `jit_train_step`.
+
+    optimizer, schedule, labels: `optim.build_optimizer`'s; the parameters labelled frozen get
+    no gradient.
 
     batch: image [B,H,W,3] f32, boxes [B,M,4] xyxy px, labels [B,M] int32, box_valid [B,M] bool.
     metrics: loss, loss_cls, loss_bbox, loss_centerness, num_pos (global batch), lr, and
@@ -238,7 +241,7 @@ def make_train_step(
     )
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        trainable, frozen = _split_trainable(state.params, optim.param_labels(state.params, config))
+        trainable, frozen = _split_trainable(state.params, labels)
         grads, terms, batch_stats = sharded_gradients(trainable, frozen, state.batch_stats, batch)
         # Frozen parameters get no gradient (and no update: their optimizer group is zero).
         grads = unflatten_dict(grads | jax.tree.map(jnp.zeros_like, frozen))

@@ -38,7 +38,6 @@ from fcos_jax.training import optim, train_step, workdir_lock
 from fcos_jax.training.checkpoints import TrainCheckpoints
 from fcos_jax.training.errors import NonFiniteStepError
 from fcos_jax.training.log import TrainLog
-from fcos_jax.utils import compile_cache
 
 TRAIN_INPUTS = ("image", "boxes", "labels", "box_valid")
 # Global batches put on the devices ahead of the step that takes them.
@@ -78,7 +77,10 @@ def _check_finite(step: int, metrics: dict[str, float], checkpoints: TrainCheckp
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
     """Trains `config` in `workdir` (module docstring). Returns the final evaluation's stats
-    ({} when `train.eval_at_end` is off, and on processes other than 0)."""
+    ({} when `train.eval_at_end` is off, and on processes other than 0).
+
+    The process is the caller's to set up (`train.py`: `cli.start_jax` starts jax.distributed
+    and turns on the compilation cache of `test.compilation_cache_dir`)."""
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     lock = workdir_lock.WorkdirLock(workdir)
@@ -92,7 +94,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, float]:
     lead = jax.process_index() == 0
-    compile_cache.enable_from_config(config)
     mesh = sharding.make_mesh()
     t = config.train
     if int(t.batch_size) % (int(t.accumulate_steps) * mesh.size):
@@ -118,7 +119,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     canvas = pipeline.canvases[0]
     # The optimizer's parameter groups need only the names and shapes of the parameters.
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *canvas, 3)))
-    optimizer, schedule = optim.build_optimizer(config, shapes["params"], steps_per_epoch)
+    optimizer, schedule, labels = optim.build_optimizer(config, shapes["params"], steps_per_epoch)
     checkpoints = TrainCheckpoints(workdir, config, pipeline.classes)
     start_step, state, data_state = checkpoints.restore_or_initialize(
         model, optimizer, mesh, canvas
@@ -126,7 +127,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     if data_state is not None:
         pipeline.restore(data_state)
     step_fn = train_step.jit_train_step(
-        train_step.make_train_step(config, model, optimizer, schedule, mesh), mesh
+        train_step.make_train_step(config, model, optimizer, schedule, labels, mesh), mesh
     )
     predict_step = None
 
@@ -187,16 +188,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
                 if pending[0] % log_every == 0 or pending[0] == 1:
                     train_log.step(pending[0], previous)
             pending = (done, metrics)
-            save_now = done == num_steps or (checkpoint_every > 0 and done % checkpoint_every == 0)
-            eval_now = eval_every > 0 and done % eval_every == 0 and done != num_steps
-            if save_now or eval_now:
-                read(pending)  # never checkpoint or evaluate a non-finite state
+            last = done == num_steps
+            save_now = last or (checkpoint_every > 0 and done % checkpoint_every == 0)
+            eval_now = eval_every > 0 and done % eval_every == 0 and not last
+            # Never checkpoint or evaluate a non-finite state. The last step has no next step
+            # to overlap its report with: it is reported now.
+            if last:
+                train_log.step(done, read(pending))
+            elif save_now or eval_now:
+                read(pending)
             if save_now:
                 checkpoints.save(done, state, data_state)
             if eval_now:
                 stats = evaluate(state, done)
-        if pending is not None:
-            train_log.step(pending[0], read(pending))
         checkpoints.wait_until_finished()
     finally:
         train_log.close_progress()

@@ -66,13 +66,16 @@ def define_distributed_flags() -> None:
     flags.DEFINE_integer("process_id", -1, "This process's index (-1: environment).")
 
 
-def start_jax(parsed_flags: flags.FlagValues) -> None:
-    """Hides accelerators from TensorFlow (it only feeds data), starts jax.distributed when
-    several processes are asked for, and logs the process and its devices."""
+def start_jax(parsed_flags: flags.FlagValues, config: ml_collections.ConfigDict) -> None:
+    """Sets up the process for a tool that runs `config`: hides accelerators from TensorFlow (it
+    only feeds data), starts jax.distributed when several processes are asked for, turns on the
+    persistent compilation cache of `test.compilation_cache_dir`, and logs the process and its
+    devices."""
     import jax
     from absl import logging
 
     from fcos_jax.parallel import sharding
+    from fcos_jax.utils import compile_cache
 
     quiet_library_logs()
     try:
@@ -84,6 +87,8 @@ def start_jax(parsed_flags: flags.FlagValues) -> None:
     sharding.initialize_distributed(
         parsed_flags.coordinator_address, parsed_flags.num_processes, parsed_flags.process_id
     )
+    # A process-wide JAX setting: the tool that owns the process sets it, before any compilation.
+    compile_cache.enable_from_config(config)
     logging.info(
         "process %d/%d, local devices %s, global devices %d",
         jax.process_index(),

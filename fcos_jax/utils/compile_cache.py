@@ -1,7 +1,8 @@
 """JAX's persistent compilation cache: compiled programs kept on disk across runs.
 
 `test.compilation_cache_dir` (or JAX's own `JAX_COMPILATION_CACHE_DIR` environment variable)
-turns it on for prediction (`Detector`), `eval.py` and the evaluations inside training.
+turns it on for `train.py` and `eval.py` (at process start-up, `cli.start_jax`) and for
+prediction (`Detector`).
 """
 
 from pathlib import Path
