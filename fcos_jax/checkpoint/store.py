@@ -220,6 +220,8 @@ def _open_step(root: Path, step: int) -> tuple[dict[str, Any], dict[str, Any] | 
     if not isinstance(meta, dict):
         raise _damaged(step_dir, f"{step_dir / 'meta' / JSON_FILE} holds no JSON object")
     _check_format(meta, step_dir)
+    # Every array item, even one this restore leaves alone: orbax's `item_metadata` (the fit
+    # check) reads them all.
     for item in ARRAY_ITEMS:
         path = step_dir / item / "_METADATA"
         if (step_dir / item).is_dir():
@@ -439,9 +441,6 @@ def restore_inference_step(
     manager = ocp.CheckpointManager(root, item_handlers=_handlers())
     if sharding is None:
         sharding = mesh_lib.replicated(mesh_lib.make_mesh())
-    with_sharding = lambda tree: jax.tree.map(  # noqa: E731
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
-    )
 
     def restore(step: int) -> tuple[dict[str, PyTree], dict[str, Any]]:
         step_dir = root / str(step)
@@ -462,7 +461,9 @@ def restore_inference_step(
         )
         if not allow_other_config_name:
             check_config_name(meta, config.name, step_dir, OTHER_CONFIG_REMEDY)
-        arrays = {name: with_sharding(expected[name]) for name in ("params", "batch_stats")}
+        arrays = {
+            name: mesh_lib.abstract(expected[name], sharding) for name in ("params", "batch_stats")
+        }
         restored = _restore_verified(manager, root, step, arrays, recorded, {"meta": meta})
         return {"params": restored["params"], "batch_stats": restored["batch_stats"]}, meta
 
@@ -495,8 +496,7 @@ def restore_weights(
 
         def target(name: str) -> PyTree:
             tree = getattr(metadata[name], "tree", metadata[name])
-            place = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)  # noqa: E731
-            return jax.tree.map(place, tree) if tree else None
+            return mesh_lib.abstract(tree, device) if tree else None
 
         arrays = {name: target(name) for name in ("params", "batch_stats")}
         restored = _restore_verified(manager, root, step, arrays, recorded, {"meta": meta})

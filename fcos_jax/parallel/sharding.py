@@ -98,6 +98,12 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     }
 
 
+def abstract(tree, placement: jax.sharding.Sharding):
+    """`jax.ShapeDtypeStruct` of every leaf of `tree` (arrays or structs), placed by `placement`:
+    what `jit(...).lower` and orbax's restore take for arrays that do not exist yet."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement), tree)
+
+
 def replicate(tree, mesh: Mesh):
     """Places a pytree replicated on every device of the mesh."""
     return jax.device_put(tree, replicated(mesh))

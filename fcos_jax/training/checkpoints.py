@@ -147,10 +147,7 @@ class TrainCheckpoints:
         of this run's mesh (replicated); refused when another config or class list wrote it.
         Newer damaged steps are moved aside (`<step>.damaged`), out of the way of this run's
         saves, with a warning."""
-        replicated = sharding.replicated(mesh)
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract
-        )
+        abstract = sharding.abstract(abstract, sharding.replicated(mesh))
         step, items, damaged = store.restore_training(
             self.manager,
             abstract.params,

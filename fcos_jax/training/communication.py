@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from fcos_jax.checkpoint import store
 from fcos_jax.evaluation import evaluator
 from fcos_jax.models import build_model, cpu_kernels
 from fcos_jax.parallel import collectives, sharding
@@ -26,19 +27,24 @@ def _traced_as(accelerator: bool):
     return cpu_kernels.accelerator_kernels() if accelerator else contextlib.nullcontext()
 
 
-def _abstract(tree: Any, spec: jax.sharding.Sharding) -> Any:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec), tree)
+def _compiled_text(step: Any, replicated: Any, batch: dict[str, Any], mesh: Mesh) -> str:
+    """HLO text of the jitted `step` compiled for `replicated` (state or weights, replicated)
+    and `batch` (split over `data`), both abstract."""
+    lowered = step.lower(
+        sharding.abstract(replicated, sharding.replicated(mesh)),
+        sharding.abstract(batch, sharding.batch_sharding(mesh)),
+    )
+    return lowered.compile().as_text()
 
 
 def parameter_bytes(config: ml_collections.ConfigDict) -> dict[str, int]:
     """{'all': bytes of every parameter, 'trainable': of those the optimizer updates,
     'batch_stats': of the BatchNorm statistics (mean and variance per channel)}."""
-    model = build_model(config.model)
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+    shapes = store.abstract_variables(config.model)
     labels = jax.tree.leaves(optim.param_labels(shapes["params"], config))
     sizes = [x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes["params"])]
     trainable = [size for size, label in zip(sizes, labels, strict=True) if label != optim.FROZEN]
-    stats = [x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes.get("batch_stats", {}))]
+    stats = [x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes["batch_stats"])]
     return {"all": int(sum(sizes)), "trainable": int(sum(trainable)), "batch_stats": sum(stats)}
 
 
@@ -54,8 +60,8 @@ def train_step_hlo(
     model = build_model(config.model)
     batch_size, max_boxes = int(config.train.batch_size), int(config.data.max_boxes)
     with _traced_as(accelerator):
-        shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3)))
-        optimizer, schedule, labels = optim.build_optimizer(config, shapes["params"], 1000)
+        params = store.abstract_variables(config.model)["params"]
+        optimizer, schedule, labels = optim.build_optimizer(config, params, 1000)
         state = jax.eval_shape(
             lambda: train_step.create_train_state(model, optimizer, jax.random.PRNGKey(0), image_hw)
         )
@@ -68,11 +74,7 @@ def train_step_hlo(
         step = train_step.jit_train_step(
             train_step.make_train_step(config, model, optimizer, schedule, labels, mesh), mesh
         )
-        lowered = step.lower(
-            _abstract(state, sharding.replicated(mesh)),
-            _abstract(batch, sharding.batch_sharding(mesh)),
-        )
-    return lowered.compile().as_text()
+        return _compiled_text(step, state, batch, mesh)
 
 
 def predict_step_hlo(
@@ -84,10 +86,9 @@ def predict_step_hlo(
 ) -> str:
     """Compiled HLO of the evaluation's predict step (`evaluator.make_predict_step`) for a global
     batch of `test.batch_size` rounded up to the mesh, images of `image_hw`."""
-    model = build_model(config.model)
     batch_size = evaluator.eval_batch_size(config, mesh)
+    variables = store.abstract_variables(config.model)
     with _traced_as(accelerator):
-        variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, *image_hw, 3)))
         batch = {
             "image": jax.ShapeDtypeStruct((batch_size, *image_hw, 3), jnp.float32),
             "image_hw": jax.ShapeDtypeStruct((batch_size, 2), jnp.int32),
@@ -96,11 +97,7 @@ def predict_step_hlo(
             "image_id": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
             "example_valid": jax.ShapeDtypeStruct((batch_size,), jnp.bool_),
         }
-        lowered = evaluator.make_predict_step(config, mesh).lower(
-            _abstract(variables, sharding.replicated(mesh)),
-            _abstract(batch, sharding.batch_sharding(mesh)),
-        )
-    return lowered.compile().as_text()
+        return _compiled_text(evaluator.make_predict_step(config, mesh), variables, batch, mesh)
 
 
 def report(hlo_text: str) -> dict[str, Any]:
