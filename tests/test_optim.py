@@ -238,7 +238,7 @@ def test_thirty_steps_match_torch_param_groups(warmup, clip, setting, optimizer)
         1e-6,
     )
     params = nest({p: jax.numpy.asarray(v) for p, v in init.items()})
-    tx = optim.make_optimizer(config, params, steps_per_epoch)
+    tx, _, _ = optim.build_optimizer(config, params, steps_per_epoch)
     state = tx.init(params)
 
     @jax.jit
@@ -357,7 +357,7 @@ def test_torchvision_row_trains_like_torchvisions_reference_recipe():
         decay.step()
 
     ours = nest({p: jax.numpy.asarray(v) for p, v in initial.items()})
-    tx = optim.make_optimizer(config, ours, steps_per_epoch)
+    tx, _, _ = optim.build_optimizer(config, ours, steps_per_epoch)
     opt_state = tx.init(ours)
 
     @jax.jit

@@ -286,23 +286,21 @@ def _torch_group(
     return optax.chain(*steps)
 
 
-def make_optimizer(
+def build_optimizer(
     config: ml_collections.ConfigDict, params: Mapping[str, Any], steps_per_epoch: int
-) -> optax.GradientTransformation:
-    """The training optimizer: [clip] -> per-group SGD (weight decay -> momentum -> -lr) or AdamW.
+) -> tuple[optax.GradientTransformation, optax.Schedule, Any]:
+    """(the training optimizer, its learning-rate schedule, the parameter labels it partitions
+    by): the train step takes the schedule for its `lr` metric and the labels to leave the
+    frozen parameters out of its gradients.
 
+    The optimizer is [clip] -> per-group SGD (weight decay -> momentum -> -lr) or AdamW.
     params: the `params` collection (only its tree structure and names are used).
     steps_per_epoch: optimizer steps per epoch (after any gradient accumulation).
     Frozen leaves get exactly zero updates and hold no optimizer state.
     """
     labels = param_labels(params, config)
-    return _optimizer(config.optim, labels, learning_rate_schedule(config, steps_per_epoch))
-
-
-def _optimizer(
-    optim: ml_collections.ConfigDict, labels: Any, schedule: optax.Schedule
-) -> optax.GradientTransformation:
-    """`make_optimizer`'s chain for parameters labelled `labels` (`param_labels`)."""
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    optim = config.optim
     wd = float(optim.weight_decay)
     groups = {
         DEFAULT: _torch_group(optim, schedule, 1.0, wd),
@@ -318,15 +316,4 @@ def _optimizer(
         trainable = jax.tree.map(lambda label: label != FROZEN, labels)
         clip = optax.masked(clip_by_global_norm_torch(float(optim.grad_clip_norm)), trainable)
         tx = optax.chain(clip, tx)
-    return tx
-
-
-def build_optimizer(
-    config: ml_collections.ConfigDict, params: Mapping[str, Any], steps_per_epoch: int
-) -> tuple[optax.GradientTransformation, optax.Schedule, Any]:
-    """(the optax chain of `make_optimizer`, its learning-rate schedule, the parameter labels it
-    partitions by): the train step takes the schedule for its `lr` metric and the labels to
-    leave the frozen parameters out of its gradients."""
-    labels = param_labels(params, config)
-    schedule = learning_rate_schedule(config, steps_per_epoch)
-    return _optimizer(config.optim, labels, schedule), schedule, labels
+    return tx, schedule, labels
