@@ -155,12 +155,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
         progress_bar=bool(t.get("progress_bar", True)),
     )
 
+    last_read: tuple[int, dict[str, float]] | None = None
+
     def read(pending_item) -> dict[str, float]:
+        """The step's metrics on the host, checked finite; fetched once (a step read before its
+        checkpoint is not fetched again for its report)."""
+        nonlocal last_read
         step, device_metrics = pending_item
-        metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        _check_finite(step, metrics, checkpoints)
-        del metrics["state_finite"]  # checked; not a quantity to plot
-        return metrics
+        if last_read is None or last_read[0] != step:
+            metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+            _check_finite(step, metrics, checkpoints)
+            del metrics["state_finite"]  # checked; not a quantity to plot
+            last_read = (step, metrics)
+        return last_read[1]
 
     # Global batches already on the devices, each with the pipeline state after it (what a
     # checkpoint after its step records), so that no step waits for its input's transfer.
