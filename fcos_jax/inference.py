@@ -162,6 +162,13 @@ class Detector:
             item["image"] = canvas.pad_to(item["image"], canvas_hw, name)
         return item
 
+    def check_size(self, original_hw: Sequence[int], name: str = "image") -> None:
+        """The ValueError `preprocess` raises for an image of size original_hw = (h, w) (it
+        resizes to nothing, or no canvas holds it), from the size alone, with no pixel work."""
+        resized_hw = preprocess.checked_resized_size(original_hw, self.config.preprocess, name)
+        if self.canvases is not None:
+            canvas.canvas_for(resized_hw, self.canvases, name)
+
     def _split(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
         """[B, ...] host arrays -> arrays split over this process's devices; B is padded to a
         multiple of the device count with copies of the last row (cut off by the caller)."""

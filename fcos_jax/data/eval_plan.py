@@ -37,9 +37,8 @@ def plan_evaluation(
     p = config.preprocess
     divisor = int(p.size_divisor)
     padded = []
-    for (h, w), name in zip(examples.original_hw.tolist(), examples.filenames, strict=True):
-        nh, nw, _ = preprocess.resized_size(h, w, p.scale, p.resize)
-        preprocess.check_resized_size((h, w), (nh, nw), p.scale, str(name))
+    for hw, name in zip(examples.original_hw.tolist(), examples.filenames, strict=True):
+        nh, nw = preprocess.checked_resized_size(hw, p, str(name))
         padded.append((round_up(nh, divisor), round_up(nw, divisor)))
     padded = np.asarray(padded, np.int64).reshape(-1, 2)
     if canvases:

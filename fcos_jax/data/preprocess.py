@@ -264,6 +264,17 @@ def resized_size(h: int, w: int, scale: Any, resize_mode: str) -> tuple[int, int
     raise ValueError(f"preprocess.resize: expected one of {RESIZE_MODES}, got {resize_mode!r}")
 
 
+def checked_resized_size(hw: Any, preprocess_config: Any, name: str = "image") -> tuple[int, int]:
+    """(new_h, new_w) of an image of size hw = (h, w) under `config.preprocess`
+    (`resized_size`); ValueError naming `name` when that is empty (`check_resized_size`). The
+    size rule alone, for checks and plans that have no pixels."""
+    p = preprocess_config
+    h, w = int(hw[0]), int(hw[1])
+    new_h, new_w, _ = resized_size(h, w, p.scale, p.resize)
+    check_resized_size((h, w), (new_h, new_w), p.scale, name)
+    return new_h, new_w
+
+
 def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """torch's bilinear taps (align_corners=False, scale recomputed as in/out in float32).
 

@@ -122,11 +122,11 @@ def predict_files(
     detector = inference.Detector.from_config(
         config, checkpoint, allow_other_config_name=allow_other_config_name
     )
-    # The detector's own preprocessing, once ahead, finds the images it cannot take (an empty
-    # resize, no canvas): the others then run as one call, with no error midway.
+    # The detector's size rule, ahead, finds the images it cannot take (an empty resize, no
+    # canvas): the others then run as one call, with no error midway.
     for i, rgb in list(rgb_images.items()):
         try:
-            detector.preprocess(rgb, images[i])
+            detector.check_size(rgb.shape[:2], images[i])
         except ValueError as error:
             problems[i] = str(error)
     _check_any_left(images, problems)
