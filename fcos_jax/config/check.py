@@ -1,10 +1,10 @@
 """The one check of a loaded config: known field names, and settings that cannot disagree.
 
-Every entry point runs `check` on the config it was given (`config_io.load_config`,
+Every entry point runs `check` on the config it was given (`config.io.load_config`,
 `cli.config_from_flag` for train, eval, predict, compare, convert and export, and
 `inference.Detector`); it raises ValueError with one line naming the fields:
 
-  * a field the base config (`config_base.get_base_config`) does not have;
+  * a field the base config (`config.base.get_base_config`) does not have;
   * `legacy_plus_one` against `test.postprocess` (`modes.LEGACY_PLUS_ONE`) and against
     `targets.assigner` (torchvision's assigner has no +1), so the data, targets, losses,
     post-processing and COCO results all follow one convention;

@@ -164,21 +164,21 @@ def clean_annotations(
             f"known ids: {sorted(channel_of)[:20]}..."
         )
     labels = np.asarray([channel_of[int(c)] for c in category_ids], np.int32)
-    xyxy = box_ops.coco_xywh_to_xyxy(bbox_xywh, legacy_plus_one)
-    clipped = box_ops.clip_boxes(xyxy, np.asarray(original_hw), legacy_plus_one)
     # A negative width or height is a malformed box, not a small or misplaced one.
     negative = (bbox_xywh[:, 2:] < 0).any(axis=-1)
     _count(counts, "boxes_negative_size_dropped", negative)
+    bbox_xywh, labels = bbox_xywh[~negative], labels[~negative]
+    xyxy = box_ops.coco_xywh_to_xyxy(bbox_xywh, legacy_plus_one)
+    clipped = box_ops.clip_boxes(xyxy, np.asarray(original_hw), legacy_plus_one)
     # A box entirely outside the image would clip to a sliver on its border.
     h, w = original_hw
     outside = (xyxy[:, 0] >= w) | (xyxy[:, 1] >= h) | (xyxy[:, 2] < 0) | (xyxy[:, 3] < 0)
-    outside &= ~negative
     _count(counts, "boxes_outside_dropped", outside)
-    _count(counts, "boxes_clipped", (clipped != xyxy).any(axis=-1) & ~outside & ~negative)
+    _count(counts, "boxes_clipped", (clipped != xyxy).any(axis=-1) & ~outside)
     size = box_ops.xyxy_to_coco_xywh(clipped, legacy_plus_one)[:, 2:]
     big_enough = (size >= 1).all(axis=-1)
-    _count(counts, "small_boxes_dropped", ~big_enough & ~outside & ~negative)
-    keep = big_enough & ~outside & ~negative
+    _count(counts, "small_boxes_dropped", ~big_enough & ~outside)
+    keep = big_enough & ~outside
     return clipped[keep].astype(np.float32), labels[keep]
 
 

@@ -165,8 +165,8 @@ class TfdsCocoSource(Source):
                     f"`tfds build {name} --data_dir {data_dir}`"
                 ) from None
             records = tfrecord_access.TfrecordDataSource(builder, split, decoders)
-        self._category_ids = [cid for cid, _ in class_lists.coco_classes()]
         cats = class_lists.coco_classes()
+        self._category_ids = [cid for cid, _ in cats]
         super().__init__(name, split, records, cats, cache_dir, f"{data_dir}/{name}")
 
     def _convert(self, record: dict[str, Any], position: int) -> Example:
