@@ -23,6 +23,9 @@ from flax import traverse_util
 
 from fcos_jax.checkpoint import store
 from fcos_jax.config import base as config_base
+from fcos_jax.config.classes import coco_classes
+
+COCO = coco_classes()
 
 
 def tiny_config(**head):
@@ -56,7 +59,7 @@ def converted_dir(tmp_path_factory):
     config = tiny_config()
     variables = random_variables(config)
     directory = tmp_path_factory.mktemp("converted")
-    meta = store.make_meta(config, "test: random")
+    meta = store.make_meta(config, "test: random", classes=COCO)
     root = store.save_converted(directory, variables["params"], variables["batch_stats"], meta)
     assert root == directory / "checkpoints" and (root / "0").is_dir()
     return directory, variables
@@ -99,7 +102,7 @@ def test_backbone_only_checkpoint_is_refused_for_inference(tmp_path):
     config = tiny_config()
     variables = random_variables(config)
     backbone_only = {k: {"backbone": v["backbone"]} for k, v in variables.items()}
-    meta = store.make_meta(config, "backbone: r18.pth", parts=("backbone",))
+    meta = store.make_meta(config, "backbone: r18.pth", parts=("backbone",), classes=COCO)
     store.save_converted(tmp_path, backbone_only["params"], backbone_only["batch_stats"], meta)
     with pytest.raises(store.CheckpointError, match="holds only backbone weights.*init_from"):
         store.restore_inference(tmp_path, config)
@@ -124,7 +127,7 @@ def test_path_without_checkpoint_is_named(tmp_path):
 
 def test_meta_refuses_class_list_that_does_not_fit_the_head():
     with pytest.raises(store.CheckpointError, match="has 80 classes.*num_classes is 3"):
-        store.make_meta(tiny_config(num_classes=3), "x")
+        store.make_meta(tiny_config(num_classes=3), "x", classes=COCO)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +144,7 @@ def training_workdir(tmp_path_factory):
         opt_shapes = jax.eval_shape(tx.init, variables["params"])
         opt_state = jax.tree.map(lambda x, s=seed: np.full(x.shape, s, x.dtype), opt_shapes)
         data_state = {"epoch": step // 10, "position": step}
-        meta = store.make_meta(config, "training")
+        meta = store.make_meta(config, "training", classes=COCO)
         store.save(
             manager,
             step,
@@ -265,7 +268,7 @@ def test_values_that_differ_from_their_checksum_name_the_array(tmp_path, monkeyp
         return hash_of(changed, json_items)
 
     monkeypatch.setattr(store.integrity, "checksums", altered_checksums)
-    meta = store.make_meta(config, "test")
+    meta = store.make_meta(config, "test", classes=COCO)
     store.save_converted(tmp_path, variables["params"], variables["batch_stats"], meta)
     with pytest.raises(
         store.CheckpointDamagedError,
@@ -320,7 +323,7 @@ def test_a_step_written_before_checksums_loads_with_a_warning(tmp_path, caplog):
     values as stored. A format-2 step without its checksums is damaged."""
     config = tiny_config()
     variables = random_variables(config, seed=9)
-    meta = dict(store.make_meta(config, "before checksums"), format_version=1)
+    meta = dict(store.make_meta(config, "before checksums", classes=COCO), format_version=1)
     handlers = {
         "params": ocp.StandardCheckpointHandler(),
         "batch_stats": ocp.StandardCheckpointHandler(),
@@ -344,7 +347,10 @@ def test_a_step_written_before_checksums_loads_with_a_warning(tmp_path, caplog):
     assert f"{root / '3'}: written before checkpoints carried checksums" in caplog.text
     current = tmp_path / "current"
     store.save_converted(
-        current, variables["params"], variables["batch_stats"], store.make_meta(config, "x")
+        current,
+        variables["params"],
+        variables["batch_stats"],
+        store.make_meta(config, "x", classes=COCO),
     )
     shutil.rmtree(current / "checkpoints" / "0" / "checksums")
     with pytest.raises(store.CheckpointDamagedError, match="checksums item is missing"):

@@ -16,7 +16,14 @@ from subprocess_cli import REPO, run_module
 
 from fcos_jax.checkpoint import store
 from fcos_jax.config import load_config
-from fcos_jax.convert import ConversionError, convert_state_dict, describe, read_state_dict
+from fcos_jax.convert import (
+    ConversionError,
+    Converted,
+    convert_state_dict,
+    describe,
+    read_state_dict,
+    write_converted,
+)
 
 CONFIGS = REPO / "configs"
 R50_GN = CONFIGS / "fcos_r50_caffe_fpn_gn_1x.py"
@@ -62,6 +69,19 @@ def test_converted_meta_holds_coco_class_list_in_channel_order(mmdet_r50_gn_v1):
     assert counters["backbone/layer4_0/downsample_bn"] == int(
         sd["backbone.layer4.0.downsample.1.num_batches_tracked"]
     )
+
+
+def test_a_file_without_classes_for_a_data_sized_config_is_refused_before_writing(tmp_path):
+    """A file with no class list, converted for a config that takes its class list from the data:
+    the checkpoint could not say which channel is which category, so nothing is written."""
+    config = load_config(R50_GN)
+    config.data.classes = "dataset"
+    converted = Converted(
+        params={}, batch_stats={}, parts=(), untouched=(), ignored=(), num_tensors=0
+    )
+    with pytest.raises(ConversionError, match=r"model.pth: carries no class list.*data.classes"):
+        write_converted(converted, tmp_path / "out", config, "model.pth")
+    assert not (tmp_path / "out").exists()
 
 
 def test_classifier_bias_is_not_rotated(mmdet_r50_gn_v1):

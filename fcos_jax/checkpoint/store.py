@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from fcos_jax.checkpoint import integrity
-from fcos_jax.config.classes import ClassList, class_list, from_meta, resolve_num_classes
+from fcos_jax.config.classes import ClassList, from_meta, resolve_num_classes
 from fcos_jax.models import build_model
 from fcos_jax.parallel import sharding as mesh_lib
 from fcos_jax.utils import jsonio
@@ -84,25 +84,21 @@ def make_meta(
     config: ml_collections.ConfigDict,
     source: str,
     parts: tuple[str, ...] = MODEL_PARTS,
-    classes: ClassList | None = None,
+    *,
+    classes: ClassList,
 ) -> dict[str, Any]:
     """The `meta` item: format version, config name, source description, parts, class list.
 
-    classes: channel -> (category id, name) of the model (default: the named list
-    `config.data.classes`; a dataset's own list must be given). The head must fit it
+    classes: channel -> (category id, name) of the model: the training data's, or the class
+    list a converted file carries or its config names. The head must fit it
     (`model.head.num_classes`, or 0 for any number).
     """
-    if classes is None:
-        if config.data.classes == "dataset":
-            raise CheckpointError(
-                f"config {config.name!r}: data.classes='dataset' takes the class list from the "
-                "data, and none was given"
-            )
-        classes = class_list(config.data.classes)
-    try:
-        resolve_num_classes(config, classes, f"config {config.name!r}: data.classes")
-    except ValueError as error:
-        raise CheckpointError(str(error)) from None
+    num_classes = int(config.model.head.num_classes)
+    if num_classes not in (0, len(classes)):
+        raise CheckpointError(
+            f"config {config.name!r}: the class list has {len(classes)} classes, but "
+            f"model.head.num_classes is {num_classes}"
+        )
     return {
         "format_version": FORMAT_VERSION,
         "config_name": config.name,

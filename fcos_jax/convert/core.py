@@ -14,7 +14,7 @@ import numpy as np
 from flax import traverse_util
 
 from fcos_jax.checkpoint import store
-from fcos_jax.config.classes import ClassList, resolve_num_classes
+from fcos_jax.config.classes import ClassList, class_list, resolve_num_classes
 from fcos_jax.convert import name_maps
 from fcos_jax.convert.errors import ConversionError
 from fcos_jax.convert.readers import StateDict, file_classes, read_checkpoint
@@ -171,9 +171,18 @@ def write_converted(
     converted: Converted, output_dir: str | Path, config: ml_collections.ConfigDict, source: str
 ) -> Path:
     """Saves `converted` as step 0 of `<output_dir>/checkpoints` with its meta (the file's class
-    list if it carried one, and its BN counters); returns the root."""
+    list if it carried one, else the list the config names; its BN counters); returns the root."""
+    classes = converted.classes
+    if classes is None:
+        if config.data.classes == "dataset":
+            raise ConversionError(
+                f"{source}: carries no class list, and config {config.name!r} takes its class "
+                "list from the data (data.classes = 'dataset'); give the config a named list "
+                "(data.classes = 'coco', ...)"
+            )
+        classes = class_list(config.data.classes)
     try:
-        meta = store.make_meta(config, source, converted.parts, converted.classes)
+        meta = store.make_meta(config, source, converted.parts, classes=classes)
         if converted.counters:
             meta[COUNTERS_META_KEY] = dict(converted.counters)
         return store.save_converted(output_dir, converted.params, converted.batch_stats, meta)
