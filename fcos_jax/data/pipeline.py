@@ -4,7 +4,9 @@ evaluation batches, one pass per evaluation. TensorFlow runs here and in transfo
 What each batch holds is decided beforehand, in NumPy, by the planning modules: the usable
 examples (examples.py), the epoch plan and training canvases (epoch_plan.py), the evaluation plan
 (eval_plan.py) and each slot's boxes in network-input pixels (geometry.py). The pipelines read
-the encoded images from the source and turn them into pixels in tf.data threads:
+the encoded images from the source and turn them into pixels in tf.data threads. A pipeline
+opens its split ready to read (`sources.open_split`: prepared by one process per data_dir), so
+no caller has to prepare the data first.
 
 Training: the plan of (seed, epoch) is the same in every process; each loads its slice
 `[p * L, (p + 1) * L)` of each global batch (L = batch_size / process_count), so all processes
@@ -141,7 +143,7 @@ class _Pipeline:
         process_count: int | None,
     ):
         self.config = config
-        self.source = source or sources.open_source(config, split)
+        self.source = source or sources.open_split(config, split)
         self.classes = sources.resolve_classes(config, self.source)
         class_lists.resolve_num_classes(config, self.classes, f"data.classes of {self.source}")
         self.global_batch_size = int(batch_size)

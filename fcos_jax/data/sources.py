@@ -19,7 +19,6 @@ import io
 import logging
 import os
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,15 +203,15 @@ class TfdsCocoSource(Source):
         }
 
 
-def folder_of(config: Any) -> tuple[str, dict[str, tuple[Path, Path]]]:
+def folder_of(config: Any, data_dir: Path) -> tuple[str, dict[str, tuple[Path, Path]]]:
     """(dataset name, {TFDS split: (instances JSON, image dir)}) of a COCO-format source: the
-    configured folder (splits with an empty JSON are left out), or the shapes dataset, written on
-    first use."""
+    configured folder (splits with an empty JSON are left out), or the shapes dataset, written
+    under `data_dir` on first use."""
     d = config.data
     if d.source == "shapes":
         s = d.shapes
         written = shapes.write_once(
-            data_dir_of(config),
+            data_dir,
             seed=s.seed,
             num_train=s.num_train,
             num_val=s.num_val,
@@ -246,7 +245,7 @@ def open_source(config: Any, split: str) -> Source:
         raise ValueError(
             f"data.source: expected coco_tfds, coco_folder or shapes, got {d.source!r}"
         )
-    name, splits = folder_of(config)
+    name, splits = folder_of(config, data_dir)
     builder = coco_folder.prepare_coco_folder(name, splits, data_dir)
     return FolderSource(builder, split, cache_dir)
 
@@ -258,19 +257,17 @@ def resolve_classes(config: Any, source: Source) -> list[tuple[int, str]]:
     return class_lists.class_list(config.data.classes)
 
 
-def prepare_splits(config: Any, splits: Sequence[str]) -> None:
-    """Makes `splits` ready to read: the shapes dataset written, a COCO-format folder prepared as
-    a TFDS dataset, each split's annotation index cached under `data_dir`.
+def open_split(config: Any, split: str) -> Source:
+    """The source of one split, made ready to read first: the shapes dataset written, a
+    COCO-format folder prepared as a TFDS dataset, the split's annotation index cached under
+    `data_dir`. What is ready already is only checked.
 
-    Several processes: one process per distinct `data_dir` does it (process 0 on a shared file
-    system, the first process of each host on local disks) while the others wait
-    (`sharding.run_once_per_directory`); then every process reads the prepared data.
+    Several processes: every process opens its splits in the same order; one process per
+    distinct `data_dir` prepares (process 0 on a shared file system, the first process of each
+    host on local disks) while the others wait (`sharding.run_once_per_directory`), then every
+    process opens the prepared split.
     """
-
-    def work() -> None:
-        for split in dict.fromkeys(splits):
-            open_source(config, split).index()
-
     data_dir = data_dir_of(config)
-    what = f"preparing the {config.data.source} data ({', '.join(splits)}) under {data_dir}"
-    sharding.run_once_per_directory(work, data_dir, what)
+    what = f"preparing the {config.data.source} data ({split}) under {data_dir}"
+    sharding.run_once_per_directory(lambda: open_source(config, split).index(), data_dir, what)
+    return open_source(config, split)

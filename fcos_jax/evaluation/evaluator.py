@@ -227,7 +227,6 @@ def evaluate_checkpoint(
     size) comes from the checkpoint's meta; a checkpoint of another config name is refused
     unless `allow_other_config_name`. Returns the stats."""
     from fcos_jax.checkpoint import store
-    from fcos_jax.data import sources
 
     mesh = sharding.make_mesh()
     # The checkpoint first: a damaged or mismatched one stops before any data is prepared.
@@ -237,9 +236,6 @@ def evaluate_checkpoint(
         sharding.replicated(mesh),
         allow_other_config_name=allow_other_config_name,
     )
-    # One process per data_dir prepares the split (a COCO-format folder, the index cache) while
-    # the others wait, as training does.
-    sources.prepare_splits(config, [config.data.val_split])
     classes = None
     if "classes" in meta:
         classes = class_lists.from_meta(meta, str(checkpoint_path))
@@ -277,8 +273,7 @@ def evaluate_results_file(
     else:
         from fcos_jax.data import sources
 
-        sources.prepare_splits(config, [config.data.val_split])
-        source = sources.open_source(config, config.data.val_split)
+        source = sources.open_split(config, config.data.val_split)
         classes = sources.resolve_classes(config, source)
         ground_truth = coco.load_ground_truth(coco.ground_truth_from_index(source.index(), classes))
     stats, report = coco.coco_evaluate(ground_truth, results, per_class=per_class)

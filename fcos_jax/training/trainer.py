@@ -30,7 +30,6 @@ import ml_collections
 
 from fcos_jax.config import classes as class_lists
 from fcos_jax.data import pipeline as data_pipeline
-from fcos_jax.data import sources as data_sources
 from fcos_jax.evaluation import evaluator
 from fcos_jax.models import build_model
 from fcos_jax.parallel import sharding
@@ -101,11 +100,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
             f"train.batch_size {t.batch_size} must divide into train.accumulate_steps "
             f"{t.accumulate_steps} micro-batches over {mesh.size} devices"
         )
-    evaluates = int(t.eval_every) > 0 or bool(t.get("eval_at_end", True))
-    data_sources.prepare_splits(
-        config, [config.data.train_split] + ([config.data.val_split] if evaluates else [])
-    )
-
     pipeline = data_pipeline.TrainPipeline(
         config, process_index=jax.process_index(), process_count=jax.process_count()
     )
