@@ -37,10 +37,6 @@ def test_validation_data_with_other_classes_than_the_model_is_refused():
         classes=[(1, "cat"), (2, "dog")], source="mydata validation (annotations/val.json)"
     )
     with pytest.raises(ValueError, match=r"annotations/val.json\): the validation data's classes"):
-        evaluator.evaluate(
-            config,
-            {},
-            sharding.make_mesh(),
-            classes=[(1, "cat"), (3, "bird")],
-            pipeline=pipeline,
+        evaluator.Evaluator(
+            config, sharding.make_mesh(), classes=[(1, "cat"), (3, "bird")], pipeline=pipeline
         )

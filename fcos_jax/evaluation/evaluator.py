@@ -81,61 +81,6 @@ def _rows_to_results(rows: np.ndarray) -> list[dict[str, Any]]:
     ]
 
 
-def predict_dataset(
-    config: ml_collections.ConfigDict,
-    variables: PyTree,
-    mesh: Mesh,
-    pipeline: Any,
-    class_list: list[tuple[int, str]],
-    predict_step: Callable | None = None,
-) -> list[dict[str, Any]]:
-    """COCO results of every image of `pipeline` (an `EvalPipeline`), on every process.
-
-    Each process converts its own rows while the devices compute the next batch, and the
-    processes' results are gathered once at the end."""
-    predict_step = predict_step or make_predict_step(config, mesh)
-    variables = sharding.replicate(variables, mesh)
-    results: list[dict[str, Any]] = []
-    image_ids: list[int] = []
-
-    def convert(dets: dict[str, jax.Array]) -> None:
-        """This process's rows of one batch -> COCO results (host work)."""
-        dets = sharding.local_rows(dets)
-        for row in np.flatnonzero(dets["example_valid"]):
-            image_ids.append(int(dets["image_id"][row]))
-            keep = dets["valid"][row]
-            results.extend(
-                coco.detections_to_coco(
-                    image_ids[-1],
-                    dets["boxes"][row][keep],
-                    dets["scores"][row][keep],
-                    dets["labels"][row][keep],
-                    class_list,
-                    config.legacy_plus_one,
-                )
-            )
-
-    pending = None  # the previous batch's detections, still on the devices
-    for batch in pipeline:
-        batch = sharding.to_global({k: batch[k] for k in PREDICT_INPUTS}, mesh)
-        dets = predict_step(variables, batch)  # dispatched: runs while `convert` works below
-        if pending is not None:
-            convert(pending)
-        pending = dets
-    if pending is not None:
-        convert(pending)
-    all_ids = sharding.gather_from_processes(np.asarray(image_ids, np.int64))
-    unique, counts = np.unique(all_ids, return_counts=True)
-    if (counts > 1).any():
-        raise RuntimeError(f"evaluation: image id {int(unique[counts > 1][0])} was predicted twice")
-    expected = len(pipeline.examples)
-    if len(unique) != expected:
-        raise RuntimeError(f"evaluation: {len(unique)} images predicted, {expected} expected")
-    if jax.process_count() == 1:
-        return results
-    return _rows_to_results(sharding.gather_from_processes(_results_to_rows(results)))
-
-
 def eval_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
     """`test.batch_size` (the global evaluation batch) rounded up to a multiple of the mesh's
     devices; the rows added are masked dummies (`example_valid` False), so every image is
@@ -156,55 +101,120 @@ def eval_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
     return rounded
 
 
-def evaluate(
-    config: ml_collections.ConfigDict,
-    variables: PyTree,
-    mesh: Mesh,
-    *,
-    classes: list[tuple[int, str]] | None = None,
-    pipeline: Any = None,
-    annotations: str | Path | None = None,
-    per_class: bool = False,
-    results_path: str | Path | None = None,
-    predict_step: Callable | None = None,
-) -> tuple[dict[str, float], str]:
-    """Box AP of `variables` on the validation split (`data.val_split`), on every device of
-    every process (`test.batch_size` is the global batch, see `eval_batch_size`).
+class Evaluator:
+    """Box AP of a model's variables on the validation split (`data.val_split`), on every
+    device of every process (`test.batch_size` is the global batch, see `eval_batch_size`).
+
+    Built once for a run: the validation pipeline (this process's share of every global batch),
+    the class check and the compiled predict step serve each evaluation.
 
     classes: the model's class list (channel -> category id, name), e.g. from the checkpoint's
       meta; the validation data's own list must equal it (default: the data's).
     annotations: an instances JSON for the ground truth (default: built from the dataset).
-    results_path: where process 0 writes the COCO results json (optional).
-    Returns ({AP, AP50, ...}, the COCOeval report); on processes other than 0, ({}, "").
     """
-    from fcos_jax.data import pipeline as data_pipeline  # TensorFlow only where data is read
 
-    pipeline = pipeline or data_pipeline.EvalPipeline(
-        config,
-        batch_size=eval_batch_size(config, mesh),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    if classes is not None and [tuple(c) for c in classes] != [tuple(c) for c in pipeline.classes]:
-        raise ValueError(
-            f"{pipeline.source}: the validation data's classes {_short(pipeline.classes)} differ "
-            f"from the model's {_short(classes)} (channel -> category id, name)"
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        mesh: Mesh,
+        *,
+        classes: list[tuple[int, str]] | None = None,
+        pipeline: Any = None,
+        annotations: str | Path | None = None,
+    ) -> None:
+        from fcos_jax.data import pipeline as data_pipeline  # TensorFlow only where data is read
+
+        self.mesh = mesh
+        self.pipeline = pipeline or data_pipeline.EvalPipeline(
+            config,
+            batch_size=eval_batch_size(config, mesh),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
-    class_list = pipeline.classes
-    results = predict_dataset(config, variables, mesh, pipeline, class_list, predict_step)
-    if jax.process_index() != 0:
-        return {}, ""
-    if results_path:
-        Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(results_path).write_text(json.dumps(results))
-    if annotations:
-        ground_truth = coco.load_ground_truth(annotations)
-    else:
-        ground_truth = coco.load_ground_truth(
-            coco.ground_truth_from_index(pipeline.source.index(), class_list)
-        )
-    image_ids = [int(i) for i in pipeline.examples.image_ids]
-    return coco.coco_evaluate(ground_truth, results, image_ids, per_class=per_class)
+        data_classes = [tuple(c) for c in self.pipeline.classes]
+        if classes is not None and [tuple(c) for c in classes] != data_classes:
+            raise ValueError(
+                f"{self.pipeline.source}: the validation data's classes "
+                f"{_short(self.pipeline.classes)} differ from the model's {_short(classes)} "
+                "(channel -> category id, name)"
+            )
+        self.classes = list(self.pipeline.classes)
+        self.annotations = annotations
+        self.legacy_plus_one = bool(config.legacy_plus_one)
+        self.predict_step = make_predict_step(config, mesh)
+
+    def evaluate(
+        self,
+        variables: PyTree,
+        *,
+        per_class: bool = False,
+        results_path: str | Path | None = None,
+    ) -> tuple[dict[str, float], str]:
+        """({AP, AP50, ...}, the COCOeval report) of `variables`; on processes other than 0,
+        ({}, ""). results_path: where process 0 writes the COCO results json (optional)."""
+        results = self.predict(variables)
+        if jax.process_index() != 0:
+            return {}, ""
+        if results_path:
+            Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(results_path).write_text(json.dumps(results))
+        if self.annotations:
+            ground_truth = coco.load_ground_truth(self.annotations)
+        else:
+            ground_truth = coco.load_ground_truth(
+                coco.ground_truth_from_index(self.pipeline.source.index(), self.classes)
+            )
+        image_ids = [int(i) for i in self.pipeline.examples.image_ids]
+        return coco.coco_evaluate(ground_truth, results, image_ids, per_class=per_class)
+
+    def predict(self, variables: PyTree) -> list[dict[str, Any]]:
+        """COCO results of every image of the pipeline, on every process.
+
+        Each process converts its own rows while the devices compute the next batch, and the
+        processes' results are gathered once at the end."""
+        mesh = self.mesh
+        variables = sharding.replicate(variables, mesh)
+        results: list[dict[str, Any]] = []
+        image_ids: list[int] = []
+
+        def convert(dets: dict[str, jax.Array]) -> None:
+            """This process's rows of one batch -> COCO results (host work)."""
+            dets = sharding.local_rows(dets)
+            for row in np.flatnonzero(dets["example_valid"]):
+                image_ids.append(int(dets["image_id"][row]))
+                keep = dets["valid"][row]
+                results.extend(
+                    coco.detections_to_coco(
+                        image_ids[-1],
+                        dets["boxes"][row][keep],
+                        dets["scores"][row][keep],
+                        dets["labels"][row][keep],
+                        self.classes,
+                        self.legacy_plus_one,
+                    )
+                )
+
+        pending = None  # the previous batch's detections, still on the devices
+        for batch in self.pipeline:
+            batch = sharding.to_global({k: batch[k] for k in PREDICT_INPUTS}, mesh)
+            dets = self.predict_step(variables, batch)  # runs while `convert` works below
+            if pending is not None:
+                convert(pending)
+            pending = dets
+        if pending is not None:
+            convert(pending)
+        all_ids = sharding.gather_from_processes(np.asarray(image_ids, np.int64))
+        unique, counts = np.unique(all_ids, return_counts=True)
+        if (counts > 1).any():
+            raise RuntimeError(
+                f"evaluation: image id {int(unique[counts > 1][0])} was predicted twice"
+            )
+        expected = len(self.pipeline.examples)
+        if len(unique) != expected:
+            raise RuntimeError(f"evaluation: {len(unique)} images predicted, {expected} expected")
+        if jax.process_count() == 1:
+            return results
+        return _rows_to_results(sharding.gather_from_processes(_results_to_rows(results)))
 
 
 def _short(classes: list[tuple[int, str]], limit: int = 5) -> str:
@@ -240,15 +250,8 @@ def evaluate_checkpoint(
     if "classes" in meta:
         classes = class_lists.from_meta(meta, str(checkpoint_path))
         config = class_lists.resolve_num_classes(config, classes, str(checkpoint_path))
-    stats, report = evaluate(
-        config,
-        variables,
-        mesh,
-        classes=classes,
-        annotations=annotations,
-        per_class=per_class,
-        results_path=results_path,
-    )
+    evaluator = Evaluator(config, mesh, classes=classes, annotations=annotations)
+    stats, report = evaluator.evaluate(variables, per_class=per_class, results_path=results_path)
     if jax.process_index() == 0:
         source = meta.get("source", checkpoint_path)
         print(f"{config.name} ({source}, step {step}):\n{report}", flush=True)

@@ -30,7 +30,7 @@ import ml_collections
 
 from fcos_jax.config import classes as class_lists
 from fcos_jax.data import pipeline as data_pipeline
-from fcos_jax.evaluation import evaluator
+from fcos_jax.evaluation.evaluator import Evaluator
 from fcos_jax.models import build_model
 from fcos_jax.parallel import sharding
 from fcos_jax.training import optim, train_step, workdir_lock
@@ -107,6 +107,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     config = class_lists.resolve_num_classes(
         config, pipeline.classes, f"data.classes of {pipeline.source}"
     )
+    # Built before the model: a validation split that cannot be read stops the run now.
+    evaluates = int(t.eval_every) > 0 or bool(t.get("eval_at_end", True))
+    evaluator = Evaluator(config, mesh, classes=pipeline.classes) if evaluates else None
     steps_per_epoch = pipeline.steps_per_epoch
     num_steps = optim.total_steps(config, steps_per_epoch)
     model = build_model(config.model)
@@ -123,15 +126,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Path) -> dic
     step_fn = train_step.jit_train_step(
         train_step.make_train_step(config, model, optimizer, schedule, labels, mesh), mesh
     )
-    predict_step = None
 
     def evaluate(state: train_step.TrainState, step: int) -> dict[str, float]:
-        nonlocal predict_step
-        predict_step = predict_step or evaluator.make_predict_step(config, mesh)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        stats, text = evaluator.evaluate(
-            config, variables, mesh, classes=pipeline.classes, predict_step=predict_step
-        )
+        stats, text = evaluator.evaluate(variables)
         train_log.evaluation(step, stats, text)
         return stats
 
