@@ -1,5 +1,5 @@
 """evaluation/evaluator.py: the global evaluation batch on any device count, the model's vs the
-data's classes.
+data's classes (refused before training starts).
 
 Evaluation on real topologies (1 device, 4 devices, 2 processes x 2 devices) runs end to end in
 test_train_cli.py.
@@ -8,6 +8,7 @@ test_train_cli.py.
 from types import SimpleNamespace
 
 import pytest
+from data_helpers import folder_config, random_dataset
 
 from fcos_jax.config import base as config_base
 from fcos_jax.evaluation import evaluator
@@ -40,3 +41,24 @@ def test_validation_data_with_other_classes_than_the_model_is_refused():
         evaluator.Evaluator(
             config, sharding.make_mesh(), classes=[(1, "cat"), (3, "bird")], pipeline=pipeline
         )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "named"),
+    [("batch_size", 0, "test.batch_size"), ("postprocess", "soft_nms", "test.postprocess")],
+)
+def test_training_with_an_unusable_evaluation_setting_stops_before_its_first_step(
+    tmp_path, field, value, named
+):
+    """The evaluation is built before the first step: a setting it refuses stops the run before
+    any step or checkpoint, not at the first evaluation."""
+    from fcos_jax.training import trainer
+
+    folder = tmp_path / "folder"
+    train = random_dataset(folder, 4, seed=1)
+    val = random_dataset(folder, 2, seed=2, split="val")
+    config = folder_config(tmp_path / "data", train, val, eval_every=1)
+    setattr(config.test, field, value)
+    with pytest.raises(ValueError, match=named):
+        trainer.train_and_evaluate(config, tmp_path / "workdir")
+    assert not (tmp_path / "workdir" / "checkpoints").exists()
