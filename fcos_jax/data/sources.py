@@ -264,10 +264,17 @@ def open_split(config: Any, split: str) -> Source:
 
     Several processes: every process opens its splits in the same order; one process per
     distinct `data_dir` prepares (process 0 on a shared file system, the first process of each
-    host on local disks) while the others wait (`sharding.run_once_per_directory`), then every
-    process opens the prepared split.
+    host on local disks) and keeps the source it opened, while the others wait
+    (`sharding.run_once_per_directory`) and then open the prepared split.
     """
     data_dir = data_dir_of(config)
+    prepared: list[Source] = []  # the preparing process keeps what it opened
+
+    def prepare() -> None:
+        source = open_source(config, split)
+        source.index()
+        prepared.append(source)
+
     what = f"preparing the {config.data.source} data ({split}) under {data_dir}"
-    sharding.run_once_per_directory(lambda: open_source(config, split).index(), data_dir, what)
-    return open_source(config, split)
+    sharding.run_once_per_directory(prepare, data_dir, what)
+    return prepared[0] if prepared else open_source(config, split)
