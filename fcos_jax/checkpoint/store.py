@@ -93,12 +93,10 @@ def make_meta(
     list a converted file carries or its config names. The head must fit it
     (`model.head.num_classes`, or 0 for any number).
     """
-    num_classes = int(config.model.head.num_classes)
-    if num_classes not in (0, len(classes)):
-        raise CheckpointError(
-            f"config {config.name!r}: the class list has {len(classes)} classes, but "
-            f"model.head.num_classes is {num_classes}"
-        )
+    try:
+        resolve_num_classes(config, classes, f"config {config.name!r}: the meta's class list")
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
     return {
         "format_version": FORMAT_VERSION,
         "config_name": config.name,
