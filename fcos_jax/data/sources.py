@@ -209,15 +209,7 @@ def folder_of(config: Any, data_dir: Path) -> tuple[str, dict[str, tuple[Path, P
     under `data_dir` on first use."""
     d = config.data
     if d.source == "shapes":
-        s = d.shapes
-        written = shapes.write_once(
-            data_dir,
-            seed=s.seed,
-            num_train=s.num_train,
-            num_val=s.num_val,
-            min_side=s.min_side,
-            max_side=s.max_side,
-        )
+        written = shapes.write_once(data_dir, **d.shapes)
         return "shapes", {d.train_split: written["train"], d.val_split: written["validation"]}
     f = d.folder
     splits = {}
