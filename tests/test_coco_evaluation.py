@@ -54,7 +54,8 @@ def test_coco_evaluate_equals_pycocotools_on_the_same_files(tmp_path):
         reference.evaluate()
         reference.accumulate()
         reference.summarize()
-    stats, report = coco.coco_evaluate(coco.load_ground_truth(tmp_path / "gt.json"), results)
+    ground_truth = coco.load_ground_truth(coco.read_instances(tmp_path / "gt.json"))
+    stats, report = coco.coco_evaluate(ground_truth, results)
     np.testing.assert_array_equal([stats[k] for k in coco.STAT_NAMES], reference.stats)
     assert report.count("Average Precision") == 6 and report.count("Average Recall") == 6
     assert 0.2 < stats["AP50"] < 1.0
@@ -114,4 +115,45 @@ def test_no_detections_give_zero_ap_and_unknown_images_are_refused():
 
 def test_missing_annotation_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
-        coco.load_ground_truth(tmp_path / "nope.json")
+        coco.read_instances(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [([], "not a list"), ({"images": [], "annotations": []}, "no 'categories' list")],
+)
+def test_an_annotations_file_that_is_no_ground_truth_is_named(tmp_path, content, named):
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=f"instances.json: .*{named}"):
+        coco.read_instances(path)
+
+
+def test_evaluating_some_categories_equals_pycocotools_restricted_to_them(tmp_path):
+    gt, results = _ground_truth_and_results(seed=3)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dt.json").write_text(json.dumps(results))
+    some = [CLASSES[0][0], CLASSES[2][0]]
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference_gt = COCO(str(tmp_path / "gt.json"))
+        reference = COCOeval(reference_gt, reference_gt.loadRes(str(tmp_path / "dt.json")), "bbox")
+        reference.params.catIds = some
+        reference.evaluate()
+        reference.accumulate()
+        reference.summarize()
+    ground_truth = coco.load_ground_truth(gt)
+    stats, report = coco.coco_evaluate(ground_truth, results, category_ids=some, per_class=True)
+    np.testing.assert_array_equal([stats[k] for k in coco.STAT_NAMES], reference.stats)
+    every, _ = coco.coco_evaluate(ground_truth, results)
+    assert every["AP"] != stats["AP"]
+    assert "car" in report and "hydrant" in report and "train" not in report
+
+
+def test_a_ground_truth_without_an_image_or_a_category_to_evaluate_is_named():
+    gt, _ = _ground_truth_and_results()
+    classes = [cid for cid, _ in CLASSES]
+    coco.check_covers(gt, [5, 9], classes, "gt.json")  # a subset is fine
+    with pytest.raises(ValueError, match=r"gt.json: the ground truth lacks 2 of the 3 .*ids 7, 8"):
+        coco.check_covers(gt, [5, 7, 8], classes, "gt.json")
+    with pytest.raises(ValueError, match="gt.json: the ground truth has no category 4 "):
+        coco.check_covers(gt, [5], [*classes, 4], "gt.json")

@@ -1,10 +1,11 @@
 """evaluation/evaluator.py: the global evaluation batch on any device count, the model's vs the
-data's classes (refused before training starts).
+data's classes and an annotations file's contents (refused before training or prediction starts).
 
 Evaluation on real topologies (1 device, 4 devices, 2 processes x 2 devices) runs end to end in
 test_train_cli.py.
 """
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -40,6 +41,24 @@ def test_validation_data_with_other_classes_than_the_model_is_refused():
     with pytest.raises(ValueError, match=r"annotations/val.json\): the validation data's classes"):
         evaluator.Evaluator(
             config, sharding.make_mesh(), classes=[(1, "cat"), (3, "bird")], pipeline=pipeline
+        )
+
+
+def test_an_annotations_file_without_a_class_of_the_model_is_refused_when_built(tmp_path):
+    """Read and checked when the evaluator is built: before any prediction, not after it."""
+    config = config_base.get_base_config()
+    classes = [(1, "cat"), (2, "dog")]
+    pipeline = SimpleNamespace(
+        classes=classes, source="mydata validation", examples=SimpleNamespace(image_ids=[4, 5])
+    )
+    images = [{"id": 4, "height": 8, "width": 8}, {"id": 5, "height": 8, "width": 8}]
+    path = tmp_path / "instances.json"
+    path.write_text(
+        json.dumps({"images": images, "annotations": [], "categories": [{"id": 1, "name": "cat"}]})
+    )
+    with pytest.raises(ValueError, match=r"instances.json: the ground truth has no category 2 "):
+        evaluator.Evaluator(
+            config, sharding.make_mesh(), classes=classes, pipeline=pipeline, annotations=path
         )
 
 

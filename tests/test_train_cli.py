@@ -94,10 +94,41 @@ def test_training_writes_checkpoints_events_and_logs(reference_run):
     assert sorted(_evaluations(result.stdout)) == [4, 8, 10]
 
 
-def test_eval_cli_prints_the_coco_table_for_a_trained_workdir(
-    reference_run, data_dir, folder_overrides, tmp_path
+def _cocoeval_stats(gt_path, results_path, category_ids=None) -> list[float]:
+    """The 12 figures pycocotools prints for the files, as a user would run it; optionally on
+    some categories only."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_path))
+        reference = COCOeval(gt, gt.loadRes(str(results_path)), "bbox")
+        if category_ids is not None:
+            reference.params.catIds = list(category_ids)
+        reference.evaluate()
+        reference.accumulate()
+    with contextlib.redirect_stdout(printed):
+        reference.summarize()
+    return _printed_stats(printed.getvalue())
+
+
+def _printed_stats(stdout: str) -> list[float]:
+    return [float(line.rsplit("=", 1)[1]) for line in stdout.splitlines() if "] =" in line]
+
+
+def test_eval_cli_on_a_trained_workdir_with_an_annotations_file_equals_pycocotools(
+    reference_run, data_dir, folder, folder_overrides, tmp_path
 ):
+    """eval.py --checkpoint --annotations: the AP table of pycocotools run on the same files,
+    over the model's categories only (the file has one more, which would lower every mean)."""
     workdir, _ = reference_run
+    instances = json.loads(Path(folder["val_json"]).read_text())
+    first = instances["images"][0]
+    instances["categories"].append({"id": 99, "name": "not a class of the model"})
+    instances["annotations"].append(
+        {"id": 10**6, "image_id": first["id"], "category_id": 99, "bbox": [2, 2, 20, 20],
+         "area": 400.0, "iscrowd": 0}
+    )  # fmt: skip
+    gt_path = tmp_path / "instances_val_plus_one_category.json"
+    gt_path.write_text(json.dumps(instances))
     results = tmp_path / "results.json"
     cache = tmp_path / "compilation_cache"
     run = run_command(
@@ -109,6 +140,7 @@ def test_eval_cli_prints_the_coco_table_for_a_trained_workdir(
             f"--config.data.data_dir={data_dir}",
             f"--config.test.compilation_cache_dir={cache}",
             *config_overrides(folder_overrides),
+            f"--annotations={gt_path}",
             f"--results={results}",
             "--per_class",
         ]
@@ -116,9 +148,42 @@ def test_eval_cli_prints_the_coco_table_for_a_trained_workdir(
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("Average Precision") == 6, run.stdout
     assert "rectangle" in run.stdout and "cross" in run.stdout  # per-class lines
+    assert "not a class of the model" not in run.stdout
     detections = json.loads(results.read_text())
     assert {d["category_id"] for d in detections} <= {1, 2, 3, 4}
+    model_categories = [cid for cid, _ in FOLDER_CLASSES]
+    expected = _cocoeval_stats(gt_path, results, model_categories)
+    every_category = _cocoeval_stats(gt_path, results)
+    assert expected != every_category  # the extra category would count
+    assert _printed_stats(run.stdout) == expected
     assert any(cache.iterdir())  # test.compilation_cache_dir is honoured by eval.py
+
+
+def test_eval_cli_refuses_an_annotations_file_without_the_splits_images_before_predicting(
+    reference_run, data_dir, folder, folder_overrides, tmp_path
+):
+    workdir, _ = reference_run
+    instances = json.loads(Path(folder["val_json"]).read_text())
+    dropped = instances["images"].pop()["id"]
+    gt_path = tmp_path / "instances_val_less_one_image.json"
+    gt_path.write_text(json.dumps(instances))
+    results = tmp_path / "results.json"
+    run = run_command(
+        [
+            sys.executable,
+            "eval.py",
+            f"--config={TINY}",
+            f"--checkpoint={workdir}",
+            f"--config.data.data_dir={data_dir}",
+            *config_overrides(folder_overrides),
+            f"--annotations={gt_path}",
+            f"--results={results}",
+        ]
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    error = run.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and str(gt_path) in error and f"ids {dropped}" in error
+    assert not results.exists()  # refused before any prediction
 
 
 def test_custom_coco_config_trains_a_users_folder_from_the_four_paths(folder, tmp_path):
@@ -297,14 +362,7 @@ def test_eval_cli_on_a_detections_file_equals_pycocotools(tmp_path):
         ]
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(gt_path))
-        reference = COCOeval(gt, gt.loadRes(str(dt_path)), "bbox")
-        reference.evaluate()
-        reference.accumulate()
-        reference.summarize()
-    printed = [float(line.rsplit("=", 1)[1]) for line in run.stdout.splitlines() if "] =" in line]
-    np.testing.assert_allclose(printed, np.round(reference.stats, 3), atol=5e-4)
+    assert _printed_stats(run.stdout) == _cocoeval_stats(gt_path, dt_path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,17 +99,52 @@ def ground_truth_from_index(index: Any, class_list: ClassList) -> dict[str, Any]
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def load_ground_truth(source: str | Path | dict[str, Any]) -> COCO:
-    """A pycocotools COCO object from an instances JSON path or an already loaded dict."""
-    coco = COCO()
-    if isinstance(source, dict):
-        dataset = copy.deepcopy(source)
-    else:
-        dataset = jsonio.read_json(source, "annotations file")
+def read_instances(path: str | Path) -> dict[str, Any]:
+    """An instances JSON file (COCO ground truth) as a dict; ValueError naming the file when it
+    is not a JSON object with `images`, `annotations` and `categories` lists."""
+    dataset = jsonio.read_json(path, "annotations file")
+    _check_instances(dataset, str(path))
+    return dataset
+
+
+def _check_instances(dataset: Any, name: str) -> None:
+    if not isinstance(dataset, dict):
+        kind = type(dataset).__name__
+        raise ValueError(f"{name}: a COCO ground truth is a JSON object, not a {kind}")
     for field in ("images", "annotations", "categories"):
-        if field not in dataset:
-            raise ValueError(f"ground truth has no '{field}' field")
-    coco.dataset = dataset
+        if not isinstance(dataset.get(field), list):
+            raise ValueError(f"{name}: ground truth has no '{field}' list")
+
+
+def check_covers(
+    dataset: dict[str, Any], image_ids: Sequence[int], category_ids: Sequence[int], name: str
+) -> None:
+    """ValueError naming `name` when the ground truth `dataset` lacks an image to be evaluated or
+    a category of the model's class list. COCOeval would not say so: detections on an image it
+    lacks count as false positives, and detections of a category it lacks are dropped."""
+    known_images = {int(image["id"]) for image in dataset["images"]}
+    missing = sorted({int(i) for i in image_ids} - known_images)
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(
+            f"{name}: the ground truth lacks {len(missing)} of the {len(set(image_ids))} images "
+            f"to evaluate (ids {shown})"
+        )
+    known_categories = {int(category["id"]) for category in dataset["categories"]}
+    missing = sorted({int(c) for c in category_ids} - known_categories)
+    if missing:
+        raise ValueError(
+            f"{name}: the ground truth has no category {', '.join(map(str, missing[:5]))} of the "
+            "model's class list"
+        )
+
+
+def load_ground_truth(dataset: dict[str, Any], name: str = "ground truth") -> COCO:
+    """A pycocotools COCO object of an instances dict (`read_instances`, `ground_truth_from_index`);
+    the dict is copied, not changed."""
+    _check_instances(dataset, name)
+    coco = COCO()
+    coco.dataset = copy.deepcopy(dataset)
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
@@ -120,11 +155,14 @@ def coco_evaluate(
     results: list[dict[str, Any]],
     image_ids: Sequence[int] | None = None,
     per_class: bool = False,
+    category_ids: Sequence[int] | None = None,
 ) -> tuple[dict[str, float], str]:
     """Runs COCOeval (bbox). Returns ({stat name: value}, the printed report).
 
     The report is COCOeval's standard 12-line table, followed by one AP line per category when
-    `per_class`. `image_ids` restricts the evaluation (default: every ground-truth image).
+    `per_class`. `image_ids` and `category_ids` restrict the evaluation (default: every
+    ground-truth image and category); a model's evaluation gives its class list's ids, as
+    mmdetection 2 and 3 do, so that categories the model does not predict are not averaged in.
     With no detections at all every stat is 0 (pycocotools cannot load an empty result list).
     """
     image_ids = sorted(ground_truth.getImgIds()) if image_ids is None else list(image_ids)
@@ -139,6 +177,8 @@ def coco_evaluate(
         detections = ground_truth.loadRes(copy.deepcopy(results))
         evaluator = COCOeval(ground_truth, detections, "bbox")
         evaluator.params.imgIds = image_ids
+        if category_ids is not None:
+            evaluator.params.catIds = sorted(int(c) for c in category_ids)
         evaluator.evaluate()
         evaluator.accumulate()
     summary = io.StringIO()

@@ -110,7 +110,10 @@ class Evaluator:
 
     classes: the model's class list (channel -> category id, name), e.g. from the checkpoint's
       meta; the validation data's own list must equal it (default: the data's).
-    annotations: an instances JSON for the ground truth (default: built from the dataset).
+    annotations: an instances JSON for the ground truth (default: built from the dataset at each
+      evaluation). It is read and checked here, before any prediction: it must hold every image
+      of the split and every category of the class list (`coco.check_covers`). Categories it has
+      beyond the class list are left out of the AP.
     """
 
     def __init__(
@@ -139,7 +142,15 @@ class Evaluator:
                 "(channel -> category id, name)"
             )
         self.classes = list(self.pipeline.classes)
-        self.annotations = annotations
+        self.ground_truth = None  # the annotations' instances dict; None: the split's
+        if annotations:
+            self.ground_truth = coco.read_instances(annotations)
+            coco.check_covers(
+                self.ground_truth,
+                self.pipeline.examples.image_ids,
+                [cid for cid, _ in self.classes],
+                str(annotations),
+            )
         self.legacy_plus_one = bool(config.legacy_plus_one)
         self.predict_step = make_predict_step(config, mesh)
 
@@ -158,14 +169,16 @@ class Evaluator:
         if results_path:
             Path(results_path).parent.mkdir(parents=True, exist_ok=True)
             Path(results_path).write_text(json.dumps(results))
-        if self.annotations:
-            ground_truth = coco.load_ground_truth(self.annotations)
-        else:
-            ground_truth = coco.load_ground_truth(
-                coco.ground_truth_from_index(self.pipeline.source.index(), self.classes)
-            )
-        image_ids = [int(i) for i in self.pipeline.examples.image_ids]
-        return coco.coco_evaluate(ground_truth, results, image_ids, per_class=per_class)
+        dataset = self.ground_truth
+        if dataset is None:
+            dataset = coco.ground_truth_from_index(self.pipeline.source.index(), self.classes)
+        return coco.coco_evaluate(
+            coco.load_ground_truth(dataset),
+            results,
+            [int(i) for i in self.pipeline.examples.image_ids],
+            per_class=per_class,
+            category_ids=[cid for cid, _ in self.classes],
+        )
 
     def predict(self, variables: PyTree) -> list[dict[str, Any]]:
         """COCO results of every image of the pipeline, on every process.
@@ -272,7 +285,7 @@ def evaluate_results_file(
     if not isinstance(results, list):
         raise ValueError(f"{path}: a COCO results file is a list of detections")
     if annotations:
-        ground_truth = coco.load_ground_truth(annotations)
+        ground_truth = coco.load_ground_truth(coco.read_instances(annotations), str(annotations))
     else:
         from fcos_jax.data import sources
 
