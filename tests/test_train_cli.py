@@ -114,6 +114,21 @@ def _printed_stats(stdout: str) -> list[float]:
     return [float(line.rsplit("=", 1)[1]) for line in stdout.splitlines() if "] =" in line]
 
 
+def _eval_workdir(workdir, data_dir, folder_overrides, *flags):
+    """eval.py on a workdir of configs/tiny.py trained on the test folder."""
+    return run_command(
+        [
+            sys.executable,
+            "eval.py",
+            f"--config={TINY}",
+            f"--checkpoint={workdir}",
+            f"--config.data.data_dir={data_dir}",
+            *config_overrides(folder_overrides),
+            *flags,
+        ]
+    )
+
+
 def test_eval_cli_on_a_trained_workdir_with_an_annotations_file_equals_pycocotools(
     reference_run, data_dir, folder, folder_overrides, tmp_path
 ):
@@ -131,19 +146,14 @@ def test_eval_cli_on_a_trained_workdir_with_an_annotations_file_equals_pycocotoo
     gt_path.write_text(json.dumps(instances))
     results = tmp_path / "results.json"
     cache = tmp_path / "compilation_cache"
-    run = run_command(
-        [
-            sys.executable,
-            "eval.py",
-            f"--config={TINY}",
-            f"--checkpoint={workdir}",
-            f"--config.data.data_dir={data_dir}",
-            f"--config.test.compilation_cache_dir={cache}",
-            *config_overrides(folder_overrides),
-            f"--annotations={gt_path}",
-            f"--results={results}",
-            "--per_class",
-        ]
+    run = _eval_workdir(
+        workdir,
+        data_dir,
+        folder_overrides,
+        f"--config.test.compilation_cache_dir={cache}",
+        f"--annotations={gt_path}",
+        f"--results={results}",
+        "--per_class",
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("Average Precision") == 6, run.stdout
@@ -168,17 +178,8 @@ def test_eval_cli_refuses_an_annotations_file_without_the_splits_images_before_p
     gt_path = tmp_path / "instances_val_less_one_image.json"
     gt_path.write_text(json.dumps(instances))
     results = tmp_path / "results.json"
-    run = run_command(
-        [
-            sys.executable,
-            "eval.py",
-            f"--config={TINY}",
-            f"--checkpoint={workdir}",
-            f"--config.data.data_dir={data_dir}",
-            *config_overrides(folder_overrides),
-            f"--annotations={gt_path}",
-            f"--results={results}",
-        ]
+    run = _eval_workdir(
+        workdir, data_dir, folder_overrides, f"--annotations={gt_path}", f"--results={results}"
     )
     assert run.returncode == 2, run.stderr[-3000:]
     error = run.stderr.strip().splitlines()[-1]
