@@ -111,9 +111,10 @@ class Evaluator:
     classes: the model's class list (channel -> category id, name), e.g. from the checkpoint's
       meta; the validation data's own list must equal it (default: the data's).
     annotations: an instances JSON for the ground truth (default: built from the dataset at each
-      evaluation). It is read and checked here, before any prediction: it must hold every image
-      of the split and every category of the class list (`coco.check_covers`). Categories it has
-      beyond the class list are left out of the AP.
+      evaluation). It is read and checked here, before any prediction, by every process (so
+      that all stop together, none waiting in a collective): it must hold every image of the
+      split and every category of the class list (`coco.check_covers`). Categories it has beyond
+      the class list are left out of the AP.
     """
 
     def __init__(
