@@ -5,7 +5,7 @@ process (the device count is fixed when JAX starts, so each topology is one laun
 
 SETTINGS.json: {"config": path, "overrides": {"data.data_dir": ..., ...}, "checkpoint": path,
 "batch_sizes": [1, 3, 8], "out": dir, optional "coordinator": "127.0.0.1:port",
-"num_processes": n, "data_dirs": [one per process]}. Process 0 writes
+"num_processes": n, "data_dirs": [one per process], "annotations": instances JSON}. Process 0 writes
 `out/results_<batch>.json` (COCO results) and `out/stats_<batch>.json` (AP, AP50, ...).
 """
 
@@ -44,7 +44,12 @@ def main() -> None:
     for batch_size in settings["batch_sizes"]:
         config.test.batch_size = batch_size
         results = out / f"results_{batch_size}.json"
-        stats = evaluator.evaluate_checkpoint(config, settings["checkpoint"], results_path=results)
+        stats = evaluator.evaluate_checkpoint(
+            config,
+            settings["checkpoint"],
+            results_path=results,
+            annotations=settings.get("annotations"),
+        )
         if process_id == 0:
             (out / f"stats_{batch_size}.json").write_text(json.dumps(stats))
 

@@ -527,10 +527,12 @@ TOPOLOGIES = ("1x1", "1x4", "2x2")  # processes x devices per process
 
 
 @pytest.fixture(scope="module")
-def evaluations_per_topology(reference_run, data_dir, folder_overrides, tmp_path_factory):
+def evaluations_per_topology(reference_run, data_dir, folder, folder_overrides, tmp_path_factory):
     """{topology: {batch size: (stats, COCO results)}} of the reference's final checkpoint,
     evaluated as eval.py does on every topology at every batch size. The two processes of 2x2
-    each start from an empty data_dir of their own (local disks: each prepares its copy)."""
+    each start from an empty data_dir of their own (local disks: each prepares its copy), and
+    take the ground truth from the folder's annotations file (`--annotations`, read by both)
+    rather than from the split."""
     root = tmp_path_factory.mktemp("eval_topologies")
     found = {}
     for topology in TOPOLOGIES:
@@ -546,6 +548,7 @@ def evaluations_per_topology(reference_run, data_dir, folder_overrides, tmp_path
             settings["coordinator"] = f"127.0.0.1:{free_port()}"
             settings["num_processes"] = processes
             settings["data_dirs"] = [str(root / f"local_disk{i}") for i in range(processes)]
+            settings["annotations"] = str(folder["val_json"])
         settings_path = root / f"{topology}.json"
         settings_path.write_text(json.dumps(settings))
         driver = [sys.executable, "tests/eval_topology_driver.py", str(settings_path)]
