@@ -103,17 +103,13 @@ def read_instances(path: str | Path) -> dict[str, Any]:
     """An instances JSON file (COCO ground truth) as a dict; ValueError naming the file when it
     is not a JSON object with `images`, `annotations` and `categories` lists."""
     dataset = jsonio.read_json(path, "annotations file")
-    _check_instances(dataset, str(path))
-    return dataset
-
-
-def _check_instances(dataset: Any, name: str) -> None:
     if not isinstance(dataset, dict):
         kind = type(dataset).__name__
-        raise ValueError(f"{name}: a COCO ground truth is a JSON object, not a {kind}")
+        raise ValueError(f"{path}: a COCO ground truth is a JSON object, not a {kind}")
     for field in ("images", "annotations", "categories"):
         if not isinstance(dataset.get(field), list):
-            raise ValueError(f"{name}: ground truth has no '{field}' list")
+            raise ValueError(f"{path}: ground truth has no '{field}' list")
+    return dataset
 
 
 def check_covers(
@@ -139,10 +135,9 @@ def check_covers(
         )
 
 
-def load_ground_truth(dataset: dict[str, Any], name: str = "ground truth") -> COCO:
+def load_ground_truth(dataset: dict[str, Any]) -> COCO:
     """A pycocotools COCO object of an instances dict (`read_instances`, `ground_truth_from_index`);
-    the dict is copied, not changed."""
-    _check_instances(dataset, name)
+    the dict is copied (COCOeval marks its annotations), not changed."""
     coco = COCO()
     coco.dataset = copy.deepcopy(dataset)
     with contextlib.redirect_stdout(io.StringIO()):

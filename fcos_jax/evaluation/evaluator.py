@@ -286,7 +286,7 @@ def evaluate_results_file(
     if not isinstance(results, list):
         raise ValueError(f"{path}: a COCO results file is a list of detections")
     if annotations:
-        ground_truth = coco.load_ground_truth(coco.read_instances(annotations), str(annotations))
+        ground_truth = coco.load_ground_truth(coco.read_instances(annotations))
     else:
         from fcos_jax.data import sources
 
