@@ -260,14 +260,14 @@ def test_values_that_differ_from_their_checksum_name_the_array(tmp_path, monkeyp
     that still decompresses): recorded here by hashing other values than those saved."""
     config = tiny_config()
     variables = random_variables(config)
-    hash_of = store.integrity.checksums
+    hash_of = store.checksums
 
     def altered_checksums(arrays, json_items):
         changed = jax.tree.map(np.copy, arrays)
         changed["params"]["bbox_head"]["conv_cls"]["bias"][3] += 1e-3
         return hash_of(changed, json_items)
 
-    monkeypatch.setattr(store.integrity, "checksums", altered_checksums)
+    monkeypatch.setattr(store, "checksums", altered_checksums)
     meta = store.make_meta(config, "test", classes=COCO)
     store.save_converted(tmp_path, variables["params"], variables["batch_stats"], meta)
     with pytest.raises(

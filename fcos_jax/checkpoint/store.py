@@ -9,7 +9,7 @@ One layout for trained and converted weights (docs/architecture.md#checkpoints):
   meta         JSON: format version, config name, source, parts held, class list
                `[[category_id, name], ...]` in class-channel order.
   checksums    JSON: SHA-256 of every array and JSON item as handed to the save
-               (`integrity`); written by orbax with the step, so a finished step
+               (`checksums`); written by orbax with the step, so a finished step
                always has it. Format version 1 steps (before checksums) are read unverified,
                with a warning.
 The converter writes step 0 without `opt_state`/`data_state`. Inference restores only `params`,
@@ -23,20 +23,22 @@ is named in a warning; given a step, a damaged one is an error.
 """
 
 import functools
+import hashlib
 import json
 import logging
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from fcos_jax.checkpoint import integrity
 from fcos_jax.config.classes import ClassList, from_meta, resolve_num_classes
 from fcos_jax.models import build_model
 from fcos_jax.parallel import sharding as mesh_lib
@@ -61,6 +63,112 @@ class CheckpointError(ValueError):
 
 class CheckpointDamagedError(CheckpointError):
     """A step that cannot be read, or whose arrays or JSON differ from its checksums."""
+
+
+# Checksums. A step's `checksums` item holds the SHA-256 of every array and of each JSON item,
+# taken from the values handed to the save: a restore compared with it checks orbax's write,
+# the disk and the read together. Arrays are named by their place in the item's tree
+# (`params/backbone/conv1/kernel`, `opt_state/0/trace/...`), JSON items by the item's name; an
+# array hashes as its dtype, shape and C-order bytes.
+ALGORITHM = "sha256"
+# How TensorStore names what it failed to read (the error orbax chains under its own):
+#   OUT_OF_RANGE: Error reading "backbone.conv1.kernel/0.0.0.0" in OCDBT database at local
+#   file "/w/checkpoints/5/params/": ...
+_READ_ERROR = re.compile(r'Error reading "(?P<array>[^"/]+)/[^"]*".*?file "(?P<item>[^"]+?)/?"')
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey (named tuples), SequenceKey
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def named_leaves(item: str, tree: PyTree) -> Iterator[tuple[str, Any]]:
+    """('item/a/b', leaf) for every leaf of `tree` (None and empty subtrees have none)."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        yield "/".join([item, *(_key_name(k) for k in path)]), leaf
+
+
+def _host_array(leaf: Any) -> np.ndarray:
+    """A NumPy view of `leaf`; a replicated array of several processes from its local copy."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        if not leaf.is_fully_replicated:
+            raise ValueError("checkpoint checksums: only replicated arrays can be hashed here")
+        leaf = leaf.addressable_data(0)
+    return np.asarray(leaf)
+
+
+def array_digest(leaf: Any) -> str:
+    """SHA-256 hex digest of an array's dtype, shape and C-order bytes."""
+    array = _host_array(leaf)
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).view(np.uint8))
+    return digest.hexdigest()
+
+
+def json_digest(value: Any) -> str:
+    """SHA-256 hex digest of `value` as canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def checksums(arrays: dict[str, PyTree], json_items: dict[str, Any]) -> dict[str, Any]:
+    """The `checksums` item of a save of `arrays` ({item: tree}) and `json_items` ({item:
+    JSON-serialisable value})."""
+    return {
+        "algorithm": ALGORITHM,
+        "arrays": {
+            name: array_digest(leaf)
+            for item, tree in arrays.items()
+            for name, leaf in named_leaves(item, tree)
+        },
+        "json": {item: json_digest(value) for item, value in json_items.items()},
+    }
+
+
+def mismatches(
+    recorded: dict[str, Any], arrays: dict[str, PyTree], json_items: dict[str, Any]
+) -> list[str]:
+    """What of the restored `arrays` and `json_items` differs from the `recorded` checksums:
+    ['array params/a/b differs from its checksum', 'meta differs ...', 'array ... has no
+    checksum', ...]; [] when everything matches. Recorded arrays of items not restored are not
+    looked at."""
+    if recorded.get("algorithm") != ALGORITHM:
+        return [f"checksums use algorithm {recorded.get('algorithm')!r}, not {ALGORITHM!r}"]
+    wanted = recorded.get("arrays", {})
+    problems, seen = [], set()
+    for item, tree in arrays.items():
+        for name, leaf in named_leaves(item, tree):
+            seen.add(name)
+            if name not in wanted:
+                problems.append(f"array {name} has no checksum")
+            elif array_digest(leaf) != wanted[name]:
+                problems.append(f"array {name} differs from its checksum")
+    missing = [n for n in wanted if n.split("/", 1)[0] in arrays and n not in seen]
+    problems += [f"array {name} is missing" for name in missing]
+    for item, value in json_items.items():
+        if json_digest(value) != recorded.get("json", {}).get(item):
+            problems.append(f"{item} differs from its checksum")
+    return problems
+
+
+def read_error(error: BaseException) -> tuple[str | None, str]:
+    """(the array 'item/a/b' a failed TensorStore read names, or None; the error's own first
+    line). Orbax raises a generic exception and chains TensorStore's error under it."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    first_line = lambda e: (str(e).strip() or type(e).__name__).splitlines()[0][:300]  # noqa: E731
+    for link in reversed(chain):  # the innermost error is the most specific
+        match = _READ_ERROR.search(str(link))
+        if match:
+            item = match.group("item").rstrip("/").rsplit("/", 1)[-1]
+            array = match.group("array").replace(".", "/")
+            return f"{item}/{array}", first_line(link)
+    return None, first_line(chain[-1]) if chain else ""
 
 
 @functools.lru_cache(maxsize=8)
@@ -143,7 +251,7 @@ def save(
     if data_state is not None:
         json_items["data_state"] = data_state
     # Hashed now, before the caller's next step may donate the arrays' buffers.
-    sums = integrity.checksums(arrays, json_items)
+    sums = checksums(arrays, json_items)
     items = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
     items.update({name: ocp.args.JsonSave(value) for name, value in json_items.items()})
     items["checksums"] = ocp.args.JsonSave(sums)
@@ -256,12 +364,12 @@ def _restore_verified(
     try:
         restored = dict(manager.restore(step, args=ocp.args.Composite(**args)).items())
     except Exception as error:  # orbax raises TensorStore's read errors as plain Exceptions
-        array, detail = integrity.read_error(error)
+        array, detail = read_error(error)
         if array is None:
             raise
         raise _damaged(step_dir, f"array {array} cannot be read ({detail})") from None
     if recorded is not None:
-        problems = integrity.mismatches(recorded, restored, json_items)
+        problems = mismatches(recorded, restored, json_items)
         if problems:
             raise _damaged(step_dir, listing(problems, 3))
     return restored
@@ -273,7 +381,7 @@ def _is_abandoned_read(error: BaseException | None) -> bool:
     text = str(error)
     return (isinstance(error, RuntimeError) and text == "Event loop is closed") or (
         text.startswith("Encountered error while reading array index")
-        or integrity.read_error(error)[0] is not None
+        or read_error(error)[0] is not None
     )
 
 
