@@ -1,4 +1,4 @@
-"""fcos_jax.training.checkpoints: the state a run starts from (init_from merge, resume) and saves.
+"""fcos_jax.training.trainer.TrainCheckpoints: the state a run starts from and the states it saves.
 
 The expected values are the stored arrays themselves and a fresh initialisation from the same
 seed, built with `model.init` outside the class under test.
@@ -19,7 +19,7 @@ from test_checkpoint import random_variables, tiny_config
 from fcos_jax.checkpoint import store
 from fcos_jax.models import build_model
 from fcos_jax.parallel import sharding
-from fcos_jax.training.checkpoints import TrainCheckpoints
+from fcos_jax.training.trainer import TrainCheckpoints
 
 IMAGE_HW = (64, 64)
 
