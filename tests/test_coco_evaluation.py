@@ -1,4 +1,4 @@
-"""COCO results conversion and COCOeval wrapper against pycocotools run directly on files."""
+"""COCO results and COCOeval (evaluation/evaluator.py) against pycocotools run on files."""
 
 import contextlib
 import io
@@ -10,7 +10,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from fcos_jax.evaluation import coco
+from fcos_jax.evaluation import evaluator
 
 CLASSES = [(3, "car"), (7, "train"), (11, "hydrant")]
 
@@ -54,16 +54,16 @@ def test_coco_evaluate_equals_pycocotools_on_the_same_files(tmp_path):
         reference.evaluate()
         reference.accumulate()
         reference.summarize()
-    ground_truth = coco.load_ground_truth(coco.read_instances(tmp_path / "gt.json"))
-    stats, report = coco.coco_evaluate(ground_truth, results)
-    np.testing.assert_array_equal([stats[k] for k in coco.STAT_NAMES], reference.stats)
+    ground_truth = evaluator.load_ground_truth(evaluator.read_instances(tmp_path / "gt.json"))
+    stats, report = evaluator.coco_evaluate(ground_truth, results)
+    np.testing.assert_array_equal([stats[k] for k in evaluator.STAT_NAMES], reference.stats)
     assert report.count("Average Precision") == 6 and report.count("Average Recall") == 6
     assert 0.2 < stats["AP50"] < 1.0
 
 
 def test_per_class_table_lists_each_category_with_its_ap():
     gt, results = _ground_truth_and_results(seed=1)
-    _, report = coco.coco_evaluate(coco.load_ground_truth(gt), results, per_class=True)
+    _, report = evaluator.coco_evaluate(evaluator.load_ground_truth(gt), results, per_class=True)
     lines = report.strip().splitlines()[-3:]
     assert [line.split()[0] for line in lines] == ["car", "train", "hydrant"]
     assert all(0.0 <= float(line.split()[-1]) <= 1.0 for line in lines)
@@ -71,8 +71,8 @@ def test_per_class_table_lists_each_category_with_its_ap():
 
 def test_detections_to_coco_adds_one_pixel_in_legacy_mode_and_maps_channels_to_ids():
     boxes = np.array([[10.0, 20.0, 29.0, 59.0]])
-    legacy = coco.detections_to_coco(4, boxes, np.array([0.9]), np.array([2]), CLASSES, True)
-    modern = coco.detections_to_coco(4, boxes, np.array([0.9]), np.array([2]), CLASSES, False)
+    legacy = evaluator.detections_to_coco(4, boxes, np.array([0.9]), np.array([2]), CLASSES, True)
+    modern = evaluator.detections_to_coco(4, boxes, np.array([0.9]), np.array([2]), CLASSES, False)
     assert legacy == [{"image_id": 4, "category_id": 11, "bbox": [10.0, 20.0, 20.0, 40.0],
                        "score": 0.9}]  # fmt: skip
     assert modern[0]["bbox"] == [10.0, 20.0, 19.0, 39.0]
@@ -80,7 +80,7 @@ def test_detections_to_coco_adds_one_pixel_in_legacy_mode_and_maps_channels_to_i
 
 def test_a_label_outside_the_class_list_is_an_error():
     with pytest.raises(ValueError, match="label channel"):
-        coco.detections_to_coco(1, np.zeros((1, 4)), np.ones(1), np.array([3]), CLASSES, 0)
+        evaluator.detections_to_coco(1, np.zeros((1, 4)), np.ones(1), np.array([3]), CLASSES, 0)
 
 
 def test_ground_truth_from_index_keeps_coco_boxes_and_crowd_regions():
@@ -94,28 +94,28 @@ def test_ground_truth_from_index_keeps_coco_boxes_and_crowd_regions():
         areas=np.array([200.0, 12.0], np.float32),
         ann_ids=np.array([41, 42]),
     )
-    gt = coco.ground_truth_from_index(index, CLASSES)
+    gt = evaluator.ground_truth_from_index(index, CLASSES)
     assert gt["images"] == [{"id": 3, "height": 50, "width": 60}, {"id": 8, "height": 70,
                             "width": 80}]  # fmt: skip
     assert [a["bbox"] for a in gt["annotations"]] == [[1.0, 2.0, 10.0, 20.0], [5.0, 5.0, 3.0, 4.0]]
     assert [a["iscrowd"] for a in gt["annotations"]] == [0, 1]
     assert [a["id"] for a in gt["annotations"]] == [41, 42]
-    coco.load_ground_truth(gt)  # pycocotools accepts it
+    evaluator.load_ground_truth(gt)  # pycocotools accepts it
 
 
 def test_no_detections_give_zero_ap_and_unknown_images_are_refused():
     gt, _ = _ground_truth_and_results()
-    ground_truth = coco.load_ground_truth(gt)
-    stats, _ = coco.coco_evaluate(ground_truth, [])
+    ground_truth = evaluator.load_ground_truth(gt)
+    stats, _ = evaluator.coco_evaluate(ground_truth, [])
     assert stats["AP"] == 0.0
     bad = [{"image_id": 999, "category_id": 3, "bbox": [0, 0, 5, 5], "score": 0.5}]
     with pytest.raises(ValueError, match="999"):
-        coco.coco_evaluate(ground_truth, bad)
+        evaluator.coco_evaluate(ground_truth, bad)
 
 
 def test_missing_annotation_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json"):
-        coco.read_instances(tmp_path / "nope.json")
+        evaluator.read_instances(tmp_path / "nope.json")
 
 
 @pytest.mark.parametrize(
@@ -126,7 +126,7 @@ def test_an_annotations_file_that_is_no_ground_truth_is_named(tmp_path, content,
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(content))
     with pytest.raises(ValueError, match=f"instances.json: .*{named}"):
-        coco.read_instances(path)
+        evaluator.read_instances(path)
 
 
 def test_evaluating_some_categories_equals_pycocotools_restricted_to_them(tmp_path):
@@ -141,10 +141,12 @@ def test_evaluating_some_categories_equals_pycocotools_restricted_to_them(tmp_pa
         reference.evaluate()
         reference.accumulate()
         reference.summarize()
-    ground_truth = coco.load_ground_truth(gt)
-    stats, report = coco.coco_evaluate(ground_truth, results, category_ids=some, per_class=True)
-    np.testing.assert_array_equal([stats[k] for k in coco.STAT_NAMES], reference.stats)
-    every, _ = coco.coco_evaluate(ground_truth, results)
+    ground_truth = evaluator.load_ground_truth(gt)
+    stats, report = evaluator.coco_evaluate(
+        ground_truth, results, category_ids=some, per_class=True
+    )
+    np.testing.assert_array_equal([stats[k] for k in evaluator.STAT_NAMES], reference.stats)
+    every, _ = evaluator.coco_evaluate(ground_truth, results)
     assert every["AP"] != stats["AP"]
     assert "car" in report and "hydrant" in report and "train" not in report
 
@@ -152,8 +154,8 @@ def test_evaluating_some_categories_equals_pycocotools_restricted_to_them(tmp_pa
 def test_a_ground_truth_without_an_image_or_a_category_to_evaluate_is_named():
     gt, _ = _ground_truth_and_results()
     classes = [cid for cid, _ in CLASSES]
-    coco.check_covers(gt, [5, 9], classes, "gt.json")  # a subset is fine
+    evaluator.check_covers(gt, [5, 9], classes, "gt.json")  # a subset is fine
     with pytest.raises(ValueError, match=r"gt.json: the ground truth lacks 2 of the 3 .*ids 7, 8"):
-        coco.check_covers(gt, [5, 7, 8], classes, "gt.json")
+        evaluator.check_covers(gt, [5, 7, 8], classes, "gt.json")
     with pytest.raises(ValueError, match="gt.json: the ground truth has no category 4 "):
-        coco.check_covers(gt, [5], [*classes, 4], "gt.json")
+        evaluator.check_covers(gt, [5], [*classes, 4], "gt.json")

@@ -34,7 +34,7 @@ from fcos_jax import compare, export, inference
 from fcos_jax.compare.torchvision_random import random_fcos
 from fcos_jax.config import load_config
 from fcos_jax.convert import convert_state_dict
-from fcos_jax.evaluation import coco, evaluator
+from fcos_jax.evaluation import evaluator
 from fcos_jax.testing.images import natural_image
 from fcos_jax.utils import compile_options
 
@@ -301,7 +301,7 @@ def test_eval_ap_of_artifact_detections_equals_eval_on_the_checkpoint(
     for row, (image_id, _) in enumerate(tiny_model["images"]):
         found = _artifact_detections(outputs, row)
         channels = np.asarray([channel_of[int(cid)] for cid in found["labels"]], np.int32)
-        results += coco.detections_to_coco(
+        results += evaluator.detections_to_coco(
             image_id, found["boxes"], found["scores"], channels, detector.classes, False
         )
     path = tmp_path / "results.json"

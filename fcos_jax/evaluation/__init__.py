@@ -2,6 +2,6 @@
 
 evaluator.py  `Evaluator` (built once per training run), `evaluate_checkpoint` and
               `evaluate_results_file` (eval.py): the pipeline, the data-parallel predict step,
-              host work overlapping the devices, gathering from every process, COCOeval
-coco.py       COCO results json and pycocotools COCOeval
+              host work overlapping the devices, gathering from every process; COCO results
+              JSON, the ground truth and pycocotools' COCOeval
 """
