@@ -125,9 +125,22 @@ def test_path_without_checkpoint_is_named(tmp_path):
         store.restore_inference(tmp_path, tiny_config())
 
 
-def test_meta_refuses_class_list_that_does_not_fit_the_head():
-    with pytest.raises(store.CheckpointError, match="has 80 classes.*num_classes is 3"):
-        store.make_meta(tiny_config(num_classes=3), "x", classes=COCO)
+def test_a_head_with_another_class_count_than_the_meta_is_not_saved(tmp_path):
+    """The weights' class channels (80) against a 3-class meta: refused before anything is
+    written, by the converter's save and by a training save alike."""
+    config = tiny_config()
+    variables = random_variables(config)
+    meta = store.make_meta(config, "x", classes=COCO[:3])
+    with pytest.raises(
+        store.CheckpointError, match=f"{tmp_path}/out: .* has 3 classes, .* has 80 class channels"
+    ):
+        store.save_converted(tmp_path / "out", variables["params"], variables["batch_stats"], meta)
+    assert not (tmp_path / "out").exists()
+    manager = store.checkpoint_manager(tmp_path / "run")
+    with pytest.raises(store.CheckpointError, match="step 7 in .*run/checkpoints: .* 3 classes"):
+        store.save(manager, 7, variables["params"], variables["batch_stats"], meta)
+    manager.close()
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
 
 
 @pytest.fixture(scope="module")

@@ -198,13 +198,9 @@ def make_meta(
     """The `meta` item: format version, config name, source description, parts, class list.
 
     classes: channel -> (category id, name) of the model: the training data's, or the class
-    list a converted file carries or its config names. The head must fit it
-    (`model.head.num_classes`, or 0 for any number).
+    list a converted file carries or its config names (`save` refuses a head with another
+    number of class channels).
     """
-    try:
-        resolve_num_classes(config, classes, f"config {config.name!r}: the meta's class list")
-    except ValueError as error:
-        raise CheckpointError(str(error)) from None
     return {
         "format_version": FORMAT_VERSION,
         "config_name": config.name,
@@ -212,6 +208,21 @@ def make_meta(
         "parts": list(parts),
         "classes": [[int(cid), name] for cid, name in classes],
     }
+
+
+def check_head_fits(params: PyTree, meta: dict[str, Any], where: str | Path) -> None:
+    """CheckpointError naming `where` when the head's class channels (`bbox_head/conv_cls`)
+    differ in number from the meta's class list; a save without a head is not checked."""
+    head = params.get("bbox_head") if hasattr(params, "get") else None
+    bias = head.get("conv_cls", {}).get("bias") if hasattr(head, "get") else None
+    if bias is None:
+        return
+    channels, classes = int(bias.shape[-1]), len(meta["classes"])
+    if channels != classes:
+        raise CheckpointError(
+            f"{where}: the meta's class list has {classes} classes, but the head "
+            f"(bbox_head/conv_cls) has {channels} class channels"
+        )
 
 
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -244,6 +255,7 @@ def save(
     `data_state` must be JSON-serialisable (plain ints, floats, strings, lists, dicts). The
     arrays are hashed for the step's `checksums` before this returns (replicated arrays only).
     """
+    check_head_fits(params, meta, f"step {step} in {manager.directory}")
     arrays = {"params": params, "batch_stats": batch_stats}
     json_items = {"meta": meta}
     if opt_state is not None:
@@ -479,6 +491,7 @@ def save_converted(
     Refuses to write into an existing non-empty `checkpoints` directory.
     """
     check_output_free(directory)
+    check_head_fits(params, meta, directory)  # before the directory is made
     manager = checkpoint_manager(directory)
     save(manager, 0, params, batch_stats, meta)
     manager.wait_until_finished()
