@@ -59,15 +59,13 @@ from fcos_jax.training import optim, train_step, workdir_lock
 from fcos_jax.training.errors import NonFiniteStepError
 
 log = logging.getLogger(__name__)
+PyTree = Any
 
 TRAIN_INPUTS = ("image", "boxes", "labels", "box_valid")
 # Global batches put on the devices ahead of the step that takes them.
 DEVICE_PREFETCH = 2
-
-
 LOSS_TERMS = ("loss", "loss_cls", "loss_bbox", "loss_centerness")
-TRAIN_SOURCE = "fcos_jax train.py"
-PyTree = Any
+TRAIN_SOURCE = "fcos_jax train.py"  # the `source` in a training checkpoint's meta
 
 
 class TrainCheckpoints:
