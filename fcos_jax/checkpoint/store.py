@@ -213,8 +213,7 @@ def make_meta(
 def check_head_fits(params: PyTree, meta: dict[str, Any], where: str | Path) -> None:
     """CheckpointError naming `where` when the head's class channels (`bbox_head/conv_cls`)
     differ in number from the meta's class list; a save without a head is not checked."""
-    head = params.get("bbox_head") if hasattr(params, "get") else None
-    bias = head.get("conv_cls", {}).get("bias") if hasattr(head, "get") else None
+    bias = params.get("bbox_head", {}).get("conv_cls", {}).get("bias")
     if bias is None:
         return
     channels, classes = int(bias.shape[-1]), len(meta["classes"])
