@@ -1,15 +1,23 @@
 """evaluation/evaluator.py: the global evaluation batch on any device count, the model's vs the
-data's classes and an annotations file's contents (refused before training or prediction starts).
+data's classes, an annotations file's contents (refused before training or prediction
+starts), and the ground truth one evaluator keeps for every evaluation.
 
 Evaluation on real topologies (1 device, 4 devices, 2 processes x 2 devices) runs end to end in
 test_train_cli.py.
 """
 
+import contextlib
+import copy
+import io
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from data_helpers import folder_config, random_dataset
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from test_coco_evaluation import CLASSES, _ground_truth_and_results
 
 from fcos_jax.config import base as config_base
 from fcos_jax.evaluation import evaluator
@@ -81,3 +89,31 @@ def test_training_with_an_unusable_evaluation_setting_stops_before_its_first_ste
     with pytest.raises(ValueError, match=named):
         trainer.train_and_evaluate(config, tmp_path / "workdir")
     assert not (tmp_path / "workdir" / "checkpoints").exists()
+
+
+def test_each_evaluation_of_one_evaluator_equals_pycocotools_on_fresh_objects(tmp_path):
+    """The ground truth's index is built once and kept: a second evaluation, on other detections,
+    must still equal COCOeval run from the file, crowd regions included."""
+    gt, first = _ground_truth_and_results(seed=2)
+    gt["annotations"][0]["iscrowd"] = 1  # COCOeval marks it ignored in the index it is given
+    _, second = _ground_truth_and_results(seed=3)
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(gt))
+    image_ids = [image["id"] for image in gt["images"]]
+    pipeline = SimpleNamespace(
+        classes=CLASSES, source="mydata validation", examples=SimpleNamespace(image_ids=image_ids)
+    )
+    built = evaluator.Evaluator(
+        config_base.get_base_config(), sharding.make_mesh(), pipeline=pipeline, annotations=path
+    )
+    for results in (first, second, first):
+        built.predict = lambda variables, results=results: results
+        stats, _ = built.evaluate({})
+        with contextlib.redirect_stdout(io.StringIO()):
+            reference_gt = COCO(str(path))
+            detections = reference_gt.loadRes(copy.deepcopy(results))  # it adds keys
+            reference = COCOeval(reference_gt, detections, "bbox")
+            reference.evaluate()
+            reference.accumulate()
+            reference.summarize()
+        np.testing.assert_array_equal([stats[k] for k in evaluator.STAT_NAMES], reference.stats)

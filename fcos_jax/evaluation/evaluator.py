@@ -118,11 +118,15 @@ class Evaluator:
 
     classes: the model's class list (channel -> category id, name), e.g. from the checkpoint's
       meta; the validation data's own list must equal it (default: the data's).
-    annotations: an instances JSON for the ground truth (default: built from the dataset at each
-      evaluation). It is read and checked here, before any prediction, by every process (so
-      that all stop together, none waiting in a collective): it must hold every image of the
-      split and every category of the class list (`check_covers`). Categories it has beyond
-      the class list are left out of the AP.
+    annotations: an instances JSON for the ground truth (default: built from the dataset). It is
+      read and checked here, before any prediction, by every process (so that all stop
+      together, none waiting in a collective): it must hold every image of the split and every
+      category of the class list (`check_covers`). Categories it has beyond the class list are
+      left out of the AP. Only process 0, which runs COCOeval, keeps it.
+
+    The ground truth's pycocotools index is built once, at the first evaluation, and serves every
+    evaluation after it (COCOeval only marks crowd annotations as ignored in it, the same way
+    each time).
     """
 
     def __init__(
@@ -151,15 +155,18 @@ class Evaluator:
                 "(channel -> category id, name)"
             )
         self.classes = list(self.pipeline.classes)
-        self.ground_truth = None  # the annotations' instances dict; None: the split's
+        self._instances = None  # the annotations file's dict until the index is built
+        self._ground_truth: COCO | None = None  # the index, process 0's, built once
         if annotations:
-            self.ground_truth = read_instances(annotations)
+            instances = read_instances(annotations)
             check_covers(
-                self.ground_truth,
+                instances,
                 self.pipeline.examples.image_ids,
                 [cid for cid, _ in self.classes],
                 str(annotations),
             )
+            if jax.process_index() == 0:
+                self._instances = instances
         self.legacy_plus_one = bool(config.legacy_plus_one)
         self.predict_step = make_predict_step(config, mesh)
 
@@ -178,11 +185,13 @@ class Evaluator:
         if results_path:
             Path(results_path).parent.mkdir(parents=True, exist_ok=True)
             Path(results_path).write_text(json.dumps(results))
-        dataset = self.ground_truth
-        if dataset is None:
-            dataset = ground_truth_from_index(self.pipeline.source.index(), self.classes)
+        if self._ground_truth is None:
+            dataset = self._instances or ground_truth_from_index(
+                self.pipeline.source.index(), self.classes
+            )
+            self._ground_truth, self._instances = load_ground_truth(dataset), None
         return coco_evaluate(
-            load_ground_truth(dataset),
+            self._ground_truth,
             results,
             [int(i) for i in self.pipeline.examples.image_ids],
             per_class=per_class,
